@@ -1,0 +1,103 @@
+// The whole Block, forward and backward, on any backend:
+//
+//   x1  = x  + c_proj(attn(ln_1(x)))
+//   out = x1 + mlp_c_proj(gelu(c_fc(ln_2(x1))))
+//
+// The four Linear layers are ATen GEMMs (MKL/OpenBLAS on the CPU, cuBLAS on
+// CUDA); everything between them is nanoblock's kernels. The forward keeps
+// qkv, the attention output and its log-sum-exp, x1 and the c_fc output
+// (10 C + n_head values per token, with x); the LayerNorm outputs and the GELU
+// output are recomputed in the backward, one cheap pass each.
+//
+// Shapes: B batch, T sequence, C = n_embd, N = B * T rows; every [B, T, *]
+// tensor is contiguous and viewed as [N, *] for the GEMMs.
+#include "block.h"
+
+namespace nanoblock {
+
+namespace {
+
+constexpr double kLayerNormEps = 1e-5;
+
+Tensor rows(const Tensor& t) { return t.view({-1, t.size(-1)}); }
+
+// in [N, K] @ weight[M, K]^T (+ bias [M]) -> [N, M]
+Tensor linear(const Tensor& in, const Tensor& weight, const Tensor& bias) {
+  return bias.defined() ? at::addmm(bias, in, weight.t()) : at::mm(in, weight.t());
+}
+
+}  // namespace
+
+std::tuple<Tensor, BlockSaved> block_forward(const Kernels& k, const Tensor& x,
+                                             const BlockWeights& w, int64_t n_head, bool tanh) {
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
+  BlockSaved s;
+
+  // Attention branch.
+  Tensor ln_1 = std::get<0>(k.layer_norm_forward(x, w.ln_1_weight, w.ln_1_bias, kLayerNormEps));
+  s.qkv = linear(rows(ln_1), w.c_attn_weight, w.c_attn_bias).view({B, T, 3 * C});
+  std::tie(s.attn, s.lse) = k.causal_attention_forward(s.qkv, n_head);
+  Tensor proj = linear(rows(s.attn), w.attn_c_proj_weight, w.attn_c_proj_bias).view({B, T, C});
+
+  // x1 = x + proj and ln_2(x1) in one pass.
+  Tensor ln_2;
+  std::tie(s.x1, ln_2, std::ignore, std::ignore) =
+      k.add_layer_norm_forward(x, proj, w.ln_2_weight, w.ln_2_bias, kLayerNormEps);
+
+  // MLP branch: c_fc without its bias, which the GELU kernel adds.
+  s.fc = at::mm(rows(ln_2), w.c_fc_weight.t()).view({B, T, 4 * C});
+  Tensor gelu = k.gelu_forward(s.fc, w.c_fc_bias, tanh);
+  // out = x1 + gelu @ W^T (+ bias): the GEMM accumulates onto the residual.
+  Tensor out = at::addmm(rows(s.x1), rows(gelu), w.mlp_c_proj_weight.t());
+  if (w.mlp_c_proj_bias.defined()) out.add_(w.mlp_c_proj_bias);
+  return {out.view({B, T, C}), s};
+}
+
+BlockGrads block_backward(const Kernels& k, const Tensor& grad_out, const Tensor& x,
+                          const BlockWeights& w, const BlockSaved& s, int64_t n_head,
+                          bool tanh) {
+  BlockGrads g;
+  BlockWeights& gw = g.weights;
+  const Tensor dy = rows(grad_out);  // [N, C]
+
+  // MLP c_proj: out = x1 + gelu @ W^T + b.
+  Tensor gelu = k.gelu_forward(s.fc, w.c_fc_bias, tanh);  // recomputed [B, T, 4C]
+  gw.mlp_c_proj_weight = at::mm(dy.t(), rows(gelu));      // [C, 4C]
+  gw.mlp_c_proj_bias = k.bias_grad(dy);
+  Tensor d_gelu = at::mm(dy, w.mlp_c_proj_weight).view_as(s.fc);  // [B, T, 4C]
+
+  // GELU and the c_fc bias.
+  Tensor d_fc = k.gelu_backward(d_gelu, s.fc, w.c_fc_bias, tanh);
+  gw.c_fc_bias = k.bias_grad(rows(d_fc));
+
+  // c_fc: fc = ln_2 @ W^T.
+  auto [ln_2, mean_2, rstd_2] =
+      k.layer_norm_forward(s.x1, w.ln_2_weight, w.ln_2_bias, kLayerNormEps);  // recomputed
+  gw.c_fc_weight = at::mm(rows(d_fc).t(), rows(ln_2));  // [4C, C]
+  Tensor d_ln_2 = at::mm(rows(d_fc), w.c_fc_weight).view_as(s.x1);
+
+  // ln_2, plus the residual: d_x1 = dy + ln_2's input gradient.
+  Tensor d_x1;
+  std::tie(d_x1, gw.ln_2_weight, gw.ln_2_bias) =
+      k.layer_norm_backward(d_ln_2, s.x1, w.ln_2_weight, mean_2, rstd_2, grad_out);
+
+  // Attention c_proj: x1 = x + attn @ W^T + b.
+  gw.attn_c_proj_weight = at::mm(rows(d_x1).t(), rows(s.attn));  // [C, C]
+  gw.attn_c_proj_bias = k.bias_grad(rows(d_x1));
+  Tensor d_attn = at::mm(rows(d_x1), w.attn_c_proj_weight).view_as(s.attn);
+
+  // Attention, then c_attn: qkv = ln_1 @ W^T + b.
+  Tensor d_qkv = k.causal_attention_backward(d_attn, s.qkv, s.attn, s.lse, n_head);
+  gw.c_attn_bias = k.bias_grad(rows(d_qkv));
+  auto [ln_1, mean_1, rstd_1] =
+      k.layer_norm_forward(x, w.ln_1_weight, w.ln_1_bias, kLayerNormEps);  // recomputed
+  gw.c_attn_weight = at::mm(rows(d_qkv).t(), rows(ln_1));  // [3C, C]
+  Tensor d_ln_1 = at::mm(rows(d_qkv), w.c_attn_weight).view_as(x);
+
+  // ln_1, plus the residual: dx = d_x1 + ln_1's input gradient.
+  std::tie(g.x, gw.ln_1_weight, gw.ln_1_bias) =
+      k.layer_norm_backward(d_ln_1, x, w.ln_1_weight, mean_1, rstd_1, d_x1);
+  return g;
+}
+
+}  // namespace nanoblock

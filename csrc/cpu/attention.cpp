@@ -1,0 +1,383 @@
+// Causal self-attention on the CPU, FlashAttention-2 style.
+//
+// Input is c_attn's output qkv [B, T, 3C]: q = qkv[..., 0:C],
+// k = qkv[..., C:2C], v = qkv[..., 2C:3C], each holding n_head heads of
+// hd = C / n_head columns (head h in columns h*hd .. (h+1)*hd).
+//
+// Forward, per (batch, head):
+//   S = q k^T * scale (scale = 1/sqrt(hd)), causal (key j <= query i),
+//   P = softmax(S) over keys, out = P v  -> out [B, T, C] (heads merged),
+//   lse = logsumexp of each row of S      -> lse [B, n_head, T].
+// Backward, from the saved out and lse only (P is recomputed):
+//   P = exp(S - lse), D_i = rowsum(dO_i * O_i), dS = P * (dP - D),
+//   dv = P^T dO, dP = dO v^T, dq = dS k * scale, dk = dS^T q * scale
+//   -> grad_qkv [B, T, 3C] (dq, dk, dv in place of q, k, v).
+//
+// Queries and keys are cut into blocks; no T x T tensor ever exists. The
+// block products go through ATen's GEMM (at::mm_out / at::addmm_out) on
+// from_blob views of the strided head columns, so nothing is copied. The
+// elementwise work (exp, mask, rescale, row sums) is plain loops over
+// contiguous rows, in the input's precision.
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "../kernels.h"
+
+namespace nanoblock::cpu {
+namespace {
+
+// Block sizes, chosen by measurement on a 2-core machine (B=8, T=256,
+// C=384, 6 heads, hd=64). Every GEMM call costs a few microseconds of
+// overhead, so the loops keep one dimension long: the forward pass takes a
+// short query block against long key blocks (cut off at the block's last
+// query, so only a kQueryBlock-wide triangle is wasted on the diagonal);
+// the backward pass takes a short key block against long query blocks
+// (starting at the block's first key).
+constexpr int64_t kForwardQueryBlock = 64;
+constexpr int64_t kForwardKeyBlock = 256;
+constexpr int64_t kBackwardQueryBlock = 256;
+constexpr int64_t kBackwardKeyBlock = 64;
+
+// Row reductions are kept in kLanes independent partial results, so the
+// compiler can vectorize them without reordering a single sum.
+constexpr int64_t kLanes = 8;
+
+// A [rows, cols] matrix view of memory whose rows are row_stride apart
+// (e.g. one head's columns inside qkv [B, T, 3C] have row_stride 3C).
+template <typename scalar_t>
+Tensor matrix_view(const scalar_t* data, int64_t rows, int64_t cols,
+                   int64_t row_stride, const at::TensorOptions& options) {
+  return at::from_blob(const_cast<scalar_t*>(data), {rows, cols},
+                       {row_stride, 1}, options);
+}
+
+// Number of keys of the block starting at key_start that query `query` may
+// see (keys key_start .. query), clamped to [0, cols].
+inline int64_t visible_keys(int64_t query, int64_t key_start, int64_t cols) {
+  return std::clamp<int64_t>(query - key_start + 1, 0, cols);
+}
+
+template <typename scalar_t>
+scalar_t max_of(const scalar_t* x, int64_t n) {
+  scalar_t lane[kLanes];
+  std::fill(lane, lane + kLanes, -std::numeric_limits<scalar_t>::infinity());
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      lane[l] = std::max(lane[l], x[i + l]);
+    }
+  }
+  for (; i < n; ++i) {
+    lane[0] = std::max(lane[0], x[i]);
+  }
+  return *std::max_element(lane, lane + kLanes);
+}
+
+template <typename scalar_t>
+scalar_t sum_of(const scalar_t* x, int64_t n) {
+  scalar_t lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      lane[l] += x[i + l];
+    }
+  }
+  for (; i < n; ++i) {
+    lane[0] += x[i];
+  }
+  scalar_t sum = 0;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    sum += lane[l];
+  }
+  return sum;
+}
+
+// Turns one row of raw scores q.k (cols of them, the first `visible`
+// unmasked) into exponents: score * scale - offset where visible, -inf
+// where masked, so that exp of the row gives the (unnormalized)
+// probabilities with 0 above the diagonal.
+template <typename scalar_t>
+void scores_to_exponents(scalar_t* row, int64_t visible, int64_t cols,
+                         scalar_t scale, scalar_t offset) {
+  for (int64_t c = 0; c < visible; ++c) {
+    row[c] = row[c] * scale - offset;
+  }
+  for (int64_t c = visible; c < cols; ++c) {
+    row[c] = -std::numeric_limits<scalar_t>::infinity();
+  }
+}
+
+// Multiplies each of the rows [rows, cols] (rows row_stride apart) by its
+// factor.
+template <typename scalar_t>
+void scale_rows(scalar_t* data, int64_t rows, int64_t cols,
+                int64_t row_stride, const scalar_t* factor) {
+  for (int64_t r = 0; r < rows; ++r) {
+    scalar_t* row = data + r * row_stride;
+    const scalar_t f = factor[r];
+    for (int64_t c = 0; c < cols; ++c) {
+      row[c] *= f;
+    }
+  }
+}
+
+template <typename scalar_t>
+void attention_forward_kernel(const Tensor& qkv, int64_t n_head,
+                              const Tensor& out, const Tensor& lse) {
+  constexpr int64_t kQueryBlock = kForwardQueryBlock;
+  constexpr int64_t kKeyBlock = kForwardKeyBlock;
+  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
+  const int64_t hd = C / n_head;
+  const int64_t qkv_stride = 3 * C;  // between rows (positions) of qkv
+  const scalar_t scale = scalar_t(1) / std::sqrt(scalar_t(hd));
+  const int64_t query_blocks = (T + kQueryBlock - 1) / kQueryBlock;
+  const auto options = qkv.options();
+  const scalar_t* qkv_data = qkv.const_data_ptr<scalar_t>();
+  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+  scalar_t* lse_data = lse.mutable_data_ptr<scalar_t>();
+
+  // One task per (batch, head, query block).
+  at::parallel_for(0, B * n_head * query_blocks, 1, [&](int64_t begin,
+                                                        int64_t end) {
+    // Scratch per chunk: scores / probabilities [kQueryBlock, kKeyBlock],
+    // then the running max, running sum and rescale factors, each
+    // [kQueryBlock].
+    Tensor scratch = at::empty({kQueryBlock * (kKeyBlock + 3)}, options);
+    scalar_t* scores = scratch.mutable_data_ptr<scalar_t>();
+    scalar_t* row_max = scores + kQueryBlock * kKeyBlock;
+    scalar_t* row_sum = row_max + kQueryBlock;
+    scalar_t* rescale = row_sum + kQueryBlock;
+
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (n_head * query_blocks);
+      const int64_t h = task / query_blocks % n_head;
+      const int64_t query_start = task % query_blocks * kQueryBlock;
+      const int64_t rows = std::min(kQueryBlock, T - query_start);
+      // This block's queries see keys 0 .. query_end - 1; keys past that
+      // (above the diagonal) are never visited.
+      const int64_t query_end = query_start + rows;
+
+      const scalar_t* head_rows = qkv_data + b * T * qkv_stride + h * hd;
+      Tensor q = matrix_view(head_rows + query_start * qkv_stride, rows, hd,
+                             qkv_stride, options);
+      scalar_t* out_rows = out_data + (b * T + query_start) * C + h * hd;
+      // The output block [rows, hd] doubles as the accumulator.
+      Tensor out_block = matrix_view(out_rows, rows, hd, C, options);
+
+      std::fill(row_max, row_max + rows,
+                -std::numeric_limits<scalar_t>::infinity());
+      std::fill(row_sum, row_sum + rows, scalar_t(0));
+
+      for (int64_t key_start = 0; key_start < query_end;
+           key_start += kKeyBlock) {
+        const int64_t cols = std::min(kKeyBlock, query_end - key_start);
+        const scalar_t* key_rows = head_rows + key_start * qkv_stride;
+        Tensor k = matrix_view(key_rows + C, cols, hd, qkv_stride, options);
+        Tensor v = matrix_view(key_rows + 2 * C, cols, hd, qkv_stride,
+                               options);
+        Tensor s = matrix_view(scores, rows, cols, cols, options);
+
+        // Online softmax: scores [rows, cols] = q k^T becomes
+        // exp(score * scale - new_max), and the running sums and the
+        // output so far are rescaled by exp(old_max - new_max).
+        at::mm_out(s, q, k.t());
+        for (int64_t r = 0; r < rows; ++r) {
+          scalar_t* row = scores + r * cols;
+          const int64_t visible =
+              visible_keys(query_start + r, key_start, cols);
+          // scale > 0, so max(s) * scale == max(s * scale). Key 0 is
+          // visible to every query, so the first block gives a finite max
+          // and exp(-inf - new_max) = 0 discards the empty start.
+          const scalar_t new_max =
+              std::max(row_max[r], max_of(row, visible) * scale);
+          scores_to_exponents(row, visible, cols, scale, new_max);
+          rescale[r] = std::exp(row_max[r] - new_max);
+          row_max[r] = new_max;
+        }
+        // ATen's exp is vectorized; a scalar std::exp loop costs as much
+        // as the GEMMs.
+        at::exp_(s);
+        for (int64_t r = 0; r < rows; ++r) {
+          row_sum[r] = row_sum[r] * rescale[r] + sum_of(scores + r * cols, cols);
+        }
+        if (key_start == 0) {
+          at::mm_out(out_block, s, v);  // [rows, hd]
+        } else {
+          scale_rows(out_rows, rows, hd, C, rescale);
+          at::addmm_out(out_block, out_block, s, v);
+        }
+      }
+
+      // Normalize; lse = max + log(sum) per query.
+      scalar_t* lse_rows = lse_data + (b * n_head + h) * T + query_start;
+      for (int64_t r = 0; r < rows; ++r) {
+        rescale[r] = scalar_t(1) / row_sum[r];
+        lse_rows[r] = row_max[r] + std::log(row_sum[r]);
+      }
+      scale_rows(out_rows, rows, hd, C, rescale);
+    }
+  });
+}
+
+template <typename scalar_t>
+void attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
+                               const Tensor& out, const Tensor& lse,
+                               int64_t n_head, const Tensor& grad_qkv) {
+  constexpr int64_t kQueryBlock = kBackwardQueryBlock;
+  constexpr int64_t kKeyBlock = kBackwardKeyBlock;
+  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
+  const int64_t hd = C / n_head;
+  const int64_t qkv_stride = 3 * C;
+  const scalar_t scale = scalar_t(1) / std::sqrt(scalar_t(hd));
+  const auto options = qkv.options();
+  const scalar_t* qkv_data = qkv.const_data_ptr<scalar_t>();
+  const scalar_t* grad_out_data = grad_out.const_data_ptr<scalar_t>();
+  const scalar_t* out_data = out.const_data_ptr<scalar_t>();
+  const scalar_t* lse_data = lse.const_data_ptr<scalar_t>();
+  scalar_t* grad_qkv_data = grad_qkv.mutable_data_ptr<scalar_t>();
+
+  // One task per (batch, head): it owns that head's columns of grad_qkv
+  // and walks key blocks and query blocks in a fixed order, so the sums
+  // are race-free and the same run to run.
+  at::parallel_for(0, B * n_head, 1, [&](int64_t begin, int64_t end) {
+    // Scratch per chunk: probabilities P and dP / dS, each
+    // [kQueryBlock, kKeyBlock], then D [T].
+    Tensor scratch = at::empty({2 * kQueryBlock * kKeyBlock + T}, options);
+    scalar_t* probs = scratch.mutable_data_ptr<scalar_t>();
+    scalar_t* grad_scores = probs + kQueryBlock * kKeyBlock;
+    scalar_t* row_dot = grad_scores + kQueryBlock * kKeyBlock;
+
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / n_head;
+      const int64_t h = task % n_head;
+      const scalar_t* head_rows = qkv_data + b * T * qkv_stride + h * hd;
+      scalar_t* grad_head_rows = grad_qkv_data + b * T * qkv_stride + h * hd;
+      const scalar_t* grad_out_rows = grad_out_data + b * T * C + h * hd;
+      const scalar_t* out_rows = out_data + b * T * C + h * hd;
+      const scalar_t* lse_rows = lse_data + (b * n_head + h) * T;
+
+      // D_i = rowsum(dO_i * O_i) [T].
+      for (int64_t i = 0; i < T; ++i) {
+        const scalar_t* dO = grad_out_rows + i * C;
+        const scalar_t* O = out_rows + i * C;
+        scalar_t dot = 0;
+        for (int64_t c = 0; c < hd; ++c) {
+          dot += dO[c] * O[c];
+        }
+        row_dot[i] = dot;
+      }
+
+      for (int64_t key_start = 0; key_start < T; key_start += kKeyBlock) {
+        const int64_t cols = std::min(kKeyBlock, T - key_start);
+        const scalar_t* key_rows = head_rows + key_start * qkv_stride;
+        scalar_t* grad_key_rows = grad_head_rows + key_start * qkv_stride;
+        Tensor k = matrix_view(key_rows + C, cols, hd, qkv_stride, options);
+        Tensor v = matrix_view(key_rows + 2 * C, cols, hd, qkv_stride,
+                               options);
+        Tensor grad_k = matrix_view(grad_key_rows + C, cols, hd, qkv_stride,
+                                    options);
+        Tensor grad_v = matrix_view(grad_key_rows + 2 * C, cols, hd,
+                                    qkv_stride, options);
+
+        // Only queries >= key_start see this key block.
+        for (int64_t query_start = key_start; query_start < T;
+             query_start += kQueryBlock) {
+          const int64_t rows = std::min(kQueryBlock, T - query_start);
+          Tensor q = matrix_view(head_rows + query_start * qkv_stride, rows,
+                                 hd, qkv_stride, options);
+          Tensor grad_q = matrix_view(
+              grad_head_rows + query_start * qkv_stride, rows, hd,
+              qkv_stride, options);
+          Tensor grad_out_block = matrix_view(
+              grad_out_rows + query_start * C, rows, hd, C, options);
+          Tensor p = matrix_view(probs, rows, cols, cols, options);
+          Tensor dp = matrix_view(grad_scores, rows, cols, cols, options);
+
+          // P = exp(q k^T * scale - lse) [rows, cols], 0 above the diagonal.
+          at::mm_out(p, q, k.t());
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t visible =
+                visible_keys(query_start + r, key_start, cols);
+            scores_to_exponents(probs + r * cols, visible, cols, scale,
+                                lse_rows[query_start + r]);
+          }
+          at::exp_(p);
+
+          // dv_j += P^T dO_i [cols, hd]; the first query block overwrites.
+          const bool first_for_key = query_start == key_start;
+          if (first_for_key) {
+            at::mm_out(grad_v, p.t(), grad_out_block);
+          } else {
+            at::addmm_out(grad_v, grad_v, p.t(), grad_out_block);
+          }
+
+          // dP = dO_i v_j^T, then dS = P * (dP - D) * scale [rows, cols];
+          // the softmax scale is folded in here for both dq and dk.
+          at::mm_out(dp, grad_out_block, v.t());
+          for (int64_t r = 0; r < rows; ++r) {
+            scalar_t* ds = grad_scores + r * cols;
+            const scalar_t* pr = probs + r * cols;
+            const scalar_t d = row_dot[query_start + r];
+            for (int64_t c = 0; c < cols; ++c) {
+              ds[c] = pr[c] * (ds[c] - d) * scale;
+            }
+          }
+
+          // dk_j += dS^T q_i [cols, hd]; dq_i += dS k_j [rows, hd], where
+          // key block 0 (the first to reach every query) overwrites.
+          if (first_for_key) {
+            at::mm_out(grad_k, dp.t(), q);
+          } else {
+            at::addmm_out(grad_k, grad_k, dp.t(), q);
+          }
+          if (key_start == 0) {
+            at::mm_out(grad_q, dp, k);
+          } else {
+            at::addmm_out(grad_q, grad_q, dp, k);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> causal_attention_forward(const Tensor& qkv,
+                                                    int64_t n_head) {
+  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
+  Tensor out = at::empty({B, T, C}, qkv.options());
+  Tensor lse = at::empty({B, n_head, T},
+                         qkv.options().dtype(stats_dtype(qkv.scalar_type())));
+  if (out.numel() == 0) {
+    return {out, lse};
+  }
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "causal_attention_forward",
+                             [&] {
+                               attention_forward_kernel<scalar_t>(
+                                   qkv, n_head, out, lse);
+                             });
+  return {out, lse};
+}
+
+Tensor causal_attention_backward(const Tensor& grad_out, const Tensor& qkv,
+                                 const Tensor& out, const Tensor& lse,
+                                 int64_t n_head) {
+  Tensor grad_qkv = at::empty_like(qkv);
+  if (grad_qkv.numel() == 0) {
+    return grad_qkv;
+  }
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "causal_attention_backward",
+                             [&] {
+                               attention_backward_kernel<scalar_t>(
+                                   grad_out, qkv, out, lse, n_head,
+                                   grad_qkv);
+                             });
+  return grad_qkv;
+}
+
+}  // namespace nanoblock::cpu

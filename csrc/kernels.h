@@ -1,0 +1,64 @@
+// nanoblock kernels: the functions each backend (cpu::, cuda::) implements.
+//
+// Layer 1 of the code (see DESIGN.md): no Python, no autograd, no argument
+// checks. The op boundary (csrc/ops.cpp) has already checked every argument
+// and made every tensor contiguous, so a kernel may assume:
+//   - all tensors contiguous, on one device, of one floating dtype, except the
+//     saved statistics (mean, rstd, lse), which are float32 for half, bfloat16
+//     and float32 inputs and float64 for float64 inputs (stats_dtype below);
+//   - an optional tensor that is absent arrives undefined (!t.defined());
+//   - sizes may be zero (N = 0 rows, T = 0 positions).
+// Gradients are returned fresh (overwritten, never accumulated into).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace nanoblock {
+
+using at::Tensor;
+
+// float64 inputs keep float64 statistics (gradcheck needs them); every other
+// dtype keeps float32 statistics.
+inline at::ScalarType stats_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+namespace cpu {
+#include "kernel_api.h"
+}  // namespace cpu
+
+#ifdef NANOBLOCK_WITH_CUDA
+namespace cuda {
+#include "kernel_api.h"
+}  // namespace cuda
+#endif
+
+// The kernels of one backend, as a table, so that code composed of kernels
+// (the whole Block, csrc/block.cpp) and the op boundary (csrc/ops.cpp) are
+// written once for every backend.
+struct Kernels {
+  decltype(&cpu::layer_norm_forward) layer_norm_forward;
+  decltype(&cpu::add_layer_norm_forward) add_layer_norm_forward;
+  decltype(&cpu::layer_norm_backward) layer_norm_backward;
+  decltype(&cpu::causal_attention_forward) causal_attention_forward;
+  decltype(&cpu::causal_attention_backward) causal_attention_backward;
+  decltype(&cpu::gelu_forward) gelu_forward;
+  decltype(&cpu::gelu_backward) gelu_backward;
+  decltype(&cpu::bias_grad) bias_grad;
+};
+
+#define NANOBLOCK_KERNEL_TABLE(ns)                                                   \
+  Kernels {                                                                          \
+    &ns::layer_norm_forward, &ns::add_layer_norm_forward, &ns::layer_norm_backward,  \
+        &ns::causal_attention_forward, &ns::causal_attention_backward,               \
+        &ns::gelu_forward, &ns::gelu_backward, &ns::bias_grad                        \
+  }
+
+inline constexpr Kernels cpu_kernels = NANOBLOCK_KERNEL_TABLE(cpu);
+#ifdef NANOBLOCK_WITH_CUDA
+inline constexpr Kernels cuda_kernels = NANOBLOCK_KERNEL_TABLE(cuda);
+#endif
+
+}  // namespace nanoblock

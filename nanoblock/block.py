@@ -1,0 +1,130 @@
+"""nanoblock.Block: a drop-in for nanoGPT's Block.
+
+Same config fields (n_embd, n_head, bias, dropout), same submodules and
+parameter names (ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj),
+so state_dicts move both ways. `Block.forward` is one call into the fused
+Block op; the submodules also work on their own, each through nanoblock's ops.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from . import ops
+
+_GELU_APPROXIMATE = {"exact": "none", "tanh": "tanh"}
+
+
+@dataclass
+class GPTConfig:
+    """nanoGPT's GPTConfig plus the GELU choice; a Block reads n_embd, n_head,
+    bias, dropout and gelu."""
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    gelu: str = "exact"  # "exact" (erf, nanoGPT's nn.GELU()) or "tanh" (GPT-2, HF gelu_new)
+
+
+def gelu_approximate(config):
+    """The GELU choice of a config as F.gelu's `approximate` ('none' or 'tanh').
+    Configs without a `gelu` field (nanoGPT's own) get the exact GELU."""
+    gelu = getattr(config, "gelu", "exact")
+    if gelu not in _GELU_APPROXIMATE:
+        raise ValueError(f"config.gelu must be 'exact' or 'tanh', got {gelu!r}")
+    return _GELU_APPROXIMATE[gelu]
+
+
+def check_config(config):
+    if config.n_embd <= 0 or config.n_head <= 0 or config.n_embd % config.n_head != 0:
+        raise ValueError(f"n_embd ({config.n_embd}) must be a positive multiple of n_head "
+                         f"({config.n_head})")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
+
+
+def refuse_dropout(module, p):
+    if module.training and p > 0:
+        raise NotImplementedError(
+            f"nanoblock: dropout={p} in training mode is not implemented yet; nanoblock will "
+            "not silently skip it. Set config.dropout = 0.0, or call .eval() for inference.")
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (nanoGPT's), through nanoblock's op."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return ops.layer_norm(x, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    """nanoGPT's CausalSelfAttention: c_attn, causal attention, c_proj."""
+
+    def __init__(self, config):
+        super().__init__()
+        check_config(config)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+
+    def forward(self, x):
+        refuse_dropout(self, self.dropout)
+        return self.c_proj(ops.causal_attention(self.c_attn(x), self.n_head))
+
+
+class MLP(nn.Module):
+    """nanoGPT's MLP: c_fc, GELU, c_proj, with the c_fc bias add fused into the GELU."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.approximate = gelu_approximate(config)
+        self.dropout = config.dropout
+
+    def forward(self, x):
+        refuse_dropout(self, self.dropout)
+        h = ops.bias_gelu(x @ self.c_fc.weight.t(), self.c_fc.bias, self.approximate)
+        return self.c_proj(h)
+
+
+class Block(nn.Module):
+    """x -> x + attn(ln_1(x)) -> x1 + mlp(ln_2(x1)), as one nanoblock op.
+
+    x: [B, T, n_embd], float32 or float64 on the CPU (float16, bfloat16 too on
+    CUDA). `config` is nanoGPT's GPTConfig or nanoblock.GPTConfig.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        check_config(config)
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.approximate = gelu_approximate(config)
+
+    def block_params(self):
+        """The twelve parameters in the Block op's order (None for absent biases)."""
+        return (self.ln_1.weight, self.ln_1.bias,
+                self.attn.c_attn.weight, self.attn.c_attn.bias,
+                self.attn.c_proj.weight, self.attn.c_proj.bias,
+                self.ln_2.weight, self.ln_2.bias,
+                self.mlp.c_fc.weight, self.mlp.c_fc.bias,
+                self.mlp.c_proj.weight, self.mlp.c_proj.bias)
+
+    def forward(self, x):
+        refuse_dropout(self, self.dropout)
+        return ops.block(x, self.block_params(), self.n_head, self.approximate)

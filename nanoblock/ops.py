@@ -1,0 +1,230 @@
+"""nanoblock's ops as Python functions, with fake kernels and autograd.
+
+The compiled library (nanoblock._C) registers the ops `torch.ops.nanoblock.*`
+with their CPU (and CUDA) kernels. This module adds, for each forward op, a
+fake (meta) kernel so `torch.compile` can trace it, and an autograd formula
+that calls the matching backward op. The public functions below are what the
+modules in block.py call:
+
+    layer_norm(x, weight, bias, eps)                 -> out
+    add_layer_norm(x, residual, weight, bias, eps)   -> (x + residual, out)
+    causal_attention(qkv, n_head)                    -> out [B, T, C]
+    bias_gelu(x, bias, approximate)                  -> gelu(x + bias)
+    block(x, params, n_head, approximate)            -> the whole Block
+"""
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.nanoblock)
+
+_ops = torch.ops.nanoblock
+
+# The twelve parameters of a Block, in nanoGPT's order and naming.
+BLOCK_PARAM_NAMES = (
+    "ln_1.weight", "ln_1.bias",
+    "attn.c_attn.weight", "attn.c_attn.bias",
+    "attn.c_proj.weight", "attn.c_proj.bias",
+    "ln_2.weight", "ln_2.bias",
+    "mlp.c_fc.weight", "mlp.c_fc.bias",
+    "mlp.c_proj.weight", "mlp.c_proj.bias",
+)
+
+
+def _stats_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------
+# Fake kernels: output shapes and dtypes only, for tracing.
+
+@torch.library.register_fake("nanoblock::layer_norm_forward")
+def _(x, weight, bias, eps):
+    stats = x.new_empty(x.shape[:-1], dtype=_stats_dtype(x.dtype))
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("nanoblock::add_layer_norm_forward")
+def _(x, residual, weight, bias, eps):
+    stats = x.new_empty(x.shape[:-1], dtype=_stats_dtype(x.dtype))
+    return torch.empty_like(x), torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("nanoblock::layer_norm_backward")
+def _(grad_out, x, weight, mean, rstd, grad_residual):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+@torch.library.register_fake("nanoblock::causal_attention_forward")
+def _(qkv, n_head):
+    B, T, C3 = qkv.shape
+    out = qkv.new_empty((B, T, C3 // 3))
+    lse = qkv.new_empty((B, n_head, T), dtype=_stats_dtype(qkv.dtype))
+    return out, lse
+
+
+@torch.library.register_fake("nanoblock::causal_attention_backward")
+def _(grad_out, qkv, out, lse, n_head):
+    return torch.empty_like(qkv)
+
+
+@torch.library.register_fake("nanoblock::gelu_forward")
+def _(x, bias, approximate):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("nanoblock::gelu_backward")
+def _(grad_out, x, bias, approximate):
+    return torch.empty_like(x), x.new_empty((x.shape[-1],))
+
+
+@torch.library.register_fake("nanoblock::block_forward")
+def _(x, *args):
+    B, T, C = x.shape
+    n_head = args[12]
+    return (
+        torch.empty_like(x),                                         # out
+        x.new_empty((B, T, 3 * C)),                                  # qkv
+        x.new_empty((B, T, C)),                                      # attn
+        x.new_empty((B, n_head, T), dtype=_stats_dtype(x.dtype)),    # lse
+        x.new_empty((B, T, C)),                                      # x1
+        x.new_empty((B, T, 4 * C)),                                  # fc
+    )
+
+
+@torch.library.register_fake("nanoblock::block_backward")
+def _(grad_out, x, *args):
+    params = args[:12]
+    C = x.shape[-1]
+    bias_shapes = (C, 3 * C, C, C, 4 * C, C)
+    grads = [torch.empty_like(x)]
+    for i, p in enumerate(params):
+        if p is not None:
+            grads.append(torch.empty_like(p))
+        else:  # an absent bias still gets a gradient slot
+            grads.append(x.new_empty((bias_shapes[i // 2],)))
+    return tuple(grads)
+
+
+# ---------------------------------------------------------------------------
+# Autograd. The saved statistics (mean, rstd, lse) and the Block's saved
+# activations are outputs only so that the backward can have them; they are
+# marked non-differentiable.
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, bias, eps = inputs
+    out, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _layer_norm_backward(ctx, grad_out, grad_mean, grad_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    gx, gw, gb = _ops.layer_norm_backward(grad_out, x, weight, mean, rstd, None)
+    return gx, gw, gb if ctx.has_bias else None, None
+
+
+torch.library.register_autograd("nanoblock::layer_norm_forward", _layer_norm_backward,
+                                setup_context=_layer_norm_setup)
+
+
+def _add_layer_norm_setup(ctx, inputs, output):
+    x, residual, weight, bias, eps = inputs
+    total, out, mean, rstd = output
+    ctx.save_for_backward(total, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _add_layer_norm_backward(ctx, grad_sum, grad_out, grad_mean, grad_rstd):
+    total, weight, mean, rstd = ctx.saved_tensors
+    g_total, gw, gb = _ops.layer_norm_backward(grad_out, total, weight, mean, rstd, grad_sum)
+    return g_total, g_total, gw, gb if ctx.has_bias else None, None
+
+
+torch.library.register_autograd("nanoblock::add_layer_norm_forward", _add_layer_norm_backward,
+                                setup_context=_add_layer_norm_setup)
+
+
+def _attention_setup(ctx, inputs, output):
+    qkv, n_head = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.n_head = n_head
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    qkv, out, lse = ctx.saved_tensors
+    return _ops.causal_attention_backward(grad_out, qkv, out, lse, ctx.n_head), None
+
+
+torch.library.register_autograd("nanoblock::causal_attention_forward", _attention_backward,
+                                setup_context=_attention_setup)
+
+
+def _gelu_setup(ctx, inputs, output):
+    x, bias, approximate = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.approximate = approximate
+
+
+def _gelu_backward(ctx, grad_out):
+    x, bias = ctx.saved_tensors
+    gx, gb = _ops.gelu_backward(grad_out, x, bias, ctx.approximate)
+    return gx, gb if bias is not None else None, None
+
+
+torch.library.register_autograd("nanoblock::gelu_forward", _gelu_backward,
+                                setup_context=_gelu_setup)
+
+
+def _block_setup(ctx, inputs, output):
+    x, *params = inputs[:13]
+    ctx.n_head, ctx.approximate = inputs[13], inputs[14]
+    out, qkv, attn, lse, x1, fc = output
+    ctx.has_param = [p is not None for p in params]
+    ctx.save_for_backward(x, *params, qkv, attn, lse, x1, fc)
+    ctx.mark_non_differentiable(qkv, attn, lse, x1, fc)
+
+
+def _block_backward(ctx, grad_out, *unused_grads):
+    x, *rest = ctx.saved_tensors
+    params, saved = rest[:12], rest[12:]
+    grads = _ops.block_backward(grad_out, x, *params, *saved, ctx.n_head, ctx.approximate)
+    grad_params = [g if has else None for g, has in zip(grads[1:], ctx.has_param)]
+    return (grads[0], *grad_params, None, None)
+
+
+torch.library.register_autograd("nanoblock::block_forward", _block_backward,
+                                setup_context=_block_setup)
+
+
+# ---------------------------------------------------------------------------
+# Public functions.
+
+def layer_norm(x, weight, bias=None, eps=1e-5):
+    """LayerNorm over the last dim of x [..., C]."""
+    return _ops.layer_norm_forward(x, weight, bias, eps)[0]
+
+
+def add_layer_norm(x, residual, weight, bias=None, eps=1e-5):
+    """Returns (x + residual, LayerNorm(x + residual)) in one pass."""
+    total, out, _, _ = _ops.add_layer_norm_forward(x, residual, weight, bias, eps)
+    return total, out
+
+
+def causal_attention(qkv, n_head):
+    """Causal self-attention of qkv [B, T, 3C] (q, k, v side by side, as c_attn
+    makes them) -> [B, T, C], heads merged."""
+    return _ops.causal_attention_forward(qkv, n_head)[0]
+
+
+def bias_gelu(x, bias=None, approximate="none"):
+    """gelu(x + bias); approximate is 'none' (exact, erf) or 'tanh'."""
+    return _ops.gelu_forward(x, bias, approximate)
+
+
+def block(x, params, n_head, approximate="none"):
+    """The whole Block on x [B, T, C]; params are the twelve tensors named in
+    BLOCK_PARAM_NAMES, in that order (None for absent biases)."""
+    return _ops.block_forward(x, *params, n_head, approximate)[0]

@@ -1,0 +1,102 @@
+"""Builds nanoblock's compiled ops, nanoblock._C, against the installed torch.
+
+Install with `pip install --no-build-isolation -e .` so the extension compiles
+against the torch you already have. The CUDA extension is built when that
+torch has CUDA and nvcc is found, the CPU one otherwise; the build says which.
+
+Environment:
+  NANOBLOCK_CPU_ONLY=1       build the CPU extension even where CUDA is there
+  TORCH_CUDA_ARCH_LIST       GPU archs to build for (default "8.0;9.0")
+  MAX_JOBS                   parallel compile jobs (ninja)
+"""
+import glob
+import os
+import re
+import subprocess
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    sys.exit(
+        "nanoblock: building needs PyTorch installed first, and pip must see it.\n"
+        "  1. pip install torch            (here: pip install torch==2.13.0)\n"
+        "  2. pip install --no-build-isolation -e .\n"
+        "Without --no-build-isolation pip builds in a fresh environment that has no torch."
+    )
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version():
+    with open(os.path.join(HERE, "nanoblock", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def nvcc_version():
+    if CUDA_HOME is None:
+        return None
+    try:
+        out = subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
+def want_cuda():
+    if os.environ.get("NANOBLOCK_CPU_ONLY") == "1":
+        return False, "NANOBLOCK_CPU_ONLY=1"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} has no CUDA"
+    nvcc = nvcc_version()
+    if nvcc is None:
+        return False, f"torch has CUDA {torch.version.cuda} but nvcc was not found (set CUDA_HOME)"
+    if nvcc.split(".")[0] != torch.version.cuda.split(".")[0]:
+        sys.exit(f"nanoblock: nvcc is CUDA {nvcc} but torch was built with CUDA "
+                 f"{torch.version.cuda}; their major versions must match. Point CUDA_HOME at a "
+                 f"CUDA {torch.version.cuda.split('.')[0]}.x toolkit, or set NANOBLOCK_CPU_ONLY=1.")
+    return True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, nvcc {nvcc}"
+
+
+def extension():
+    sources = ["csrc/ops.cpp", "csrc/block.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # -g0: no debug info, which triples the build time of the ATen headers.
+    cxx = ["-O3", "-fopenmp", "-g0"]
+    use_cuda, why = want_cuda()
+    if not use_cuda:
+        print(f"nanoblock: building the CPU extension ({why})", flush=True)
+        return CppExtension("nanoblock._C", sources, extra_compile_args={"cxx": cxx},
+                            extra_link_args=["-fopenmp"]), "cpu", why
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    print(f"nanoblock: building the CUDA extension ({why}) for archs "
+          f"{os.environ['TORCH_CUDA_ARCH_LIST']}", flush=True)
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
+            "-DNANOBLOCK_WITH_CUDA"]
+    return CUDAExtension("nanoblock._C", sources,
+                         extra_compile_args={"cxx": cxx + ["-DNANOBLOCK_WITH_CUDA"], "nvcc": nvcc},
+                         extra_link_args=["-fopenmp"], libraries=["cublasLt"]), "cuda", why
+
+
+ext, backend, why = extension()
+
+# What was built, for `python -m nanoblock.info` and bug reports.
+with open(os.path.join(HERE, "nanoblock", "_build_info.py"), "w") as f:
+    f.write("# Written by setup.py at build time.\n")
+    f.write(f"backend = {backend!r}\n")
+    f.write(f"reason = {why!r}\n")
+    f.write(f"torch_version = {torch.__version__!r}\n")
+    f.write(f"torch_cuda_version = {torch.version.cuda!r}\n")
+    f.write(f"nvcc_version = {nvcc_version() if backend == 'cuda' else None!r}\n")
+    f.write(f"cuda_arch_list = {os.environ.get('TORCH_CUDA_ARCH_LIST') if backend == 'cuda' else None!r}\n")
+
+setup(
+    version=read_version(),
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension},
+)
