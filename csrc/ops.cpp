@@ -7,6 +7,7 @@
 // CPU dispatch key and, when built with CUDA, the CUDA one to CUDA.
 // nanoblock/ops.py adds the fake (meta) kernels and autograd on top.
 #include <Python.h>
+#include <ATen/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -39,6 +40,14 @@ std::string dtype_str(at::ScalarType t) {
     case at::kDouble: return "torch.float64";
     case at::kHalf: return "torch.float16";
     case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
     default: return std::string("torch.") + c10::toString(t);
   }
 }
@@ -129,6 +138,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_forward_op(const Tensor& x, const 
                                                          const OptTensor& bias, double eps) {
   const Checker check{"nanoblock.layer_norm_forward"};
   check.input(x, "x", -1);
+  const at::OptionalDeviceGuard device_guard(at::device_of(x));
   const int64_t C = x.size(-1);
   check.like(weight, "weight", x, "x", {C});
   check.like(bias, "bias", x, "x", {C});
@@ -144,6 +154,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_forward_op(const Tenso
                                                                      double eps) {
   const Checker check{"nanoblock.add_layer_norm_forward"};
   check.input(x, "x", -1);
+  const at::OptionalDeviceGuard device_guard(at::device_of(x));
   const int64_t C = x.size(-1);
   check.like(residual, "residual", x, "x", x.sizes());
   check.like(weight, "weight", x, "x", {C});
@@ -160,6 +171,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_op(const Tensor& grad_out
                                                           const OptTensor& grad_residual) {
   const Checker check{"nanoblock.layer_norm_backward"};
   check.input(x, "x", -1);
+  const at::OptionalDeviceGuard device_guard(at::device_of(x));
   const int64_t C = x.size(-1);
   check.like(grad_out, "grad_out", x, "x", x.sizes());
   check.like(weight, "weight", x, "x", {C});
@@ -177,6 +189,7 @@ template <const Kernels* K>
 std::tuple<Tensor, Tensor> causal_attention_forward_op(const Tensor& qkv, int64_t n_head) {
   const Checker check{"nanoblock.causal_attention_forward"};
   check.input(qkv, "qkv", 3);
+  const at::OptionalDeviceGuard device_guard(at::device_of(qkv));
   TORCH_CHECK(qkv.size(2) % 3 == 0, check.op,
               ": qkv must be [B, T, 3C] (q, k, v side by side), got last dim ", qkv.size(2),
               ", which is not a multiple of 3");
@@ -189,6 +202,7 @@ Tensor causal_attention_backward_op(const Tensor& grad_out, const Tensor& qkv, c
                                     const Tensor& lse, int64_t n_head) {
   const Checker check{"nanoblock.causal_attention_backward"};
   check.input(qkv, "qkv", 3);
+  const at::OptionalDeviceGuard device_guard(at::device_of(qkv));
   TORCH_CHECK(qkv.size(2) % 3 == 0, check.op,
               ": qkv must be [B, T, 3C] (q, k, v side by side), got last dim ", qkv.size(2),
               ", which is not a multiple of 3");
@@ -208,6 +222,7 @@ template <const Kernels* K>
 Tensor gelu_forward_op(const Tensor& x, const OptTensor& bias, const std::string& approximate) {
   const Checker check{"nanoblock.gelu_forward"};
   check.input(x, "x", -1);
+  const at::OptionalDeviceGuard device_guard(at::device_of(x));
   check.like(bias, "bias", x, "x", {x.size(-1)});
   const bool tanh = check.approximate(approximate);
   return K->gelu_forward(contiguous(x), contiguous(bias), tanh);
@@ -219,6 +234,7 @@ std::tuple<Tensor, Tensor> gelu_backward_op(const Tensor& grad_out, const Tensor
                                             const std::string& approximate) {
   const Checker check{"nanoblock.gelu_backward"};
   check.input(x, "x", -1);
+  const at::OptionalDeviceGuard device_guard(at::device_of(x));
   check.like(grad_out, "grad_out", x, "x", x.sizes());
   check.like(bias, "bias", x, "x", {x.size(-1)});
   const bool tanh = check.approximate(approximate);
@@ -240,6 +256,10 @@ BlockWeights check_block_weights(
     const OptTensor& mlp_c_proj_bias) {
   check.input(x, "x", 3);
   const int64_t C = x.size(2);
+  // The weights fix n_embd; say so when x does not fit them.
+  TORCH_CHECK(!ln_1_weight.defined() || ln_1_weight.dim() != 1 || ln_1_weight.size(0) == C,
+              check.op, ": x must be [B, T, n_embd] with n_embd = ", ln_1_weight.size(0),
+              " (the size of ln_1.weight), got shape ", shape_str(x.sizes()));
   check.heads(C, n_head);
   check.like(ln_1_weight, "ln_1.weight", x, "x", {C});
   check.like(ln_1_bias, "ln_1.bias", x, "x", {C});
@@ -269,6 +289,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> block_forward_op(
     const Tensor& c_fc_weight, const OptTensor& c_fc_bias, const Tensor& mlp_c_proj_weight,
     const OptTensor& mlp_c_proj_bias, int64_t n_head, const std::string& approximate) {
   const Checker check{"nanoblock.block_forward"};
+  const at::OptionalDeviceGuard device_guard(at::device_of(x));
   const BlockWeights w = check_block_weights(
       check, x, n_head, ln_1_weight, ln_1_bias, c_attn_weight, c_attn_bias, attn_c_proj_weight,
       attn_c_proj_bias, ln_2_weight, ln_2_bias, c_fc_weight, c_fc_bias, mlp_c_proj_weight,
@@ -290,6 +311,7 @@ BlockGradTuple block_backward_op(
     const OptTensor& mlp_c_proj_bias, const Tensor& qkv, const Tensor& attn, const Tensor& lse,
     const Tensor& x1, const Tensor& fc, int64_t n_head, const std::string& approximate) {
   const Checker check{"nanoblock.block_backward"};
+  const at::OptionalDeviceGuard device_guard(at::device_of(x));
   const BlockWeights w = check_block_weights(
       check, x, n_head, ln_1_weight, ln_1_bias, c_attn_weight, c_attn_bias, attn_c_proj_weight,
       attn_c_proj_bias, ln_2_weight, ln_2_bias, c_fc_weight, c_fc_bias, mlp_c_proj_weight,

@@ -1,0 +1,201 @@
+// Helpers shared by nanoblock's CUDA kernels: accumulation types, accurate
+// math in the accumulation type, warp and block reductions, 16-byte vector
+// access, and the fixed-order sum of per-block column partials that makes
+// every parameter gradient deterministic.
+//
+// Conventions every .cu file follows:
+//   - kernels run on the current stream (current_stream()) and allocate only through
+//     PyTorch (at::empty*), never synchronize with the host;
+//   - every launch is followed by C10_CUDA_KERNEL_LAUNCH_CHECK();
+//   - acc_t is float for half, bfloat16 and float inputs, double for double
+//     (at::opmath_type), the same as the saved statistics (kernels.h);
+//   - no float atomics: a sum over rows is done by per-block partials that a
+//     second kernel adds in block order, so the same inputs give the same bits.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+
+#include "../kernels.h"
+
+namespace nanoblock::cuda {
+
+// float for half / bfloat16 / float, double for double.
+template <typename scalar_t>
+using acc_type = at::opmath_type<scalar_t>;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The current stream of the current device (what at::cuda::getCurrentCUDAStream
+// returns; c10's header keeps the cuBLAS/cuSPARSE headers out of these files).
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Multiprocessors of the current device.
+inline int multiprocessor_count() {
+  int device = 0, count = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+// Dispatch over the four dtypes the CUDA kernels support.
+#define NANOBLOCK_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+// ---------------------------------------------------------------------------
+// Accurate math in the accumulation type. These are the full-precision CUDA
+// functions (expf, erff, tanhf; never the __expf-style intrinsics), so float32
+// and float64 results match PyTorch's own kernels to rounding.
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+__device__ __forceinline__ float erf_acc(float x) { return erff(x); }
+__device__ __forceinline__ double erf_acc(double x) { return erf(x); }
+__device__ __forceinline__ float tanh_acc(float x) { return tanhf(x); }
+__device__ __forceinline__ double tanh_acc(double x) { return tanh(x); }
+__device__ __forceinline__ float rsqrt_acc(float x) { return 1.0f / sqrtf(x); }
+__device__ __forceinline__ double rsqrt_acc(double x) { return 1.0 / sqrt(x); }
+
+template <typename T>
+__device__ __forceinline__ T neg_infinity() {
+  return -INFINITY;
+}
+
+// ---------------------------------------------------------------------------
+// Reductions. The butterfly (xor) pattern leaves the same value in every lane
+// and always adds in the same order, so results are deterministic.
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every
+// thread gets the result. `scratch` holds 32 values; the function ends with a
+// barrier so the scratch can be reused right away.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int warps = blockDim.x / 32;
+  v = warp_sum(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  T total = lane < warps ? scratch[lane] : T(0);
+  total = warp_sum(total);
+  __syncthreads();
+  return total;
+}
+
+// ---------------------------------------------------------------------------
+// Vector access: VEC elements moved as one aligned load or store (16 bytes
+// when VEC = 16 / sizeof(scalar_t)).
+
+template <typename scalar_t, int VEC>
+struct alignas(sizeof(scalar_t) * VEC) Vec {
+  scalar_t v[VEC];
+};
+
+template <typename scalar_t, int VEC>
+__device__ __forceinline__ Vec<scalar_t, VEC> load_vec(const scalar_t* p) {
+  return *reinterpret_cast<const Vec<scalar_t, VEC>*>(p);
+}
+
+template <typename scalar_t, int VEC>
+__device__ __forceinline__ void store_vec(scalar_t* p, const Vec<scalar_t, VEC>& v) {
+  *reinterpret_cast<Vec<scalar_t, VEC>*>(p) = v;
+}
+
+// The widest vector (16 bytes) that divides the row length `cols` and whose
+// alignment every pointer given has; 1 when none fits.
+template <typename scalar_t>
+int vector_width(int64_t cols, std::initializer_list<const void*> pointers) {
+  int vec = 16 / static_cast<int>(sizeof(scalar_t));
+  while (vec > 1) {
+    bool ok = cols % vec == 0;
+    for (const void* p : pointers) {
+      if (p != nullptr && reinterpret_cast<uintptr_t>(p) % (vec * sizeof(scalar_t)) != 0) ok = false;
+    }
+    if (ok) break;
+    vec /= 2;
+  }
+  return vec;
+}
+
+// Calls fn(std::integral_constant<int, VEC>) for the runtime width vec.
+template <typename scalar_t, typename Fn>
+void with_vector_width(int vec, const Fn& fn) {
+  constexpr int kMax = 16 / sizeof(scalar_t);
+  switch (vec) {
+    case 8: if constexpr (kMax >= 8) { fn(std::integral_constant<int, 8>{}); return; } break;
+    case 4: if constexpr (kMax >= 4) { fn(std::integral_constant<int, 4>{}); return; } break;
+    case 2: fn(std::integral_constant<int, 2>{}); return;
+    default: break;
+  }
+  fn(std::integral_constant<int, 1>{});
+}
+
+// ---------------------------------------------------------------------------
+// Deterministic column sums over rows.
+//
+// A [N, C] sum over rows runs in two kernels: the rows are cut into
+// `row_groups` groups (a number that depends only on N), each group writes
+// its partial column sums to partials [row_groups, C] (acc_t), and
+// sum_partials_kernel adds the partials of each column in group order.
+
+// Rows per group at least 32, at most 256 groups.
+inline int64_t row_groups_for(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(ceil_div(rows, 32), 256));
+}
+
+// Tile of the partial kernels: 32 columns (one per lane) by kPartialRows
+// threads walking the group's rows.
+constexpr int kPartialRows = 8;
+
+// out[c] = sum over g of partials[g, c], g ascending. One thread per column.
+template <typename scalar_t, typename acc_t>
+__global__ void sum_partials_kernel(const acc_t* __restrict__ partials, int64_t groups,
+                                    int64_t C, scalar_t* __restrict__ out) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (c >= C) return;
+  acc_t total = 0;
+  for (int64_t g = 0; g < groups; g++) total += partials[g * C + c];
+  out[c] = static_cast<scalar_t>(total);
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_sum_partials(const acc_t* partials, int64_t groups, int64_t C, scalar_t* out,
+                         cudaStream_t stream) {
+  if (C == 0) return;
+  const int threads = 128;
+  sum_partials_kernel<scalar_t, acc_t>
+      <<<ceil_div(C, threads), threads, 0, stream>>>(partials, groups, C, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Dynamic shared memory above the default 48 KB must be asked for per kernel.
+template <typename Kernel>
+void allow_shared_memory(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+  }
+}
+
+}  // namespace nanoblock::cuda

@@ -1,0 +1,211 @@
+// The MLP's elementwise parts on CUDA: the c_fc bias add fused with GELU, its
+// backward, and the gradient of a Linear bias.
+//
+//   forward:   out = gelu(x + bias)                  x [N, F], bias [F] or none
+//   backward:  grad_x = grad_out * gelu'(x + bias)   -> [N, F]
+//   bias_grad: grad [N, F] summed over rows          -> [F], fixed order
+//
+// GELU is exact, 0.5 u (1 + erf(u / sqrt 2)) (nanoGPT's nn.GELU()), or the
+// tanh form of GPT-2, 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3))). The
+// math runs in acc_t (float32, float64 for float64) with the accurate erf,
+// exp and tanh, the same formulas as PyTorch's GELU kernels and the CPU ones.
+// The elementwise kernels walk the tensor in 16-byte vectors where the row
+// length and pointers allow (a vector never crosses a row, so its bias slice
+// is contiguous too). bias_grad is deterministic: per-group partials, then a
+// fixed-order sum (common.cuh).
+#include "common.cuh"
+
+namespace nanoblock::cuda {
+
+namespace {
+
+template <typename T>
+struct GeluMath {
+  static constexpr T kAlpha = T(0.70710678118654752440);      // 1 / sqrt(2)
+  static constexpr T kBeta = T(0.39894228040143267794);       // 1 / sqrt(2 pi)
+  static constexpr T kTanhScale = T(0.79788456080286535588);  // sqrt(2 / pi)
+  static constexpr T kCubic = T(0.044715);
+
+  __device__ static T exact(T u) { return T(0.5) * u * (T(1) + erf_acc(u * kAlpha)); }
+  __device__ static T exact_grad(T u) {
+    return T(0.5) * (T(1) + erf_acc(u * kAlpha)) + u * kBeta * exp_acc(T(-0.5) * u * u);
+  }
+  __device__ static T tanh(T u) {
+    return T(0.5) * u * (T(1) + tanh_acc(kTanhScale * (u + kCubic * u * u * u)));
+  }
+  __device__ static T tanh_grad(T u) {
+    const T t = tanh_acc(kTanhScale * (u + kCubic * u * u * u));
+    const T inner_grad = kTanhScale * (T(1) + T(3) * kCubic * u * u);
+    return T(0.5) * (T(1) + t) + T(0.5) * u * (T(1) - t * t) * inner_grad;
+  }
+};
+
+// out = gelu(x + bias) over `vectors` vectors of VEC elements; rows are F long.
+template <typename scalar_t, int VEC, bool TANH>
+__global__ void gelu_forward_kernel(const scalar_t* __restrict__ x,
+                                    const scalar_t* __restrict__ bias,
+                                    scalar_t* __restrict__ out, int64_t vectors, int64_t F) {
+  using acc_t = acc_type<scalar_t>;
+  using V = Vec<scalar_t, VEC>;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < vectors;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t offset = i * VEC;
+    const V a = load_vec<scalar_t, VEC>(x + offset);
+    V b;
+    if (bias != nullptr) b = load_vec<scalar_t, VEC>(bias + offset % F);
+    V y;
+#pragma unroll
+    for (int k = 0; k < VEC; k++) {
+      acc_t u = static_cast<acc_t>(a.v[k]);
+      if (bias != nullptr) u += static_cast<acc_t>(b.v[k]);
+      y.v[k] = static_cast<scalar_t>(TANH ? GeluMath<acc_t>::tanh(u) : GeluMath<acc_t>::exact(u));
+    }
+    store_vec<scalar_t, VEC>(out + offset, y);
+  }
+}
+
+// grad_x = grad_out * gelu'(x + bias), same layout as the forward.
+template <typename scalar_t, int VEC, bool TANH>
+__global__ void gelu_backward_kernel(const scalar_t* __restrict__ grad_out,
+                                     const scalar_t* __restrict__ x,
+                                     const scalar_t* __restrict__ bias,
+                                     scalar_t* __restrict__ grad_x, int64_t vectors, int64_t F) {
+  using acc_t = acc_type<scalar_t>;
+  using V = Vec<scalar_t, VEC>;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < vectors;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t offset = i * VEC;
+    const V a = load_vec<scalar_t, VEC>(x + offset);
+    const V d = load_vec<scalar_t, VEC>(grad_out + offset);
+    V b;
+    if (bias != nullptr) b = load_vec<scalar_t, VEC>(bias + offset % F);
+    V y;
+#pragma unroll
+    for (int k = 0; k < VEC; k++) {
+      acc_t u = static_cast<acc_t>(a.v[k]);
+      if (bias != nullptr) u += static_cast<acc_t>(b.v[k]);
+      const acc_t g = TANH ? GeluMath<acc_t>::tanh_grad(u) : GeluMath<acc_t>::exact_grad(u);
+      y.v[k] = static_cast<scalar_t>(static_cast<acc_t>(d.v[k]) * g);
+    }
+    store_vec<scalar_t, VEC>(grad_x + offset, y);
+  }
+}
+
+// Column partial sums of grad [N, F]: grid (column tiles of 32, row groups),
+// block (32, kPartialRows); the kPartialRows sums are added in y order.
+// partials [groups, F].
+template <typename scalar_t>
+__global__ void column_partials_kernel(const scalar_t* __restrict__ grad, int64_t N, int64_t F,
+                                       int64_t rows_per_group,
+                                       acc_type<scalar_t>* __restrict__ partials) {
+  using acc_t = acc_type<scalar_t>;
+  __shared__ acc_t tile[kPartialRows][32];
+  const int64_t f = blockIdx.x * 32 + threadIdx.x;
+  const int64_t group = blockIdx.y;
+  const int64_t row_begin = group * rows_per_group;
+  const int64_t row_end = std::min(N, row_begin + rows_per_group);
+  acc_t sum = 0;
+  if (f < F) {
+    for (int64_t row = row_begin + threadIdx.y; row < row_end; row += kPartialRows) {
+      sum += static_cast<acc_t>(grad[row * F + f]);
+    }
+  }
+  tile[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && f < F) {
+    acc_t total = 0;
+#pragma unroll
+    for (int y = 0; y < kPartialRows; y++) total += tile[y][threadIdx.x];
+    partials[group * F + f] = total;
+  }
+}
+
+// Grid for an elementwise pass over `vectors` vectors: enough blocks to fill
+// the GPU several times over, the loop inside covers the rest.
+dim3 elementwise_grid(int64_t vectors, int threads) {
+  const int64_t max_blocks =
+      static_cast<int64_t>(multiprocessor_count()) * 16;
+  return dim3(static_cast<unsigned>(std::min(ceil_div(vectors, threads), max_blocks)));
+}
+
+constexpr int kElementwiseThreads = 256;
+
+}  // namespace
+
+Tensor gelu_forward(const Tensor& x, const Tensor& bias, bool tanh) {
+  Tensor out = at::empty_like(x);
+  if (x.numel() == 0) return out;
+  const int64_t F = x.size(-1);
+  const cudaStream_t stream = current_stream();
+  NANOBLOCK_DISPATCH(x.scalar_type(), "gelu_forward", [&] {
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    const scalar_t* b_ptr = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+    const int vec = vector_width<scalar_t>(F, {x_ptr, b_ptr, out_ptr});
+    with_vector_width<scalar_t>(vec, [&](auto vec_constant) {
+      constexpr int VEC = decltype(vec_constant)::value;
+      const int64_t vectors = x.numel() / VEC;
+      const dim3 grid = elementwise_grid(vectors, kElementwiseThreads);
+      if (tanh) {
+        gelu_forward_kernel<scalar_t, VEC, true>
+            <<<grid, kElementwiseThreads, 0, stream>>>(x_ptr, b_ptr, out_ptr, vectors, F);
+      } else {
+        gelu_forward_kernel<scalar_t, VEC, false>
+            <<<grid, kElementwiseThreads, 0, stream>>>(x_ptr, b_ptr, out_ptr, vectors, F);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+Tensor gelu_backward(const Tensor& grad_out, const Tensor& x, const Tensor& bias, bool tanh) {
+  Tensor grad_x = at::empty_like(x);
+  if (x.numel() == 0) return grad_x;
+  const int64_t F = x.size(-1);
+  const cudaStream_t stream = current_stream();
+  NANOBLOCK_DISPATCH(x.scalar_type(), "gelu_backward", [&] {
+    const scalar_t* dy_ptr = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    const scalar_t* b_ptr = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dx_ptr = grad_x.mutable_data_ptr<scalar_t>();
+    const int vec = vector_width<scalar_t>(F, {dy_ptr, x_ptr, b_ptr, dx_ptr});
+    with_vector_width<scalar_t>(vec, [&](auto vec_constant) {
+      constexpr int VEC = decltype(vec_constant)::value;
+      const int64_t vectors = x.numel() / VEC;
+      const dim3 grid = elementwise_grid(vectors, kElementwiseThreads);
+      if (tanh) {
+        gelu_backward_kernel<scalar_t, VEC, true><<<grid, kElementwiseThreads, 0, stream>>>(
+            dy_ptr, x_ptr, b_ptr, dx_ptr, vectors, F);
+      } else {
+        gelu_backward_kernel<scalar_t, VEC, false><<<grid, kElementwiseThreads, 0, stream>>>(
+            dy_ptr, x_ptr, b_ptr, dx_ptr, vectors, F);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return grad_x;
+}
+
+Tensor bias_grad(const Tensor& grad) {
+  const int64_t F = grad.size(-1), N = F == 0 ? 0 : grad.numel() / F;
+  if (N == 0) return at::zeros({F}, grad.options());  // a sum over no rows
+  Tensor out = at::empty({F}, grad.options());
+  const cudaStream_t stream = current_stream();
+  NANOBLOCK_DISPATCH(grad.scalar_type(), "bias_grad", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const int64_t groups = row_groups_for(N);
+    const int64_t rows_per_group = ceil_div(N, groups);
+    Tensor partials = at::empty({groups, F}, grad.options().dtype(stats_dtype(grad.scalar_type())));
+    acc_t* partials_ptr = partials.mutable_data_ptr<acc_t>();
+    const dim3 grid(static_cast<unsigned>(ceil_div(F, 32)), static_cast<unsigned>(groups));
+    column_partials_kernel<scalar_t><<<grid, dim3(32, kPartialRows), 0, stream>>>(
+        grad.const_data_ptr<scalar_t>(), N, F, rows_per_group, partials_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_sum_partials<scalar_t, acc_t>(partials_ptr, groups, F,
+                                         out.mutable_data_ptr<scalar_t>(), stream);
+  });
+  return out;
+}
+
+}  // namespace nanoblock::cuda
