@@ -14,7 +14,13 @@ modules in block.py call:
 """
 import torch
 
-from . import _C  # noqa: F401  (registers torch.ops.nanoblock)
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.nanoblock)
+except ImportError as e:
+    raise ImportError(
+        f"nanoblock's compiled ops could not be loaded ({e}). Build them against the torch "
+        "you have, from the repository root: pip install --no-build-isolation -e . "
+        "(after installing torch, and again whenever torch changes)") from e
 
 _ops = torch.ops.nanoblock
 

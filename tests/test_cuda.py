@@ -7,6 +7,7 @@ float64 reference, nanoblock's error must be at most twice the error that the
 reference Block (nanoblock.reference.ReferenceBlock) makes in the same dtype,
 plus a tiny floor.
 """
+import copy
 import math
 
 import pytest
@@ -221,7 +222,7 @@ def test_block_matches_cpu_float64(B, T, C, n_head, bias, gelu):
     torch.manual_seed(9)
     cfg = make_config(C, n_head, bias, gelu)
     cpu_block = randomize(nanoblock.Block(cfg)).double()
-    gpu_block = randomize(nanoblock.Block(cfg)).double().to(DEV)
+    gpu_block = copy.deepcopy(cpu_block).to(DEV)
     x = torch.randn(B, T, C, dtype=torch.float64)
     gy = torch.randn(B, T, C, dtype=torch.float64)
     y_cpu, g_cpu = run_block(cpu_block, x, gy)

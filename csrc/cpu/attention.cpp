@@ -97,17 +97,31 @@ scalar_t sum_of(const scalar_t* x, int64_t n) {
 }
 
 // Turns one row of raw scores q.k (cols of them, the first `visible`
-// unmasked) into exponents: score * scale - offset where visible, -inf
-// where masked, so that exp of the row gives the (unnormalized)
-// probabilities with 0 above the diagonal.
+// unmasked) into exponents score * scale - offset. Masked entries get 0
+// for now (exp of -inf takes a slow path in ATen's exp) and are zeroed by
+// zero_masked after the exp.
 template <typename scalar_t>
 void scores_to_exponents(scalar_t* row, int64_t visible, int64_t cols,
                          scalar_t scale, scalar_t offset) {
   for (int64_t c = 0; c < visible; ++c) {
     row[c] = row[c] * scale - offset;
   }
-  for (int64_t c = visible; c < cols; ++c) {
-    row[c] = -std::numeric_limits<scalar_t>::infinity();
+  std::fill(row + visible, row + cols, scalar_t(0));
+}
+
+// Exponentiates a block of exponents [rows, cols] (contiguous) in place
+// and zeroes its masked entries (key key_start + c above query
+// query_start + r), giving probabilities that are 0 above the diagonal.
+// ATen's exp is vectorized; a scalar std::exp loop costs as much as the
+// GEMMs.
+template <typename scalar_t>
+void exp_and_mask(const Tensor& block, scalar_t* data, int64_t rows,
+                  int64_t cols, int64_t query_start, int64_t key_start) {
+  at::exp_(block);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t visible = visible_keys(query_start + r, key_start, cols);
+    std::fill(data + r * cols + visible, data + (r + 1) * cols,
+              scalar_t(0));
   }
 }
 
@@ -198,9 +212,7 @@ void attention_forward_kernel(const Tensor& qkv, int64_t n_head,
           rescale[r] = std::exp(row_max[r] - new_max);
           row_max[r] = new_max;
         }
-        // ATen's exp is vectorized; a scalar std::exp loop costs as much
-        // as the GEMMs.
-        at::exp_(s);
+        exp_and_mask(s, scores, rows, cols, query_start, key_start);
         for (int64_t r = 0; r < rows; ++r) {
           row_sum[r] = row_sum[r] * rescale[r] + sum_of(scores + r * cols, cols);
         }
@@ -305,7 +317,7 @@ void attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
             scores_to_exponents(probs + r * cols, visible, cols, scale,
                                 lse_rows[query_start + r]);
           }
-          at::exp_(p);
+          exp_and_mask(p, probs, rows, cols, query_start, key_start);
 
           // dv_j += P^T dO_i [cols, hd]; the first query block overwrites.
           const bool first_for_key = query_start == key_start;

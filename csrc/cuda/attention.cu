@@ -30,6 +30,11 @@
 // shared-memory load reused 8 times; for the products with v, q, k or dO a
 // lane takes head-dim columns lane, lane + 32, .. (DPL of them, "dims per
 // lane"). Key tiles above the diagonal are never loaded.
+//
+// float16 / bfloat16 with head dims 32, 64, 80, 96, 128 go to the
+// tensor-core kernels of attention_mma.cu instead (same layouts, same
+// determinism); the launchers below pick the path.
+#include "attention_mma.cuh"
 #include "common.cuh"
 
 namespace nanoblock::cuda {
@@ -474,6 +479,10 @@ std::tuple<Tensor, Tensor> causal_attention_forward(const Tensor& qkv, int64_t n
   if (out.numel() == 0) return {out, lse};
   const int64_t hd = C / n_head;
   check_head_dim("nanoblock.causal_attention_forward", hd);
+  if (mma_attention_supported(qkv, hd, Tensor())) {
+    mma_attention_forward(qkv, n_head, out, lse);
+    return {out, lse};
+  }
   const cudaStream_t stream = current_stream();
   NANOBLOCK_DISPATCH(qkv.scalar_type(), "causal_attention_forward", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -518,6 +527,10 @@ Tensor causal_attention_backward(const Tensor& grad_out, const Tensor& qkv, cons
         static_cast<int>(T), static_cast<int>(n_head), static_cast<int>(hd));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const acc_t* dot_ptr = row_dot.const_data_ptr<acc_t>();
+    if (mma_attention_supported(qkv, hd, grad_out)) {
+      mma_attention_backward(grad_out, qkv, lse, row_dot, n_head, grad_qkv);
+      return;
+    }
 
     const int64_t blocks = B * n_head * ceil_div(T, kTile);
     with_dims_per_lane(hd, [&](auto dpl_constant) {

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Everything the GPU machine is for, in one call: print the card, build the
+# CUDA extension, run the whole test suite, run compute-sanitizer (memcheck,
+# racecheck) on a quick subset of the CUDA tests, time attention against
+# PyTorch's SDPA, and run the Block benchmark if it exists.
+#
+#   bash scripts/gpu_check.sh            # logs and results under ${OUT:-out}
+#
+# Environment:
+#   OUT                    where logs go (default: out)
+#   TORCH_CUDA_ARCH_LIST   default 9.0 (Hopper) to keep the build short
+#   PYTEST_TARGETS         what pytest runs (default: tests/)
+#   PYTEST_FLAGS           default: -x -q
+#   SKIP_SANITIZER=1, SKIP_BENCH=1   leave those steps out
+# Exit status: non-zero if the build, the tests or a sanitizer check failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=python3
+failed=()
+
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step "GPU"
+nvidia-smi || echo "nvidia-smi failed"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+
+step "build"
+if TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+    $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+  grep -E "nanoblock: building" "$OUT/build.log" || true
+  echo "build OK"
+else
+  tail -n 60 "$OUT/build.log"
+  echo "BUILD FAILED (full log: $OUT/build.log)"
+  exit 1
+fi
+if $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('nanoblock.info') is None)" 2>/dev/null; then
+  $PY -m nanoblock.info
+else
+  cat nanoblock/_build_info.py
+fi
+
+step "pytest ${PYTEST_TARGETS:-tests/}"
+# shellcheck disable=SC2086
+$PY -m pytest ${PYTEST_FLAGS:--x -q} ${PYTEST_TARGETS:-tests/} 2>&1 | tee "$OUT/pytest.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("pytest")
+
+if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
+  # The caching allocator hides out-of-bounds accesses inside its pools, so
+  # memcheck runs with it off. The subset is the quick CUDA tests (no
+  # gradcheck: thousands of launches are slow under the sanitizer).
+  step "compute-sanitizer memcheck"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --print-limit 20 \
+      $PY -m pytest -x -q -p no:cacheprovider tests/test_cuda.py -k "small and not gradcheck" \
+      >"$OUT/sanitizer.log" 2>&1
+  grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -n 3
+  grep -q "ERROR SUMMARY: 0 errors" "$OUT/sanitizer.log" || failed+=("memcheck")
+
+  step "compute-sanitizer racecheck (attention)"
+  compute-sanitizer --tool racecheck --print-limit 20 \
+      $PY -m pytest -x -q -p no:cacheprovider tests/test_cuda.py \
+      -k "ops_backward_deterministic_small or attention_float32_vs_sdpa_small" \
+      >>"$OUT/sanitizer.log" 2>&1
+  grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -n 2
+  tail -n 5 "$OUT/sanitizer.log" | grep -qE "(RACECHECK|ERROR) SUMMARY: 0 hazards|SUMMARY: 0 errors" \
+      || failed+=("racecheck")
+fi
+
+if [ "${SKIP_BENCH:-0}" != "1" ]; then
+  step "attention vs SDPA, Block vs reference (bf16)"
+  $PY - <<'PYEOF' 2>&1 | tee "$OUT/attention_bench.txt"
+import torch, torch.nn.functional as F
+from triton.testing import do_bench
+import nanoblock
+from nanoblock import ops
+from nanoblock.reference import ReferenceBlock
+
+torch.manual_seed(0)
+dev, dt = "cuda", torch.bfloat16
+print("card:", torch.cuda.get_device_name(0))
+print(f"{'shape (B,T,nh,hd)':<22}{'what':<14}{'nanoblock ms':>13}{'SDPA ms':>10}{'ratio':>8}")
+for B, T, nh, hd in [(16, 1024, 12, 64), (8, 1024, 16, 64), (4, 4096, 12, 64), (4, 1024, 16, 128)]:
+    C = nh * hd
+    qkv = torch.randn(B, T, 3 * C, device=dev, dtype=dt, requires_grad=True)
+    gy = torch.randn(B, T, C, device=dev, dtype=dt)
+    def sdpa(qkv):
+        q, k, v = (t.view(B, T, nh, hd).transpose(1, 2) for t in qkv.split(C, dim=2))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+    ours = lambda: ops.causal_attention(qkv, nh)
+    ref = lambda: sdpa(qkv)
+    f_ours = do_bench(ours, return_mode="median")
+    f_ref = do_bench(ref, return_mode="median")
+    fb_ours = do_bench(lambda: torch.autograd.grad(ours(), qkv, gy), return_mode="median")
+    fb_ref = do_bench(lambda: torch.autograd.grad(ref(), qkv, gy), return_mode="median")
+    shape = f"{B},{T},{nh},{hd}"
+    print(f"{shape:<22}{'fwd':<14}{f_ours:>13.3f}{f_ref:>10.3f}{f_ours / f_ref:>8.2f}")
+    print(f"{shape:<22}{'fwd+bwd':<14}{fb_ours:>13.3f}{fb_ref:>10.3f}{fb_ours / fb_ref:>8.2f}")
+
+print(f"\n{'Block (B,T,C,nh)':<22}{'what':<14}{'nanoblock ms':>13}{'ref ms':>10}{'ratio':>8}")
+for B, T, C, nh in [(16, 1024, 768, 12), (64, 256, 384, 6)]:
+    cfg = nanoblock.GPTConfig(n_embd=C, n_head=nh, bias=True, dropout=0.0)
+    ours = nanoblock.Block(cfg).to(dev, dt)
+    ref = ReferenceBlock(cfg).to(dev, dt)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(B, T, C, device=dev, dtype=dt, requires_grad=True)
+    gy = torch.randn(B, T, C, device=dev, dtype=dt)
+    for what, fn in [("fwd", lambda m: m(x)),
+                     ("fwd+bwd", lambda m: torch.autograd.grad(m(x), [x, *m.parameters()], gy))]:
+        t_ours = do_bench(lambda: fn(ours), return_mode="median")
+        t_ref = do_bench(lambda: fn(ref), return_mode="median")
+        print(f"{f'{B},{T},{C},{nh}':<22}{what:<14}{t_ours:>13.3f}{t_ref:>10.3f}{t_ours / t_ref:>8.2f}")
+PYEOF
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("attention bench")
+
+  if [ -f benchmarks/bench_block.py ]; then
+    step "benchmarks/bench_block.py"
+    $PY benchmarks/bench_block.py --device cuda --out "$OUT" || failed+=("bench_block")
+  fi
+fi
+
+step "summary"
+if [ ${#failed[@]} -eq 0 ]; then
+  echo "ALL OK"
+else
+  echo "FAILED: ${failed[*]}"
+  exit 1
+fi
