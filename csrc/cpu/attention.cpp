@@ -117,7 +117,7 @@ void scores_to_exponents(scalar_t* row, int64_t visible, int64_t cols,
 template <typename scalar_t>
 void exp_and_mask(const Tensor& block, scalar_t* data, int64_t rows,
                   int64_t cols, int64_t query_start, int64_t key_start) {
-  at::exp_(block);
+  block.exp_();
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t visible = visible_keys(query_start + r, key_start, cols);
     std::fill(data + r * cols + visible, data + (r + 1) * cols,
