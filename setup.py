@@ -66,7 +66,9 @@ def want_cuda():
 def extension():
     sources = ["csrc/ops.cpp", "csrc/block.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -g0: no debug info, which triples the build time of the ATen headers.
-    cxx = ["-O3", "-fopenmp", "-g0"]
+    # -fno-trapping-math: lets the compiler turn float selects into vector
+    # blends (nanoblock reads no floating-point exception flags).
+    cxx = ["-O3", "-fopenmp", "-g0", "-fno-trapping-math"]
     use_cuda, why = want_cuda()
     if not use_cuda:
         print(f"nanoblock: building the CPU extension ({why})", flush=True)

@@ -11,7 +11,7 @@
 #   TORCH_CUDA_ARCH_LIST   default 9.0 (Hopper) to keep the build short
 #   PYTEST_TARGETS         what pytest runs (default: tests/)
 #   PYTEST_FLAGS           default: -x -q
-#   SKIP_SANITIZER=1, SKIP_BENCH=1   leave those steps out
+#   SKIP_SANITIZER=1, SKIP_BENCH=1, SKIP_BLOCK_BENCH=1   leave those steps out
 # Exit status: non-zero if the build, the tests or a sanitizer check failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -115,7 +115,7 @@ for B, T, C, nh in [(16, 1024, 768, 12), (64, 256, 384, 6)]:
 PYEOF
   [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("attention bench")
 
-  if [ -f benchmarks/bench_block.py ]; then
+  if [ -f benchmarks/bench_block.py ] && [ "${SKIP_BLOCK_BENCH:-0}" != "1" ]; then
     step "benchmarks/bench_block.py"
     $PY benchmarks/bench_block.py --device cuda --out "$OUT" || failed+=("bench_block")
   fi

@@ -380,3 +380,57 @@ def test_attention_float32_vs_sdpa_small():
     (g64,) = torch.autograd.grad(ref.transpose(1, 2).reshape(B, T, C), qkv64, gy.double())
     assert rel_err(g, g64) < 1e-5
     assert math.isfinite(rel_err(g, g64))
+
+
+# ---------------------------------------------------------------------------
+# The attention op alone in float16 / bfloat16 (the tensor-core path for head
+# dims 32, 64, 80, 96, 128; the generic path for others and for misaligned
+# input), against float64, at most 2x the error of PyTorch's SDPA.
+
+
+def _sdpa_heads(qkv, n_head):
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = (t.reshape(B, T, n_head, C // n_head).transpose(1, 2) for t in qkv.split(C, dim=2))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return y.transpose(1, 2).reshape(B, T, C)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hd", [32, 64, 80, 96, 128, 48])
+@pytest.mark.parametrize("T", [1, 17, 64, 65, 200])
+def test_attention_low_precision_small(dtype, hd, T, misaligned=False):
+    torch.manual_seed(15)
+    B, nh = 2, 2
+    C = nh * hd
+    qkv64 = torch.randn(B, T, 3 * C, device=DEV, dtype=torch.float64)
+    gy64 = torch.randn(B, T, C, device=DEV, dtype=torch.float64)
+    if misaligned:
+        storage = torch.empty(qkv64.numel() + 1, device=DEV, dtype=dtype)
+        qkv_low = storage[1:].view(B, T, 3 * C)
+        qkv_low.copy_(qkv64)
+    else:
+        qkv_low = qkv64.to(dtype)
+    gy_low = gy64.to(dtype)
+
+    def fwd_bwd(fn, qkv, gy):
+        qkv = qkv.detach().requires_grad_(True)
+        out = fn(qkv)
+        (g,) = torch.autograd.grad(out, qkv, gy)
+        return out.detach(), g
+
+    out64, g64 = fwd_bwd(lambda t: _sdpa_heads(t, nh), qkv64, gy64)
+    out_ours, g_ours = fwd_bwd(lambda t: ops.causal_attention(t, nh), qkv_low, gy_low)
+    out_ref, g_ref = fwd_bwd(lambda t: _sdpa_heads(t, nh), qkv_low.contiguous(), gy_low)
+    for name, a, r, exact in [("out", out_ours, out_ref, out64), ("grad_qkv", g_ours, g_ref, g64)]:
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        err_ours = (a.double() - exact).abs().max().item()
+        err_ref = (r.double() - exact).abs().max().item()
+        floor = 1e-3 * exact.abs().max().item()
+        assert err_ours <= 2 * err_ref + floor, (
+            f"{name}: max error {err_ours:.3e} > 2 x SDPA's {err_ref:.3e} + {floor:.1e}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_low_precision_misaligned_small(dtype):
+    test_attention_low_precision_small(dtype, 64, 65, misaligned=True)

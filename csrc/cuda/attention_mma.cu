@@ -114,7 +114,13 @@ __device__ __forceinline__ void load_tile(scalar_t* rows_dst, scalar_t* cols_dst
                                           int T) {
   constexpr int kChunks = HD / 8;
   for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += kThreads) {
-    const int r = idx / kChunks, c = idx % kChunks;
+    // Row major only: neighbouring threads take neighbouring chunks of a row
+    // (coalesced). With a transposed copy, neighbouring threads take
+    // neighbouring rows instead, so the 2-byte transposed stores of a warp
+    // land in consecutive addresses rather than all in one bank.
+    const bool rows_fastest = cols_dst != nullptr;
+    const int r = rows_fastest ? idx % ROWS : idx / kChunks;
+    const int c = rows_fastest ? idx / ROWS : idx % kChunks;
     const int row = first + r;
     uint4 v = make_uint4(0, 0, 0, 0);
     if (row < T) v = *reinterpret_cast<const uint4*>(src + static_cast<int64_t>(row) * row_stride + c * 8);
