@@ -11,10 +11,10 @@
 #include <torch/library.h>
 
 #include <optional>
-#include <sstream>
 #include <string>
 
 #include "block.h"
+#include "check.h"
 
 namespace nanoblock {
 
@@ -26,12 +26,11 @@ using OptTensor = std::optional<Tensor>;
 // Argument checks. Every message names the op, the argument, what was
 // expected and what came in.
 
+// Messages are built from strings (check.h says why).
 std::string shape_str(at::IntArrayRef shape) {
-  std::ostringstream s;
-  s << "[";
-  for (size_t i = 0; i < shape.size(); i++) s << (i ? ", " : "") << shape[i];
-  s << "]";
-  return s.str();
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); i++) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
 }
 
 std::string dtype_str(at::ScalarType t) {
@@ -58,24 +57,24 @@ struct Checker {
   // The first tensor argument of an op: floating, a dtype this device's
   // kernels support, of rank `dim` (or at least 1 when dim < 0).
   void input(const Tensor& t, const char* name, int64_t dim) const {
-    TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
-    TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+    NANOBLOCK_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
+    NANOBLOCK_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
                 " must be a floating-point tensor, got dtype ", dtype_str(t.scalar_type()));
     const bool cpu = t.device().is_cpu();
     const auto dt = t.scalar_type();
     const bool supported = cpu ? (dt == at::kFloat || dt == at::kDouble)
                                : (dt == at::kFloat || dt == at::kDouble || dt == at::kHalf ||
                                   dt == at::kBFloat16);
-    TORCH_CHECK(supported, op, ": ", name, " has dtype ", dtype_str(dt), ", which the ",
+    NANOBLOCK_CHECK(supported, op, ": ", name, " has dtype ", dtype_str(dt), ", which the ",
                 cpu ? "CPU" : "CUDA", " kernels do not support (supported: ",
                 cpu ? "torch.float32, torch.float64"
                     : "torch.float16, torch.bfloat16, torch.float32, torch.float64",
                 ")");
     if (dim >= 0) {
-      TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dims, got shape ",
+      NANOBLOCK_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dims, got shape ",
                   shape_str(t.sizes()));
     } else {
-      TORCH_CHECK(t.dim() >= 1, op, ": ", name, " must have at least 1 dim, got a scalar");
+      NANOBLOCK_CHECK(t.dim() >= 1, op, ": ", name, " must have at least 1 dim, got a scalar");
     }
   }
 
@@ -83,13 +82,13 @@ struct Checker {
   // input), exactly the given shape.
   void like(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name,
             at::IntArrayRef shape) const {
-    TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
-    TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(),
+    NANOBLOCK_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
+    NANOBLOCK_CHECK(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(),
                 " like ", ref_name, ", got ", t.device());
-    TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have dtype ",
+    NANOBLOCK_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have dtype ",
                 dtype_str(ref.scalar_type()), " like ", ref_name, ", got ",
                 dtype_str(t.scalar_type()));
-    TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape_str(shape),
+    NANOBLOCK_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape_str(shape),
                 ", got ", shape_str(t.sizes()));
   }
 
@@ -100,26 +99,36 @@ struct Checker {
 
   // Saved statistics (mean, rstd, lse): the stats dtype of `ref`.
   void stats(const Tensor& t, const char* name, const Tensor& ref, at::IntArrayRef shape) const {
-    TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
-    TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(),
+    NANOBLOCK_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
+    NANOBLOCK_CHECK(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(),
                 ", got ", t.device());
     const auto want = stats_dtype(ref.scalar_type());
-    TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must have dtype ", dtype_str(want),
+    NANOBLOCK_CHECK(t.scalar_type() == want, op, ": ", name, " must have dtype ", dtype_str(want),
                 " (the statistics dtype for ", dtype_str(ref.scalar_type()), " inputs), got ",
                 dtype_str(t.scalar_type()));
-    TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape_str(shape),
+    NANOBLOCK_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape_str(shape),
                 ", got ", shape_str(t.sizes()));
   }
 
   // n_head heads must split n_embd = C evenly.
-  void heads(int64_t C, int64_t n_head) const {
-    TORCH_CHECK(C > 0, op, ": n_embd (the last dim) must be positive, got ", C);
-    TORCH_CHECK(n_head > 0, op, ": n_head must be positive, got ", n_head);
-    TORCH_CHECK(C % n_head == 0, op, ": n_embd ", C, " is not divisible by n_head ", n_head);
+  // The CUDA attention kernels keep a row of q in registers: head dims up to
+  // kMaxCudaHeadDim.
+  static constexpr int64_t kMaxCudaHeadDim = 128;
+
+  // n_head heads must split n_embd = C evenly, into heads the device's
+  // attention kernels support.
+  void heads(int64_t C, int64_t n_head, const c10::Device& device) const {
+    NANOBLOCK_CHECK(C > 0, op, ": n_embd (the last dim) must be positive, got ", C);
+    NANOBLOCK_CHECK(n_head > 0, op, ": n_head must be positive, got ", n_head);
+    NANOBLOCK_CHECK(C % n_head == 0, op, ": n_embd ", C, " is not divisible by n_head ", n_head);
+    NANOBLOCK_CHECK(device.is_cpu() || C / n_head <= kMaxCudaHeadDim, op,
+                    ": the CUDA kernels support head dims (n_embd / n_head) up to ",
+                    kMaxCudaHeadDim, ", got ", C / n_head, " (n_embd ", C, ", n_head ", n_head,
+                    ")");
   }
 
   bool approximate(const std::string& a) const {
-    TORCH_CHECK(a == "none" || a == "tanh", op,
+    NANOBLOCK_CHECK(a == "none" || a == "tanh", op,
                 ": approximate must be 'none' (exact erf GELU) or 'tanh', got '", a, "'");
     return a == "tanh";
   }
@@ -142,7 +151,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_forward_op(const Tensor& x, const 
   const int64_t C = x.size(-1);
   check.like(weight, "weight", x, "x", {C});
   check.like(bias, "bias", x, "x", {C});
-  TORCH_CHECK(eps > 0, check.op, ": eps must be positive, got ", eps);
+  NANOBLOCK_CHECK(eps > 0, check.op, ": eps must be positive, got ", eps);
   return K->layer_norm_forward(contiguous(x), contiguous(weight), contiguous(bias), eps);
 }
 
@@ -159,7 +168,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_forward_op(const Tenso
   check.like(residual, "residual", x, "x", x.sizes());
   check.like(weight, "weight", x, "x", {C});
   check.like(bias, "bias", x, "x", {C});
-  TORCH_CHECK(eps > 0, check.op, ": eps must be positive, got ", eps);
+  NANOBLOCK_CHECK(eps > 0, check.op, ": eps must be positive, got ", eps);
   return K->add_layer_norm_forward(contiguous(x), contiguous(residual), contiguous(weight),
                                    contiguous(bias), eps);
 }
@@ -190,10 +199,10 @@ std::tuple<Tensor, Tensor> causal_attention_forward_op(const Tensor& qkv, int64_
   const Checker check{"nanoblock.causal_attention_forward"};
   check.input(qkv, "qkv", 3);
   const at::OptionalDeviceGuard device_guard(at::device_of(qkv));
-  TORCH_CHECK(qkv.size(2) % 3 == 0, check.op,
+  NANOBLOCK_CHECK(qkv.size(2) % 3 == 0, check.op,
               ": qkv must be [B, T, 3C] (q, k, v side by side), got last dim ", qkv.size(2),
               ", which is not a multiple of 3");
-  check.heads(qkv.size(2) / 3, n_head);
+  check.heads(qkv.size(2) / 3, n_head, qkv.device());
   return K->causal_attention_forward(contiguous(qkv), n_head);
 }
 
@@ -203,11 +212,11 @@ Tensor causal_attention_backward_op(const Tensor& grad_out, const Tensor& qkv, c
   const Checker check{"nanoblock.causal_attention_backward"};
   check.input(qkv, "qkv", 3);
   const at::OptionalDeviceGuard device_guard(at::device_of(qkv));
-  TORCH_CHECK(qkv.size(2) % 3 == 0, check.op,
+  NANOBLOCK_CHECK(qkv.size(2) % 3 == 0, check.op,
               ": qkv must be [B, T, 3C] (q, k, v side by side), got last dim ", qkv.size(2),
               ", which is not a multiple of 3");
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
-  check.heads(C, n_head);
+  check.heads(C, n_head, qkv.device());
   check.like(grad_out, "grad_out", qkv, "qkv", {B, T, C});
   check.like(out, "out", qkv, "qkv", {B, T, C});
   check.stats(lse, "lse", qkv, {B, n_head, T});
@@ -257,10 +266,10 @@ BlockWeights check_block_weights(
   check.input(x, "x", 3);
   const int64_t C = x.size(2);
   // The weights fix n_embd; say so when x does not fit them.
-  TORCH_CHECK(!ln_1_weight.defined() || ln_1_weight.dim() != 1 || ln_1_weight.size(0) == C,
+  NANOBLOCK_CHECK(!ln_1_weight.defined() || ln_1_weight.dim() != 1 || ln_1_weight.size(0) == C,
               check.op, ": x must be [B, T, n_embd] with n_embd = ", ln_1_weight.size(0),
               " (the size of ln_1.weight), got shape ", shape_str(x.sizes()));
-  check.heads(C, n_head);
+  check.heads(C, n_head, x.device());
   check.like(ln_1_weight, "ln_1.weight", x, "x", {C});
   check.like(ln_1_bias, "ln_1.bias", x, "x", {C});
   check.like(c_attn_weight, "attn.c_attn.weight", x, "x", {3 * C, C});

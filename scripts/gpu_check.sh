@@ -70,49 +70,8 @@ if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
 fi
 
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
-  step "attention vs SDPA, Block vs reference (bf16)"
-  $PY - <<'PYEOF' 2>&1 | tee "$OUT/attention_bench.txt"
-import torch, torch.nn.functional as F
-from triton.testing import do_bench
-import nanoblock
-from nanoblock import ops
-from nanoblock.reference import ReferenceBlock
-
-torch.manual_seed(0)
-dev, dt = "cuda", torch.bfloat16
-print("card:", torch.cuda.get_device_name(0))
-print(f"{'shape (B,T,nh,hd)':<22}{'what':<14}{'nanoblock ms':>13}{'SDPA ms':>10}{'ratio':>8}")
-for B, T, nh, hd in [(16, 1024, 12, 64), (8, 1024, 16, 64), (4, 4096, 12, 64), (4, 1024, 16, 128)]:
-    C = nh * hd
-    qkv = torch.randn(B, T, 3 * C, device=dev, dtype=dt, requires_grad=True)
-    gy = torch.randn(B, T, C, device=dev, dtype=dt)
-    def sdpa(qkv):
-        q, k, v = (t.view(B, T, nh, hd).transpose(1, 2) for t in qkv.split(C, dim=2))
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
-    ours = lambda: ops.causal_attention(qkv, nh)
-    ref = lambda: sdpa(qkv)
-    f_ours = do_bench(ours, return_mode="median")
-    f_ref = do_bench(ref, return_mode="median")
-    fb_ours = do_bench(lambda: torch.autograd.grad(ours(), qkv, gy), return_mode="median")
-    fb_ref = do_bench(lambda: torch.autograd.grad(ref(), qkv, gy), return_mode="median")
-    shape = f"{B},{T},{nh},{hd}"
-    print(f"{shape:<22}{'fwd':<14}{f_ours:>13.3f}{f_ref:>10.3f}{f_ours / f_ref:>8.2f}")
-    print(f"{shape:<22}{'fwd+bwd':<14}{fb_ours:>13.3f}{fb_ref:>10.3f}{fb_ours / fb_ref:>8.2f}")
-
-print(f"\n{'Block (B,T,C,nh)':<22}{'what':<14}{'nanoblock ms':>13}{'ref ms':>10}{'ratio':>8}")
-for B, T, C, nh in [(16, 1024, 768, 12), (64, 256, 384, 6)]:
-    cfg = nanoblock.GPTConfig(n_embd=C, n_head=nh, bias=True, dropout=0.0)
-    ours = nanoblock.Block(cfg).to(dev, dt)
-    ref = ReferenceBlock(cfg).to(dev, dt)
-    ref.load_state_dict(ours.state_dict())
-    x = torch.randn(B, T, C, device=dev, dtype=dt, requires_grad=True)
-    gy = torch.randn(B, T, C, device=dev, dtype=dt)
-    for what, fn in [("fwd", lambda m: m(x)),
-                     ("fwd+bwd", lambda m: torch.autograd.grad(m(x), [x, *m.parameters()], gy))]:
-        t_ours = do_bench(lambda: fn(ours), return_mode="median")
-        t_ref = do_bench(lambda: fn(ref), return_mode="median")
-        print(f"{f'{B},{T},{C},{nh}':<22}{what:<14}{t_ours:>13.3f}{t_ref:>10.3f}{t_ours / t_ref:>8.2f}")
-PYEOF
+  step "benchmarks/bench_attention.py (attention vs SDPA, bf16)"
+  $PY benchmarks/bench_attention.py 2>&1 | tee "$OUT/attention_bench.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("attention bench")
 
   if [ -f benchmarks/bench_block.py ] && [ "${SKIP_BLOCK_BENCH:-0}" != "1" ]; then

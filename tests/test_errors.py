@@ -103,3 +103,11 @@ def test_tensors_on_different_devices():
     block, x = block_and_input()
     with pytest.raises(RuntimeError, match="must be on cuda:0 like x, got cpu"):
         block(x.cuda())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_head_dim_beyond_cuda_kernels():
+    qkv = torch.randn(1, 4, 3 * 256, device="cuda")
+    with pytest.raises(RuntimeError, match=r"head dims \(n_embd / n_head\) up to 128, got 256"):
+        ops.causal_attention(qkv, 1)
+    assert ops.causal_attention(qkv.cpu().double(), 1).shape == (1, 4, 256)  # the CPU has no limit

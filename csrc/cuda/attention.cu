@@ -34,6 +34,7 @@
 // float16 / bfloat16 with head dims 32, 64, 80, 96, 128 go to the
 // tensor-core kernels of attention_mma.cu instead (same layouts, same
 // determinism); the launchers below pick the path.
+#include "../check.h"
 #include "attention_mma.cuh"
 #include "common.cuh"
 
@@ -451,8 +452,8 @@ void with_dims_per_lane(int64_t hd, const Fn& fn) {
 void check_head_dim(const char* op, int64_t hd) {
   // The op boundary (ops.cpp) should reject this first; this keeps a direct
   // call from running past the register tiles.
-  TORCH_CHECK(hd >= 1 && hd <= kMaxHeadDim, op, ": the CUDA kernels support head dims 1..",
-              kMaxHeadDim, " (n_embd / n_head), got ", hd);
+  NANOBLOCK_CHECK(hd >= 1 && hd <= kMaxHeadDim, op, ": the CUDA kernels support head dims 1..",
+                  kMaxHeadDim, " (n_embd / n_head), got ", hd);
 }
 
 template <typename acc_t>

@@ -28,6 +28,7 @@
 //
 // Scores are kept in the log2 domain (scaled by scale * log2 e) and
 // exponentiated with exp2f; lse is written and read in natural log units.
+#include "../check.h"
 #include "attention_mma.cuh"
 
 #include <cuda_bf16.h>
@@ -473,7 +474,7 @@ void with_head_dim(int64_t hd, const Fn& fn) {
     case 80: fn(std::integral_constant<int, 80>{}); break;
     case 96: fn(std::integral_constant<int, 96>{}); break;
     case 128: fn(std::integral_constant<int, 128>{}); break;
-    default: TORCH_CHECK(false, "nanoblock: no tensor-core attention kernel for head dim ", hd);
+    default: ::nanoblock::fail("nanoblock: no tensor-core attention kernel for head dim ", hd);
   }
 }
 
