@@ -17,8 +17,8 @@
 // block products go through ATen's GEMM (at::mm_out / at::addmm_out) on
 // from_blob views of the strided head columns, so nothing is copied. The
 // elementwise work (mask, rescale, row sums) is plain loops over contiguous
-// rows and the exp is ATen's vectorized exp_ on a whole block, all in the
-// input's precision. lse has the input's dtype: for float32 and float64,
+// rows, with the exp from vector_math.h (vectorized) for float32 and libm's
+// for float64, all in the input's precision. lse has the input's dtype: for float32 and float64,
 // the two dtypes dispatched here, that is stats_dtype.
 
 #include <ATen/Parallel.h>
@@ -28,6 +28,7 @@
 #include <limits>
 
 #include "../kernels.h"
+#include "vector_math.h"
 
 namespace nanoblock::cpu {
 namespace {
@@ -45,11 +46,6 @@ constexpr int64_t kForwardKeyBlock = 256;
 constexpr int64_t kBackwardQueryBlock = 256;
 constexpr int64_t kBackwardKeyBlock = 64;
 
-// Row reductions keep kLanes independent partial results, so the compiler
-// can vectorize them (a single running sum or max would have to stay in
-// order, hence scalar).
-constexpr int64_t kLanes = 8;
-
 // A [rows, cols] matrix view of memory whose rows are row_stride apart
 // (e.g. one head's columns inside qkv [B, T, 3C] have row_stride 3C).
 template <typename scalar_t>
@@ -65,6 +61,7 @@ inline int64_t visible_keys(int64_t query, int64_t key_start, int64_t cols) {
   return std::clamp<int64_t>(query - key_start + 1, 0, cols);
 }
 
+// The row max, in kLanes partial maxima (vector_math.h's lane_sum says why).
 template <typename scalar_t>
 scalar_t max_of(const scalar_t* x, int64_t n) {
   scalar_t lane[kLanes];
@@ -83,27 +80,12 @@ scalar_t max_of(const scalar_t* x, int64_t n) {
 
 template <typename scalar_t>
 scalar_t sum_of(const scalar_t* x, int64_t n) {
-  scalar_t lane[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) {
-      lane[l] += x[i + l];
-    }
-  }
-  for (; i < n; ++i) {
-    lane[0] += x[i];
-  }
-  scalar_t sum = 0;
-  for (int64_t l = 0; l < kLanes; ++l) {
-    sum += lane[l];
-  }
-  return sum;
+  return lane_sum<scalar_t>(n, [&](int64_t i) { return x[i]; });
 }
 
 // Turns one row of raw scores q.k (cols of them, the first `visible`
 // unmasked) into exponents score * scale - offset. Masked entries get 0
-// for now (exp of -inf takes a slow path in ATen's exp); exp_and_mask
-// zeroes them after the exp.
+// for now (no -inf into the exp); exp_and_mask zeroes them after the exp.
 template <typename scalar_t>
 void scores_to_exponents(scalar_t* row, int64_t visible, int64_t cols,
                          scalar_t scale, scalar_t offset) {
@@ -113,15 +95,23 @@ void scores_to_exponents(scalar_t* row, int64_t visible, int64_t cols,
   std::fill(row + visible, row + cols, scalar_t(0));
 }
 
+// exp of n contiguous values in place: float32 through vector_math.h
+// (vectorized, AVX2 where the CPU has it), float64 through libm.
+NANOBLOCK_VECTORIZE void exp_in_place(float* data, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) data[i] = exp_float(data[i]);
+}
+
+void exp_in_place(double* data, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) data[i] = std::exp(data[i]);
+}
+
 // Exponentiates a block of exponents [rows, cols] (contiguous) in place
 // and zeroes its masked entries (key key_start + c above query
 // query_start + r), giving probabilities that are 0 above the diagonal.
-// ATen's exp is vectorized (MKL); a std::exp loop, which the compiler
-// cannot vectorize, made the whole forward pass about 25% slower.
 template <typename scalar_t>
-void exp_and_mask(const Tensor& block, scalar_t* data, int64_t rows,
-                  int64_t cols, int64_t query_start, int64_t key_start) {
-  block.exp_();
+void exp_and_mask(scalar_t* data, int64_t rows, int64_t cols, int64_t query_start,
+                  int64_t key_start) {
+  exp_in_place(data, rows * cols);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t visible = visible_keys(query_start + r, key_start, cols);
     std::fill(data + r * cols + visible, data + (r + 1) * cols,
@@ -216,7 +206,7 @@ void attention_forward_kernel(const Tensor& qkv, int64_t n_head,
           rescale[r] = std::exp(row_max[r] - new_max);
           row_max[r] = new_max;
         }
-        exp_and_mask(s, scores, rows, cols, query_start, key_start);
+        exp_and_mask(scores, rows, cols, query_start, key_start);
         for (int64_t r = 0; r < rows; ++r) {
           row_sum[r] =
               row_sum[r] * rescale[r] + sum_of(scores + r * cols, cols);
@@ -322,7 +312,7 @@ void attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
             scores_to_exponents(probs + r * cols, visible, cols, scale,
                                 lse_rows[query_start + r]);
           }
-          exp_and_mask(p, probs, rows, cols, query_start, key_start);
+          exp_and_mask(probs, rows, cols, query_start, key_start);
 
           // dv_j += P^T dO_i [cols, hd]; the first query block overwrites.
           const bool first_for_key = query_start == key_start;

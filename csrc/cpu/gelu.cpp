@@ -36,26 +36,26 @@ constexpr double kCubic = 0.044715;
 // Exact: gelu(u) = u Phi(u), Phi(u) = erfc(-u / sqrt 2) / 2, written with
 // erfc of |u| so that neither tail cancels.
 // Tanh: 0.5 u (1 + tanh(y)) = u sigmoid(2y), y = sqrt(2/pi) (u + 0.044715 u^3).
-inline float normal_cdf(float u) {
+NANOBLOCK_INLINE float normal_cdf(float u) {
   const float e = erfc_nonneg_float((u < 0 ? -u : u) * float(kSqrtHalf));
   return u < 0 ? 0.5f * e : 1.0f - 0.5f * e;
 }
 inline double normal_cdf(double u) { return 0.5 * std::erfc(-u * kSqrtHalf); }
-inline float normal_pdf(float u) { return float(kInvSqrt2Pi) * exp_float(-0.5f * u * u); }
+NANOBLOCK_INLINE float normal_pdf(float u) { return float(kInvSqrt2Pi) * exp_float(-0.5f * u * u); }
 inline double normal_pdf(double u) { return kInvSqrt2Pi * std::exp(-0.5 * u * u); }
-inline float sigmoid(float v) { return 1.0f / (1.0f + exp_float(-v)); }
+NANOBLOCK_INLINE float sigmoid(float v) { return 1.0f / (1.0f + exp_float(-v)); }
 inline double sigmoid(double v) { return 1.0 / (1.0 + std::exp(-v)); }
 
 template <typename T>
-T tanh_arg(T u) { return T(kSqrt2OverPi) * (u + T(kCubic) * u * u * u); }
+NANOBLOCK_INLINE T tanh_arg(T u) { return T(kSqrt2OverPi) * (u + T(kCubic) * u * u * u); }
 
 template <bool kTanh, typename T>
-T gelu(T u) {
+NANOBLOCK_INLINE T gelu(T u) {
   return kTanh ? u * sigmoid(T(2) * tanh_arg(u)) : u * normal_cdf(u);
 }
 
 template <bool kTanh, typename T>
-T gelu_grad(T u) {
+NANOBLOCK_INLINE T gelu_grad(T u) {
   if constexpr (!kTanh) {
     return normal_cdf(u) + u * normal_pdf(u);
   } else {
@@ -68,7 +68,7 @@ T gelu_grad(T u) {
 // The loops over rows [begin, end) of x [N, F], with bias [F] (zeros when
 // the layer has none): branch-free inner loops, so they vectorize.
 template <bool kTanh, typename T>
-void gelu_forward_rows(const T* x, const T* bias, T* out, int64_t begin, int64_t end, int64_t F) {
+NANOBLOCK_INLINE void gelu_forward_rows(const T* x, const T* bias, T* out, int64_t begin, int64_t end, int64_t F) {
   for (int64_t row = begin; row < end; row++) {
     const T* in = x + row * F;
     T* o = out + row * F;
@@ -77,7 +77,7 @@ void gelu_forward_rows(const T* x, const T* bias, T* out, int64_t begin, int64_t
 }
 
 template <bool kTanh, typename T>
-void gelu_backward_rows(const T* dy, const T* x, const T* bias, T* dx, int64_t begin, int64_t end,
+NANOBLOCK_INLINE void gelu_backward_rows(const T* dy, const T* x, const T* bias, T* dx, int64_t begin, int64_t end,
                         int64_t F) {
   for (int64_t row = begin; row < end; row++) {
     const T* in = x + row * F;

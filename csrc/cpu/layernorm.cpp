@@ -17,6 +17,7 @@
 // gradients are reduced in a fixed order (row_blocks.h).
 #include "../kernels.h"
 #include "row_blocks.h"
+#include "vector_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -30,54 +31,126 @@ namespace {
 
 // Normalizes one row of C values: writes out and returns mean and rstd.
 template <typename scalar_t, typename acc_t>
-void normalize_row(const scalar_t* x, const scalar_t* weight, const scalar_t* bias, int64_t C,
-                   double eps, scalar_t* out, acc_t* mean_out, acc_t* rstd_out) {
-  acc_t sum = 0;
-  for (int64_t c = 0; c < C; c++) sum += static_cast<acc_t>(x[c]);
-  const acc_t mean = sum / C;
-  acc_t sq = 0;
+NANOBLOCK_INLINE void normalize_row(const scalar_t* x, const scalar_t* weight,
+                                    const scalar_t* bias, int64_t C, double eps, scalar_t* out,
+                                    acc_t* mean_out, acc_t* rstd_out) {
+  const acc_t mean = lane_sum<acc_t>(C, [&](int64_t c) { return acc_t(x[c]); }) / C;
+  const acc_t var = lane_sum<acc_t>(C, [&](int64_t c) {
+    const acc_t d = acc_t(x[c]) - mean;
+    return d * d;
+  }) / C;
+  const acc_t rstd = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
   for (int64_t c = 0; c < C; c++) {
-    const acc_t d = static_cast<acc_t>(x[c]) - mean;
-    sq += d * d;
-  }
-  const acc_t rstd = acc_t(1) / std::sqrt(sq / C + static_cast<acc_t>(eps));
-  for (int64_t c = 0; c < C; c++) {
-    const acc_t y = (static_cast<acc_t>(x[c]) - mean) * rstd * static_cast<acc_t>(weight[c]);
-    out[c] = static_cast<scalar_t>(bias ? y + static_cast<acc_t>(bias[c]) : y);
+    out[c] = static_cast<scalar_t>((acc_t(x[c]) - mean) * rstd * acc_t(weight[c]) + acc_t(bias[c]));
   }
   *mean_out = mean;
   *rstd_out = rstd;
 }
 
-// sum: where the residual sum is written (nullptr: no residual, rows of x are
-// normalized directly).
+// Rows [begin, end): sum = x + residual when residual is given (and then
+// normalized), else x normalized directly. bias is zeros when absent.
+template <typename scalar_t, typename acc_t>
+NANOBLOCK_INLINE void layer_norm_rows(const scalar_t* x, const scalar_t* residual, scalar_t* sum,
+                                      const scalar_t* weight, const scalar_t* bias,
+                                      int64_t begin, int64_t end, int64_t C, double eps,
+                                      scalar_t* out, acc_t* mean, acc_t* rstd) {
+  for (int64_t row = begin; row < end; row++) {
+    const scalar_t* in = x + row * C;
+    if (residual) {
+      scalar_t* s = sum + row * C;
+      const scalar_t* r = residual + row * C;
+      for (int64_t c = 0; c < C; c++) s[c] = in[c] + r[c];
+      in = s;
+    }
+    normalize_row(in, weight, bias, C, eps, out + row * C, mean + row, rstd + row);
+  }
+}
+
+// One entry per dtype; the float one is compiled for AVX2 too (vector_math.h).
+NANOBLOCK_VECTORIZE void layer_norm_rows(const float* x, const float* residual, float* sum,
+                                         const float* weight, const float* bias, int64_t begin,
+                                         int64_t end, int64_t C, double eps, float* out,
+                                         float* mean, float* rstd) {
+  layer_norm_rows<float, float>(x, residual, sum, weight, bias, begin, end, C, eps, out, mean,
+                                rstd);
+}
+
+void layer_norm_rows(const double* x, const double* residual, double* sum, const double* weight,
+                     const double* bias, int64_t begin, int64_t end, int64_t C, double eps,
+                     double* out, double* mean, double* rstd) {
+  layer_norm_rows<double, double>(x, residual, sum, weight, bias, begin, end, C, eps, out, mean,
+                                  rstd);
+}
+
+// Runs the rows of x [N, C] in parallel; residual and sum are undefined for
+// the plain LayerNorm.
 template <typename scalar_t>
-void layer_norm_rows(const Tensor& x, const Tensor& residual, const Tensor& weight,
-                     const Tensor& bias, double eps, Tensor& sum, Tensor& out, Tensor& mean,
-                     Tensor& rstd) {
+void layer_norm_all_rows(const Tensor& x, const Tensor& residual, const Tensor& weight,
+                         const Tensor& bias, double eps, Tensor& sum, Tensor& out, Tensor& mean,
+                         Tensor& rstd) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = x.size(-1), N = C == 0 ? 0 : x.numel() / C;
+  const Tensor b = bias.defined() ? bias : at::zeros({C}, x.options());
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   const scalar_t* res_ptr = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* sum_ptr = sum.defined() ? sum.mutable_data_ptr<scalar_t>() : nullptr;
   const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
-  const scalar_t* b_ptr = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* b_ptr = b.const_data_ptr<scalar_t>();
   scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
   acc_t* mean_ptr = mean.mutable_data_ptr<acc_t>();
   acc_t* rstd_ptr = rstd.mutable_data_ptr<acc_t>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; row++) {
-      const scalar_t* in = x_ptr + row * C;
-      if (res_ptr) {
-        scalar_t* s = sum_ptr + row * C;
-        const scalar_t* r = res_ptr + row * C;
-        for (int64_t c = 0; c < C; c++) s[c] = in[c] + r[c];
-        in = s;
-      }
-      normalize_row<scalar_t, acc_t>(in, w_ptr, b_ptr, C, eps, out_ptr + row * C,
-                                     mean_ptr + row, rstd_ptr + row);
-    }
+    layer_norm_rows(x_ptr, res_ptr, sum_ptr, w_ptr, b_ptr, begin, end, C, eps, out_ptr, mean_ptr,
+                    rstd_ptr);
   });
+}
+
+// The backward of rows [begin, end) of one row block: writes grad_x and adds
+// the block's sums of grad_out * xhat and of grad_out into dw_part, db_part
+// [C]. grad_residual is zeros when absent; xhat, g are [C] scratch.
+template <typename scalar_t, typename acc_t>
+NANOBLOCK_INLINE void layer_norm_backward_rows(const scalar_t* dy_ptr, const scalar_t* x_ptr,
+                                               const scalar_t* w, const acc_t* mean,
+                                               const acc_t* rstd, const scalar_t* dres_ptr,
+                                               int64_t begin, int64_t end, int64_t C,
+                                               scalar_t* dx_ptr, acc_t* dw_part, acc_t* db_part,
+                                               acc_t* xhat, acc_t* g) {
+  for (int64_t row = begin; row < end; row++) {
+    const scalar_t* dy = dy_ptr + row * C;
+    const scalar_t* xr = x_ptr + row * C;
+    const acc_t mu = mean[row], rs = rstd[row];
+    for (int64_t c = 0; c < C; c++) {
+      const acc_t d = acc_t(dy[c]);
+      xhat[c] = (acc_t(xr[c]) - mu) * rs;
+      g[c] = d * acc_t(w[c]);
+      dw_part[c] += d * xhat[c];
+      db_part[c] += d;
+    }
+    const acc_t g_mean = lane_sum<acc_t>(C, [&](int64_t c) { return g[c]; }) / C;
+    const acc_t gx_mean = lane_sum<acc_t>(C, [&](int64_t c) { return g[c] * xhat[c]; }) / C;
+    scalar_t* dx = dx_ptr + row * C;
+    const scalar_t* dres = dres_ptr + row * C;
+    for (int64_t c = 0; c < C; c++) {
+      dx[c] = static_cast<scalar_t>(rs * (g[c] - g_mean - xhat[c] * gx_mean) + acc_t(dres[c]));
+    }
+  }
+}
+
+NANOBLOCK_VECTORIZE void layer_norm_backward_rows(const float* dy, const float* x, const float* w,
+                                                  const float* mean, const float* rstd,
+                                                  const float* dres, int64_t begin, int64_t end,
+                                                  int64_t C, float* dx, float* dw_part,
+                                                  float* db_part, float* xhat, float* g) {
+  layer_norm_backward_rows<float, float>(dy, x, w, mean, rstd, dres, begin, end, C, dx, dw_part,
+                                         db_part, xhat, g);
+}
+
+void layer_norm_backward_rows(const double* dy, const double* x, const double* w,
+                              const double* mean, const double* rstd, const double* dres,
+                              int64_t begin, int64_t end, int64_t C, double* dx, double* dw_part,
+                              double* db_part, double* xhat, double* g) {
+  layer_norm_backward_rows<double, double>(dy, x, w, mean, rstd, dres, begin, end, C, dx, dw_part,
+                                           db_part, xhat, g);
 }
 
 }  // namespace
@@ -89,7 +162,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& x, const Ten
   Tensor out = at::empty_like(x), mean = at::empty(rows, stats), rstd = at::empty(rows, stats);
   Tensor no_sum;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "layer_norm_forward", [&] {
-    layer_norm_rows<scalar_t>(x, Tensor(), weight, bias, eps, no_sum, out, mean, rstd);
+    layer_norm_all_rows<scalar_t>(x, Tensor(), weight, bias, eps, no_sum, out, mean, rstd);
   });
   return {out, mean, rstd};
 }
@@ -103,7 +176,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_forward(const Tensor& 
   Tensor sum = at::empty_like(x), out = at::empty_like(x);
   Tensor mean = at::empty(rows, stats), rstd = at::empty(rows, stats);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "add_layer_norm_forward", [&] {
-    layer_norm_rows<scalar_t>(x, residual, weight, bias, eps, sum, out, mean, rstd);
+    layer_norm_all_rows<scalar_t>(x, residual, weight, bias, eps, sum, out, mean, rstd);
   });
   return {sum, out, mean, rstd};
 }
@@ -122,8 +195,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& grad_out, c
     const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
     const acc_t* mean_ptr = mean.const_data_ptr<acc_t>();
     const acc_t* rstd_ptr = rstd.const_data_ptr<acc_t>();
-    const scalar_t* dres_ptr =
-        grad_residual.defined() ? grad_residual.const_data_ptr<scalar_t>() : nullptr;
+    const Tensor dres = grad_residual.defined() ? grad_residual : at::zeros_like(x);
+    const scalar_t* dres_ptr = dres.const_data_ptr<scalar_t>();
     scalar_t* dx_ptr = grad_x.mutable_data_ptr<scalar_t>();
 
     // partials [2, blocks, C]: per row block, the sum of grad_out * xhat (for
@@ -133,31 +206,11 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& grad_out, c
     at::parallel_for(0, blocks.count, 1, [&](int64_t block_begin, int64_t block_end) {
       std::vector<acc_t> xhat(C), g(C);
       for (int64_t block = block_begin; block < block_end; block++) {
-        acc_t* dw_part = partials.data() + block * C;
-        acc_t* db_part = partials.data() + (blocks.count + block) * C;
-        for (int64_t row = blocks.begin(block, N); row < blocks.end(block, N); row++) {
-          const scalar_t* dy = dy_ptr + row * C;
-          const scalar_t* xr = x_ptr + row * C;
-          const acc_t mu = mean_ptr[row], rs = rstd_ptr[row];
-          acc_t g_mean = 0, gx_mean = 0;
-          for (int64_t c = 0; c < C; c++) {
-            const acc_t d = static_cast<acc_t>(dy[c]);
-            xhat[c] = (static_cast<acc_t>(xr[c]) - mu) * rs;
-            g[c] = d * static_cast<acc_t>(w_ptr[c]);
-            g_mean += g[c];
-            gx_mean += g[c] * xhat[c];
-            dw_part[c] += d * xhat[c];
-            db_part[c] += d;
-          }
-          g_mean /= C;
-          gx_mean /= C;
-          scalar_t* dx = dx_ptr + row * C;
-          const scalar_t* dres = dres_ptr ? dres_ptr + row * C : nullptr;
-          for (int64_t c = 0; c < C; c++) {
-            const acc_t v = rs * (g[c] - g_mean - xhat[c] * gx_mean);
-            dx[c] = static_cast<scalar_t>(dres ? v + static_cast<acc_t>(dres[c]) : v);
-          }
-        }
+        layer_norm_backward_rows(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dres_ptr,
+                                 blocks.begin(block, N), blocks.end(block, N), C, dx_ptr,
+                                 partials.data() + block * C,
+                                 partials.data() + (blocks.count + block) * C, xhat.data(),
+                                 g.data());
       }
     });
     sum_partials(partials.data(), blocks.count, C, grad_weight.mutable_data_ptr<scalar_t>());

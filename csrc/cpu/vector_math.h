@@ -17,11 +17,19 @@
 #define NANOBLOCK_VECTORIZE
 #endif
 
+// What a NANOBLOCK_VECTORIZE loop calls must be inlined into it, or the call
+// runs the baseline build of the callee.
+#if defined(__GNUC__)
+#define NANOBLOCK_INLINE __attribute__((always_inline)) inline
+#else
+#define NANOBLOCK_INLINE inline
+#endif
+
 namespace nanoblock::cpu {
 
 // exp(x), relative error below 2e-7 for x in [-87, 88]; x is clamped to that
 // range (exp(-87) ~ 1.6e-38 stands in for 0, exp(88) ~ 1.7e38 for overflow).
-inline float exp_float(float x) {
+NANOBLOCK_INLINE float exp_float(float x) {
   x = x < -87.0f ? -87.0f : x;
   x = x > 88.0f ? 88.0f : x;
   // x = n ln2 + r with |r| <= ln2 / 2; n is rounded by adding 1.5 * 2^23.
@@ -47,7 +55,7 @@ inline float exp_float(float x) {
 // erfc(z) for z >= 0 with relative error below 1.2e-7 (the Chebyshev fit of
 // Numerical Recipes' erfcc) plus exp's. Relative, not absolute, accuracy
 // matters here: GELU's tail for negative inputs is x * erfc(|x| / sqrt 2) / 2.
-inline float erfc_nonneg_float(float z) {
+NANOBLOCK_INLINE float erfc_nonneg_float(float z) {
   const float t = 1.0f / (1.0f + 0.5f * z);
   float p = 0.17087277f;
   p = p * t - 0.82215223f;
@@ -60,6 +68,24 @@ inline float erfc_nonneg_float(float z) {
   p = p * t + 1.00002368f;
   p = p * t - 1.26551223f;
   return t * exp_float(-z * z + p);
+}
+
+// The sum of value(i) for i in [0, n), kept in kLanes independent partial
+// sums so that the compiler can vectorize it (one running sum would have to
+// stay in order, hence scalar). The order is fixed: same inputs, same bits.
+constexpr int64_t kLanes = 8;
+
+template <typename T, typename Value>
+NANOBLOCK_INLINE T lane_sum(int64_t n, const Value& value) {
+  T lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] += value(i + l);
+  }
+  for (; i < n; ++i) lane[0] += value(i);
+  T sum = 0;
+  for (int64_t l = 0; l < kLanes; ++l) sum += lane[l];
+  return sum;
 }
 
 }  // namespace nanoblock::cpu
