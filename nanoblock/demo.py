@@ -70,6 +70,7 @@ def train(model, steps, batch_size, lr, seed, device, label):
         _, loss = model(idx, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
         if (step + 1) % 10 == 0 or step + 1 == steps:
@@ -93,12 +94,12 @@ def sorted_exactly(model, n, seed, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--n-layer", type=int, default=2)
     p.add_argument("--n-embd", type=int, default=96)
     p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-size", type=int, default=500)
@@ -121,11 +122,22 @@ def main(argv=None):
     ref_losses, ref_time = train(ref_model, args.steps, args.batch_size, args.lr, args.seed,
                                  device, "reference")
 
-    print("\n  step   nanoblock loss   reference loss   difference")
-    every = max(1, args.steps // 10)
-    for s in list(range(0, args.steps, every)) + [args.steps - 1]:
-        print(f"  {s + 1:4d}   {nb_losses[s]:14.4f}   {ref_losses[s]:14.4f}   "
-              f"{nb_losses[s] - ref_losses[s]:+10.2e}")
+    # Step by step the two runs agree to float32 rounding at first; training
+    # amplifies those differences, so later single steps drift apart while
+    # the curves (means over windows of steps) stay together.
+    window = max(1, args.steps // 10)
+    print(f"\n  steps        nanoblock loss   reference loss   (mean over {window} steps)")
+    worst = 0.0
+    for start in range(0, args.steps, window):
+        nb_mean = sum(nb_losses[start:start + window]) / len(nb_losses[start:start + window])
+        ref_mean = sum(ref_losses[start:start + window]) / len(ref_losses[start:start + window])
+        worst = max(worst, abs(nb_mean - ref_mean) / ref_mean)
+        print(f"  {start + 1:4d}-{min(start + window, args.steps):<4d}   {nb_mean:14.4f}   "
+              f"{ref_mean:14.4f}")
+    first = next((i for i, (a, b) in enumerate(zip(nb_losses, ref_losses))
+                  if abs(a - b) > 1e-4 * abs(b)), None)
+    print(f"  identical to 1e-4 for the first {args.steps if first is None else first} steps; "
+          f"window means within {100 * worst:.1f}% of each other")
 
     tokens = args.steps * args.batch_size * 2 * N_DIGITS
     print(f"\n  training time  nanoblock {nb_time:6.1f} s ({tokens / nb_time:8.0f} tokens/s)   "
