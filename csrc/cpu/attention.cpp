@@ -15,7 +15,8 @@
 //
 // Queries and keys are cut into blocks; no T x T tensor ever exists. The
 // block products go through ATen's GEMM (at::mm_out / at::addmm_out) on
-// from_blob views of the strided head columns, so nothing is copied. The
+// from_blob views of the strided head columns, so nothing is copied; small
+// products (short sequences) run as plain loops (tile_matmul). The
 // elementwise work (mask, rescale, row sums) is plain loops over contiguous
 // rows, with the exp from vector_math.h (vectorized) for float32 and libm's
 // for float64, all in the input's precision. lse has the input's dtype: for float32 and float64,
@@ -53,6 +54,78 @@ Tensor matrix_view(const scalar_t* data, int64_t rows, int64_t cols,
                    int64_t row_stride, const at::TensorOptions& options) {
   return at::from_blob(const_cast<scalar_t*>(data), {rows, cols},
                        {row_stride, 1}, options);
+}
+
+// The product of two tiles: out [m, n] = a [m, k] @ b [k, n], or out += it
+// when accumulate. a, b and out are strided views (b often a transposed one).
+// Big products go to ATen's GEMM; small ones (short sequences, small heads)
+// run as plain loops, because each GEMM call costs a few microseconds, more
+// than a product of fewer than kSmallProduct multiply-adds takes.
+constexpr int64_t kSmallProduct = 32 * 32 * 32;
+
+// The loops, on raw pointers: a[i][p] at a + i * a_row + p * a_col, out's
+// rows contiguous. b_row_major: b's rows are contiguous (b[p][j] at
+// b + p * b_stride + j), so the inner loop runs along them; otherwise b is a
+// transposed view (b[p][j] at b + j * b_stride + p), a's rows must be
+// contiguous (a_col == 1), and each entry is a dot product.
+template <typename T>
+NANOBLOCK_INLINE void small_matmul(const T* a, int64_t a_row, int64_t a_col, const T* b,
+                                   int64_t b_stride, bool b_row_major, T* out,
+                                   int64_t out_stride, int64_t m, int64_t n, int64_t k,
+                                   bool accumulate) {
+  for (int64_t i = 0; i < m; ++i) {
+    const T* a_i = a + i * a_row;
+    T* o = out + i * out_stride;
+    if (b_row_major) {
+      if (!accumulate) std::fill(o, o + n, T(0));
+      for (int64_t p = 0; p < k; ++p) {
+        const T* b_row = b + p * b_stride;
+        const T f = a_i[p * a_col];
+        for (int64_t j = 0; j < n; ++j) o[j] += f * b_row[j];
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        const T* b_col = b + j * b_stride;
+        const T dot = lane_sum<T>(k, [&](int64_t p) { return a_i[p] * b_col[p]; });
+        o[j] = accumulate ? o[j] + dot : dot;
+      }
+    }
+  }
+}
+
+NANOBLOCK_VECTORIZE void small_matmul(const float* a, int64_t a_row, int64_t a_col,
+                                      const float* b, int64_t b_stride, bool b_row_major,
+                                      float* out, int64_t out_stride, int64_t m, int64_t n,
+                                      int64_t k, bool accumulate) {
+  small_matmul<float>(a, a_row, a_col, b, b_stride, b_row_major, out, out_stride, m, n, k,
+                      accumulate);
+}
+
+void small_matmul(const double* a, int64_t a_row, int64_t a_col, const double* b,
+                  int64_t b_stride, bool b_row_major, double* out, int64_t out_stride, int64_t m,
+                  int64_t n, int64_t k, bool accumulate) {
+  small_matmul<double>(a, a_row, a_col, b, b_stride, b_row_major, out, out_stride, m, n, k,
+                       accumulate);
+}
+
+template <typename scalar_t>
+void tile_matmul(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  // The loops need out's rows contiguous, and b's rows contiguous, or b's
+  // columns and a's rows; the attention's views always are.
+  const bool b_row_major = b.stride(1) == 1;
+  const bool loops_fit =
+      out.stride(1) == 1 && (b_row_major || (b.stride(0) == 1 && a.stride(1) == 1));
+  if (m * n * k < kSmallProduct && loops_fit) {
+    small_matmul(a.const_data_ptr<scalar_t>(), a.stride(0), a.stride(1),
+                 b.const_data_ptr<scalar_t>(), b_row_major ? b.stride(0) : b.stride(1),
+                 b_row_major, out.mutable_data_ptr<scalar_t>(), out.stride(0), m, n, k,
+                 accumulate);
+  } else if (accumulate) {
+    at::addmm_out(out, out, a, b);
+  } else {
+    at::mm_out(out, a, b);
+  }
 }
 
 // Number of keys of the block starting at key_start that query `query` may
@@ -192,7 +265,7 @@ void attention_forward_kernel(const Tensor& qkv, int64_t n_head,
         // Online softmax: scores [rows, cols] = q k^T becomes
         // exp(score * scale - new_max), and the running sums and the
         // output so far are rescaled by exp(old_max - new_max).
-        at::mm_out(s, q, k.t());
+        tile_matmul<scalar_t>(s, q, k.t(), false);
         for (int64_t r = 0; r < rows; ++r) {
           scalar_t* row = scores + r * cols;
           const int64_t visible =
@@ -212,10 +285,10 @@ void attention_forward_kernel(const Tensor& qkv, int64_t n_head,
               row_sum[r] * rescale[r] + sum_of(scores + r * cols, cols);
         }
         if (key_start == 0) {
-          at::mm_out(out_block, s, v);  // [rows, hd]
+          tile_matmul<scalar_t>(out_block, s, v, false);  // [rows, hd]
         } else {
           scale_rows(out_rows, rows, hd, C, rescale);
-          at::addmm_out(out_block, out_block, s, v);
+          tile_matmul<scalar_t>(out_block, s, v, true);
         }
       }
 
@@ -305,7 +378,7 @@ void attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
           Tensor dp = matrix_view(grad_scores, rows, cols, cols, options);
 
           // P = exp(q k^T * scale - lse) [rows, cols], 0 above the diagonal.
-          at::mm_out(p, q, k.t());
+          tile_matmul<scalar_t>(p, q, k.t(), false);
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t visible =
                 visible_keys(query_start + r, key_start, cols);
@@ -317,14 +390,14 @@ void attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
           // dv_j += P^T dO_i [cols, hd]; the first query block overwrites.
           const bool first_for_key = query_start == key_start;
           if (first_for_key) {
-            at::mm_out(grad_v, p.t(), grad_out_block);
+            tile_matmul<scalar_t>(grad_v, p.t(), grad_out_block, false);
           } else {
-            at::addmm_out(grad_v, grad_v, p.t(), grad_out_block);
+            tile_matmul<scalar_t>(grad_v, p.t(), grad_out_block, true);
           }
 
           // dP = dO_i v_j^T, then dS = P * (dP - D) * scale [rows, cols];
           // the softmax scale is folded in here for both dq and dk.
-          at::mm_out(dp, grad_out_block, v.t());
+          tile_matmul<scalar_t>(dp, grad_out_block, v.t(), false);
           for (int64_t r = 0; r < rows; ++r) {
             scalar_t* ds = grad_scores + r * cols;
             const scalar_t* pr = probs + r * cols;
@@ -337,14 +410,14 @@ void attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
           // dk_j += dS^T q_i [cols, hd]; dq_i += dS k_j [rows, hd], where
           // key block 0 (the first to reach every query) overwrites.
           if (first_for_key) {
-            at::mm_out(grad_k, dp.t(), q);
+            tile_matmul<scalar_t>(grad_k, dp.t(), q, false);
           } else {
-            at::addmm_out(grad_k, grad_k, dp.t(), q);
+            tile_matmul<scalar_t>(grad_k, dp.t(), q, true);
           }
           if (key_start == 0) {
-            at::mm_out(grad_q, dp, k);
+            tile_matmul<scalar_t>(grad_q, dp, k, false);
           } else {
-            at::addmm_out(grad_q, grad_q, dp, k);
+            tile_matmul<scalar_t>(grad_q, dp, k, true);
           }
         }
       }
