@@ -111,3 +111,17 @@ def test_head_dim_beyond_cuda_kernels():
     with pytest.raises(RuntimeError, match=r"head dims \(n_embd / n_head\) up to 128, got 256"):
         ops.causal_attention(qkv, 1)
     assert ops.causal_attention(qkv.cpu().double(), 1).shape == (1, 4, 256)  # the CPU has no limit
+
+
+def test_double_backward_raises_instead_of_wrong_numbers():
+    block, _ = block_and_input()
+    block.double()
+    x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    g, = torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives .* are not implemented"):
+        g.sum().backward()
+    # each op alone too
+    qkv = torch.randn(1, 4, 24, dtype=torch.float64, requires_grad=True)
+    g, = torch.autograd.grad(ops.causal_attention(qkv, 2).sum(), qkv, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        g.sum().backward()
