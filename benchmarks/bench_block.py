@@ -13,8 +13,9 @@ Implementations:
              and backward, nothing else; what a Block costs if every other
              op were free
 
-Timing: median of many runs after warm-up (triton.testing.do_bench on GPU,
-torch.utils.benchmark on CPU); fresh random inputs, never zeros. Memory: the
+Timing: median of many runs after warm-up (triton.testing.do_bench on GPU;
+on CPU torch.utils.benchmark in interleaved rounds, see time_ms); random
+inputs, never zeros. Memory: the
 bytes autograd keeps for the backward (saved tensors, counted once per
 storage, x and weights included), and on GPU the peak allocated during
 forward+backward. Results go to JSON (with device, versions, git commit) and,
@@ -70,29 +71,26 @@ def git_commit():
         return None
 
 
-def time_ms(fn, device):
-    """Median milliseconds of fn()."""
+def time_ms(fns, device, rounds=5):
+    """Median milliseconds of each function in fns (a dict name -> fn).
+
+    GPU: triton's do_bench on each. CPU: the machine's speed drifts over
+    seconds (other tenants, clocks), so the functions are timed in
+    interleaved rounds (a, b, c, a, b, c, ...) and each gets the median of its
+    rounds' medians; every implementation sees the same conditions."""
     if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-            return do_bench(fn, warmup=25, rep=200, return_mode="median")
-        except ImportError:
-            fn()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(50):
-                start, end = torch.cuda.Event(True), torch.cuda.Event(True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            return sorted(times)[len(times) // 2]
+        from triton.testing import do_bench
+        return {k: do_bench(fn, warmup=25, rep=200, return_mode="median") for k, fn in fns.items()}
     from torch.utils import benchmark
-    fn()  # warm-up
-    t = benchmark.Timer(stmt="fn()", globals={"fn": fn},
-                        num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=2.0)
-    return t.median * 1e3
+    samples = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t = benchmark.Timer(stmt="fn()", globals={"fn": fn},
+                                num_threads=torch.get_num_threads())
+            samples[k].append(t.blocked_autorange(min_run_time=0.5).median * 1e3)
+    return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
 
 
 def saved_bytes(module, x):
@@ -148,30 +146,35 @@ def run_config(name, B, T, C, H, impls, dtype, device):
     x = torch.randn(B, T, C, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(B, T, C, device=device, dtype=dtype)
     rows = []
-    for impl, m in modules.items():
+    def forward_of(m):
         def forward():
             with torch.no_grad():
                 m(x)
+        return forward
 
+    def forward_backward_of(m):
         def forward_backward():
             m(x).backward(grad)
+        return forward_backward
 
-        forward_backward()  # compile / warm-up
-        fwd = time_ms(forward, device)
-        fwd_bwd = time_ms(forward_backward, device)
+    for m in modules.values():
+        forward_backward_of(m)()  # compile / warm-up
+    fwd = time_ms({impl: forward_of(m) for impl, m in modules.items()}, device)
+    fwd_bwd = time_ms({impl: forward_backward_of(m) for impl, m in modules.items()}, device)
+    for impl, m in modules.items():
         row = dict(config=name, B=B, T=T, C=C, n_head=H, dtype=str(dtype).replace("torch.", ""),
-                   impl=impl, forward_ms=fwd, forward_backward_ms=fwd_bwd,
+                   impl=impl, forward_ms=fwd[impl], forward_backward_ms=fwd_bwd[impl],
                    saved_mib=saved_bytes(m, x) / 2**20 if impl != "compile" else None,
-                   peak_mib=peak_mib(forward_backward, device))
+                   peak_mib=peak_mib(forward_backward_of(m), device))
         rows.append(row)
-        print(f"  {name:12s} {row['dtype']:9s} {impl:10s} fwd {fwd:9.3f} ms   fwd+bwd "
-              f"{fwd_bwd:9.3f} ms   saved "
+        print(f"  {name:12s} {row['dtype']:9s} {impl:10s} fwd {fwd[impl]:9.3f} ms   fwd+bwd "
+              f"{fwd_bwd[impl]:9.3f} ms   saved "
               + (f"{row['saved_mib']:8.1f} MiB" if row['saved_mib'] is not None else "       - MiB")
               + (f"   peak {row['peak_mib']:8.1f} MiB" if row["peak_mib"] is not None else ""),
               flush=True)
-        x.grad = None
-        for p in ref.parameters():
-            p.grad = None
+    x.grad = None
+    for p in ref.parameters():
+        p.grad = None
     return rows
 
 
