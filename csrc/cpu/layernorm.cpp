@@ -107,7 +107,7 @@ void layer_norm_all_rows(const Tensor& x, const Tensor& residual, const Tensor& 
 
 // The backward of rows [begin, end) of one row block: writes grad_x and adds
 // the block's sums of grad_out * xhat and of grad_out into dw_part, db_part
-// [C]. grad_residual is zeros when absent; xhat, g are [C] scratch.
+// [C]. dres_ptr (grad_residual) may be null; xhat, g are [C] scratch.
 template <typename scalar_t, typename acc_t>
 NANOBLOCK_INLINE void layer_norm_backward_rows(const scalar_t* dy_ptr, const scalar_t* x_ptr,
                                                const scalar_t* w, const acc_t* mean,
@@ -129,9 +129,15 @@ NANOBLOCK_INLINE void layer_norm_backward_rows(const scalar_t* dy_ptr, const sca
     const acc_t g_mean = lane_sum<acc_t>(C, [&](int64_t c) { return g[c]; }) / C;
     const acc_t gx_mean = lane_sum<acc_t>(C, [&](int64_t c) { return g[c] * xhat[c]; }) / C;
     scalar_t* dx = dx_ptr + row * C;
-    const scalar_t* dres = dres_ptr + row * C;
-    for (int64_t c = 0; c < C; c++) {
-      dx[c] = static_cast<scalar_t>(rs * (g[c] - g_mean - xhat[c] * gx_mean) + acc_t(dres[c]));
+    if (dres_ptr) {
+      const scalar_t* dres = dres_ptr + row * C;
+      for (int64_t c = 0; c < C; c++) {
+        dx[c] = static_cast<scalar_t>(rs * (g[c] - g_mean - xhat[c] * gx_mean) + acc_t(dres[c]));
+      }
+    } else {
+      for (int64_t c = 0; c < C; c++) {
+        dx[c] = static_cast<scalar_t>(rs * (g[c] - g_mean - xhat[c] * gx_mean));
+      }
     }
   }
 }
@@ -195,8 +201,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& grad_out, c
     const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
     const acc_t* mean_ptr = mean.const_data_ptr<acc_t>();
     const acc_t* rstd_ptr = rstd.const_data_ptr<acc_t>();
-    const Tensor dres = grad_residual.defined() ? grad_residual : at::zeros_like(x);
-    const scalar_t* dres_ptr = dres.const_data_ptr<scalar_t>();
+    const scalar_t* dres_ptr =
+        grad_residual.defined() ? grad_residual.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dx_ptr = grad_x.mutable_data_ptr<scalar_t>();
 
     // partials [2, blocks, C]: per row block, the sum of grad_out * xhat (for
