@@ -40,23 +40,24 @@ def _stats_dtype(dtype):
 
 
 # ---------------------------------------------------------------------------
-# Fake kernels: output shapes and dtypes only, for tracing.
+# Fake kernels: output shapes and dtypes only, for tracing. Outputs are
+# contiguous, as the real kernels make them (inputs are made contiguous first).
 
 @torch.library.register_fake("nanoblock::layer_norm_forward")
 def _(x, weight, bias, eps):
     stats = x.new_empty(x.shape[:-1], dtype=_stats_dtype(x.dtype))
-    return torch.empty_like(x), stats, torch.empty_like(stats)
+    return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
 
 
 @torch.library.register_fake("nanoblock::add_layer_norm_forward")
 def _(x, residual, weight, bias, eps):
     stats = x.new_empty(x.shape[:-1], dtype=_stats_dtype(x.dtype))
-    return torch.empty_like(x), torch.empty_like(x), stats, torch.empty_like(stats)
+    return x.new_empty(x.shape), x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
 
 
 @torch.library.register_fake("nanoblock::layer_norm_backward")
 def _(grad_out, x, weight, mean, rstd, grad_residual):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
 
 @torch.library.register_fake("nanoblock::causal_attention_forward")
@@ -69,17 +70,17 @@ def _(qkv, n_head):
 
 @torch.library.register_fake("nanoblock::causal_attention_backward")
 def _(grad_out, qkv, out, lse, n_head):
-    return torch.empty_like(qkv)
+    return qkv.new_empty(qkv.shape)
 
 
 @torch.library.register_fake("nanoblock::gelu_forward")
 def _(x, bias, approximate):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("nanoblock::gelu_backward")
 def _(grad_out, x, bias, approximate):
-    return torch.empty_like(x), x.new_empty((x.shape[-1],))
+    return x.new_empty(x.shape), x.new_empty((x.shape[-1],))
 
 
 @torch.library.register_fake("nanoblock::block_forward")
@@ -87,7 +88,7 @@ def _(x, *args):
     B, T, C = x.shape
     n_head = args[12]
     return (
-        torch.empty_like(x),                                         # out
+        x.new_empty(x.shape),                                         # out
         x.new_empty((B, T, 3 * C)),                                  # qkv
         x.new_empty((B, T, C)),                                      # attn
         x.new_empty((B, n_head, T), dtype=_stats_dtype(x.dtype)),    # lse
@@ -101,10 +102,10 @@ def _(grad_out, x, *args):
     params = args[:12]
     C = x.shape[-1]
     bias_shapes = (C, 3 * C, C, C, 4 * C, C)
-    grads = [torch.empty_like(x)]
+    grads = [x.new_empty(x.shape)]
     for i, p in enumerate(params):
         if p is not None:
-            grads.append(torch.empty_like(p))
+            grads.append(p.new_empty(p.shape))
         else:  # an absent bias still gets a gradient slot
             grads.append(x.new_empty((bias_shapes[i // 2],)))
     return tuple(grads)

@@ -125,3 +125,13 @@ def test_torch_compile_inductor_block():
     loss.backward()
     expected_grad = torch.autograd.grad(block(x).square().mean(), x)[0]
     torch.testing.assert_close(x.grad, expected_grad)
+
+
+def test_torch_compile_non_contiguous_input():
+    """The fake kernels give contiguous outputs, like the real ones, so a
+    transposed input compiles to the same numbers."""
+    torch._dynamo.reset()
+    block = nanoblock.Block(tiny_config(n_embd=32, n_head=4)).double()
+    x = torch.randn(7, 2, 32, dtype=torch.float64).transpose(0, 1)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), block(x))
