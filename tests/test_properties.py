@@ -18,9 +18,23 @@ def block_cases(draw):
                 seed=draw(st.integers(0, 2**16)))
 
 
-@settings(max_examples=30, deadline=None)
+# derandomize: CI sees the same cases every run (explore more with
+# --hypothesis-seed and a larger max_examples when changing kernels)
+@settings(max_examples=30, deadline=None, derandomize=True, database=None)
 @given(block_cases())
 def test_block_matches_reference(case):
+    check_case(case)
+
+
+def test_float32_tanh_gelu_case_found_by_hypothesis():
+    """A random run of the property above found this case: large activations,
+    tanh GELU, where 1 - sigmoid cancelled in the GELU gradient (3.4x the
+    reference's error in ln_1.weight's gradient before the fix)."""
+    check_case(dict(B=2, T=3, C=92, n_head=4, bias=False, gelu="tanh", dtype=torch.float32,
+                    seed=0))
+
+
+def check_case(case):
     cfg = make_config(case["C"], case["n_head"], case["bias"], case["gelu"])
     torch.manual_seed(case["seed"])
     x = torch.randn(case["B"], case["T"], case["C"], dtype=torch.float64)

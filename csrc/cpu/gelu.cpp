@@ -43,8 +43,10 @@ NANOBLOCK_INLINE float normal_cdf(float u) {
 inline double normal_cdf(double u) { return 0.5 * std::erfc(-u * kSqrtHalf); }
 NANOBLOCK_INLINE float normal_pdf(float u) { return float(kInvSqrt2Pi) * exp_float(-0.5f * u * u); }
 inline double normal_pdf(double u) { return kInvSqrt2Pi * std::exp(-0.5 * u * u); }
-NANOBLOCK_INLINE float sigmoid(float v) { return 1.0f / (1.0f + exp_float(-v)); }
-inline double sigmoid(double v) { return 1.0 / (1.0 + std::exp(-v)); }
+NANOBLOCK_INLINE float exp_of(float v) { return exp_float(v); }
+inline double exp_of(double v) { return std::exp(v); }
+template <typename T>
+NANOBLOCK_INLINE T sigmoid(T v) { return T(1) / (T(1) + exp_of(-v)); }
 
 template <typename T>
 NANOBLOCK_INLINE T tanh_arg(T u) { return T(kSqrt2OverPi) * (u + T(kCubic) * u * u * u); }
@@ -59,9 +61,15 @@ NANOBLOCK_INLINE T gelu_grad(T u) {
   if constexpr (!kTanh) {
     return normal_cdf(u) + u * normal_pdf(u);
   } else {
-    const T s = sigmoid(T(2) * tanh_arg(u));
+    // With v = 2y and e = exp(-|v|): sigmoid(v) and its slope
+    // sigmoid(v) (1 - sigmoid(v)) = e / (1 + e)^2, written so that neither
+    // forms 1 - s for s near 1 (which loses all digits for large |u|).
+    const T v = T(2) * tanh_arg(u);
+    const T e = exp_of(v < 0 ? v : -v);
+    const T r = T(1) / (T(1) + e);
+    const T s = v < 0 ? e * r : r;
     const T darg = T(kSqrt2OverPi) * (T(1) + T(3 * kCubic) * u * u);
-    return s + u * T(2) * s * (T(1) - s) * darg;
+    return s + u * T(2) * e * r * r * darg;
   }
 }
 
