@@ -34,6 +34,14 @@ def test_float32_tanh_gelu_case_found_by_hypothesis():
                     seed=0))
 
 
+def test_float32_single_position_case_found_by_hypothesis():
+    """T = 1: dq and dk are 0 in exact math (one key, softmax constant); they
+    came out as rounding noise from dP - D, 5-8x the reference's error in
+    the x, c_attn and ln_1 gradients, until D was summed like dP."""
+    check_case(dict(B=1, T=1, C=29, n_head=1, bias=False, gelu="exact", dtype=torch.float32,
+                    seed=0))
+
+
 def check_case(case):
     cfg = make_config(case["C"], case["n_head"], case["bias"], case["gelu"])
     torch.manual_seed(case["seed"])

@@ -340,15 +340,15 @@ void attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
       const scalar_t* out_rows = out_data + b * T * C + h * hd;
       const scalar_t* lse_rows = lse_data + (b * n_head + h) * T;
 
-      // D_i = rowsum(dO_i * O_i) [T].
+      // D_i = rowsum(dO_i * O_i) [T], summed in the order small_matmul
+      // sums dP = dO v^T: dS = P (dP - D) is a difference of nearly equal
+      // numbers, and where it is 0 in exact math (a query that sees one key,
+      // so O = v) the two then cancel exactly instead of leaving rounding
+      // noise in dq and dk.
       for (int64_t i = 0; i < T; ++i) {
         const scalar_t* dO = grad_out_rows + i * C;
         const scalar_t* O = out_rows + i * C;
-        scalar_t dot = 0;
-        for (int64_t c = 0; c < hd; ++c) {
-          dot += dO[c] * O[c];
-        }
-        row_dot[i] = dot;
+        row_dot[i] = lane_sum<scalar_t>(hd, [&](int64_t c) { return dO[c] * O[c]; });
       }
 
       for (int64_t key_start = 0; key_start < T; key_start += kKeyBlock) {
