@@ -11,6 +11,6 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: F401  (loads the compiled ops, torch.ops.nanoblock)
 from .block import Block, GPTConfig  # noqa: E402
-from .model import GPT  # noqa: E402
+from .model import GPT, patch  # noqa: E402
 
-__all__ = ["Block", "GPT", "GPTConfig", "ops", "__version__"]
+__all__ = ["Block", "GPT", "GPTConfig", "patch", "ops", "__version__"]

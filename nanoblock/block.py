@@ -53,6 +53,21 @@ def refuse_dropout(module, p):
             "not silently skip it. Set config.dropout = 0.0, or call .eval() for inference.")
 
 
+def config_of_nanogpt_block(block):
+    """The config a nanoGPT-style Block was built with, read off its modules."""
+    try:
+        n_embd = block.ln_1.weight.shape[0]
+        n_head = block.attn.n_head
+        bias = block.ln_1.bias is not None
+        dropout = getattr(block.attn, "dropout", 0.0)
+    except AttributeError as e:
+        raise TypeError(f"{type(block).__name__} is not a nanoGPT-style Block (ln_1, attn with "
+                        f"n_head, ln_2, mlp): {e}") from e
+    gelu_module = getattr(block.mlp, "gelu", None)
+    gelu = "tanh" if getattr(gelu_module, "approximate", "none") == "tanh" else "exact"
+    return GPTConfig(n_embd=n_embd, n_head=n_head, bias=bias, dropout=dropout, gelu=gelu)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (nanoGPT's), through nanoblock's op."""
 
@@ -115,6 +130,18 @@ class Block(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
         self.approximate = gelu_approximate(config)
+
+    @classmethod
+    def from_nanogpt(cls, block):
+        """A nanoblock Block with the weights, device and dtype of a nanoGPT
+        Block (or any module with its submodules and parameter names)."""
+        config = config_of_nanogpt_block(block)
+        new = cls(config)
+        ref = block.ln_1.weight
+        new.to(device=ref.device, dtype=ref.dtype)
+        new.load_state_dict(block.state_dict())
+        new.train(block.training)
+        return new
 
     def block_params(self):
         """The twelve parameters in the Block op's order (None for absent biases)."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .block import Block, GPTConfig, LayerNorm
 
-__all__ = ["GPT", "GPTConfig"]
+__all__ = ["GPT", "GPTConfig", "patch"]
 
 
 class GPT(nn.Module):
@@ -37,6 +37,21 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @classmethod
+    def from_nanogpt(cls, model):
+        """A nanoblock GPT with the config, weights, device and dtype of a
+        nanoGPT GPT (its `config` fields; `gelu` if it has one)."""
+        c = model.config
+        config = GPTConfig(block_size=c.block_size, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                           n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout, bias=c.bias,
+                           gelu=getattr(c, "gelu", "exact"))
+        new = cls(config)
+        ref = model.lm_head.weight
+        new.to(device=ref.device, dtype=ref.dtype)
+        new.load_state_dict(model.state_dict())
+        new.train(model.training)
+        return new
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -92,3 +107,19 @@ class GPT(nn.Module):
                 idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+
+def patch(model):
+    """Swaps, in place, every nanoGPT-style Block inside model (a module named
+    ...Block with ln_1, attn, ln_2 and mlp) for a nanoblock Block with the same
+    weights; returns model. Optimizers built before the swap hold the old
+    parameters: build them after patching."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, Block):
+            continue
+        if type(child).__name__.endswith("Block") and all(
+                hasattr(child, m) for m in ("ln_1", "attn", "ln_2", "mlp")):
+            setattr(model, name, Block.from_nanogpt(child))
+        else:
+            patch(child)
+    return model
