@@ -68,6 +68,15 @@ def config_of_nanogpt_block(block):
     return GPTConfig(n_embd=n_embd, n_head=n_head, bias=bias, dropout=dropout, gelu=gelu)
 
 
+def take_over(new, old):
+    """Gives the freshly built module `new` the weights, device, dtype and
+    train/eval mode of `old`, whose state_dict has the same names; returns it."""
+    like = next(old.parameters())
+    new.to(device=like.device, dtype=like.dtype)
+    new.load_state_dict(old.state_dict())
+    return new.train(old.training)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (nanoGPT's), through nanoblock's op."""
 
@@ -135,13 +144,7 @@ class Block(nn.Module):
     def from_nanogpt(cls, block):
         """A nanoblock Block with the weights, device and dtype of a nanoGPT
         Block (or any module with its submodules and parameter names)."""
-        config = config_of_nanogpt_block(block)
-        new = cls(config)
-        ref = block.ln_1.weight
-        new.to(device=ref.device, dtype=ref.dtype)
-        new.load_state_dict(block.state_dict())
-        new.train(block.training)
-        return new
+        return take_over(cls(config_of_nanogpt_block(block)), block)
 
     def block_params(self):
         """The twelve parameters in the Block op's order (None for absent biases)."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .block import Block, GPTConfig, LayerNorm
+from .block import Block, GPTConfig, LayerNorm, take_over
 
 __all__ = ["GPT", "GPTConfig", "patch"]
 
@@ -46,12 +46,7 @@ class GPT(nn.Module):
         config = GPTConfig(block_size=c.block_size, vocab_size=c.vocab_size, n_layer=c.n_layer,
                            n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout, bias=c.bias,
                            gelu=getattr(c, "gelu", "exact"))
-        new = cls(config)
-        ref = model.lm_head.weight
-        new.to(device=ref.device, dtype=ref.dtype)
-        new.load_state_dict(model.state_dict())
-        new.train(model.training)
-        return new
+        return take_over(cls(config), model)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
