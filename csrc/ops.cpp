@@ -110,7 +110,6 @@ struct Checker {
                 ", got ", shape_str(t.sizes()));
   }
 
-  // n_head heads must split n_embd = C evenly.
   // The CUDA attention kernels keep a row of q in registers: head dims up to
   // kMaxCudaHeadDim.
   static constexpr int64_t kMaxCudaHeadDim = 128;
@@ -125,6 +124,16 @@ struct Checker {
                     ": the CUDA kernels support head dims (n_embd / n_head) up to ",
                     kMaxCudaHeadDim, ", got ", C / n_head, " (n_embd ", C, ", n_head ", n_head,
                     ")");
+  }
+
+  // qkv [B, T, 3C] as c_attn makes it, split into n_head heads; returns C.
+  int64_t qkv(const Tensor& t, int64_t n_head) const {
+    input(t, "qkv", 3);
+    NANOBLOCK_CHECK(t.size(2) % 3 == 0, op,
+                    ": qkv must be [B, T, 3C] (q, k, v side by side), got last dim ", t.size(2),
+                    ", which is not a multiple of 3");
+    heads(t.size(2) / 3, n_head, t.device());
+    return t.size(2) / 3;
   }
 
   bool approximate(const std::string& a) const {
@@ -197,12 +206,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_op(const Tensor& grad_out
 template <const Kernels* K>
 std::tuple<Tensor, Tensor> causal_attention_forward_op(const Tensor& qkv, int64_t n_head) {
   const Checker check{"nanoblock.causal_attention_forward"};
-  check.input(qkv, "qkv", 3);
+  check.qkv(qkv, n_head);
   const at::OptionalDeviceGuard device_guard(at::device_of(qkv));
-  NANOBLOCK_CHECK(qkv.size(2) % 3 == 0, check.op,
-              ": qkv must be [B, T, 3C] (q, k, v side by side), got last dim ", qkv.size(2),
-              ", which is not a multiple of 3");
-  check.heads(qkv.size(2) / 3, n_head, qkv.device());
   return K->causal_attention_forward(contiguous(qkv), n_head);
 }
 
@@ -210,13 +215,9 @@ template <const Kernels* K>
 Tensor causal_attention_backward_op(const Tensor& grad_out, const Tensor& qkv, const Tensor& out,
                                     const Tensor& lse, int64_t n_head) {
   const Checker check{"nanoblock.causal_attention_backward"};
-  check.input(qkv, "qkv", 3);
+  const int64_t C = check.qkv(qkv, n_head);
   const at::OptionalDeviceGuard device_guard(at::device_of(qkv));
-  NANOBLOCK_CHECK(qkv.size(2) % 3 == 0, check.op,
-              ": qkv must be [B, T, 3C] (q, k, v side by side), got last dim ", qkv.size(2),
-              ", which is not a multiple of 3");
-  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
-  check.heads(C, n_head, qkv.device());
+  const int64_t B = qkv.size(0), T = qkv.size(1);
   check.like(grad_out, "grad_out", qkv, "qkv", {B, T, C});
   check.like(out, "out", qkv, "qkv", {B, T, C});
   check.stats(lse, "lse", qkv, {B, n_head, T});
