@@ -36,6 +36,7 @@ std::tuple<Tensor, BlockSaved> block_forward(const Kernels& k, const Tensor& x,
   // Attention branch.
   Tensor ln_1 = std::get<0>(k.layer_norm_forward(x, w.ln_1_weight, w.ln_1_bias, kLayerNormEps));
   s.qkv = linear(rows(ln_1), w.c_attn_weight, w.c_attn_bias).view({B, T, 3 * C});
+  ln_1.reset();  // temporaries go as soon as they are used: less peak memory
   std::tie(s.attn, s.lse) = k.causal_attention_forward(s.qkv, n_head);
   Tensor proj = linear(rows(s.attn), w.attn_c_proj_weight, w.attn_c_proj_bias).view({B, T, C});
 
@@ -43,9 +44,11 @@ std::tuple<Tensor, BlockSaved> block_forward(const Kernels& k, const Tensor& x,
   Tensor ln_2;
   std::tie(s.x1, ln_2, std::ignore, std::ignore) =
       k.add_layer_norm_forward(x, proj, w.ln_2_weight, w.ln_2_bias, kLayerNormEps);
+  proj.reset();
 
   // MLP branch: c_fc without its bias, which the GELU kernel adds.
   s.fc = at::mm(rows(ln_2), w.c_fc_weight.t()).view({B, T, 4 * C});
+  ln_2.reset();
   Tensor gelu = k.gelu_forward(s.fc, w.c_fc_bias, tanh);
   // out = x1 + gelu @ W^T (+ bias): the GEMM accumulates onto the residual.
   Tensor out = at::addmm(rows(s.x1), rows(gelu), w.mlp_c_proj_weight.t());
@@ -60,26 +63,29 @@ BlockGrads block_backward(const Kernels& k, const Tensor& grad_out, const Tensor
   BlockWeights& gw = g.weights;
   const Tensor dy = rows(grad_out);  // [N, C]
 
-  // MLP c_proj: out = x1 + gelu @ W^T + b.
-  Tensor gelu = k.gelu_forward(s.fc, w.c_fc_bias, tanh);  // recomputed [B, T, 4C]
-  gw.mlp_c_proj_weight = at::mm(dy.t(), rows(gelu));      // [C, 4C]
+  // MLP c_proj (out = x1 + gelu @ W^T + b), then GELU and the c_fc bias: one
+  // pass turns d_gelu into d_fc in place and recomputes gelu for c_proj's
+  // weight gradient.
   gw.mlp_c_proj_bias = k.bias_grad(dy);
-  Tensor d_gelu = at::mm(dy, w.mlp_c_proj_weight).view_as(s.fc);  // [B, T, 4C]
-
-  // GELU and the c_fc bias.
-  Tensor d_fc = k.gelu_backward(d_gelu, s.fc, w.c_fc_bias, tanh);
-  gw.c_fc_bias = k.bias_grad(rows(d_fc));
+  Tensor d_fc = at::mm(dy, w.mlp_c_proj_weight).view_as(s.fc);  // d_gelu, then d_fc [B, T, 4C]
+  Tensor gelu;
+  std::tie(gelu, gw.c_fc_bias) = k.gelu_backward_recompute(d_fc, s.fc, w.c_fc_bias, tanh);
+  gw.mlp_c_proj_weight = at::mm(dy.t(), rows(gelu));  // [C, 4C]
+  gelu.reset();  // each temporary goes right after its last use (peak memory)
 
   // c_fc: fc = ln_2 @ W^T.
   auto [ln_2, mean_2, rstd_2] =
       k.layer_norm_forward(s.x1, w.ln_2_weight, w.ln_2_bias, kLayerNormEps);  // recomputed
   gw.c_fc_weight = at::mm(rows(d_fc).t(), rows(ln_2));  // [4C, C]
+  ln_2.reset();
   Tensor d_ln_2 = at::mm(rows(d_fc), w.c_fc_weight).view_as(s.x1);
+  d_fc.reset();
 
   // ln_2, plus the residual: d_x1 = dy + ln_2's input gradient.
   Tensor d_x1;
   std::tie(d_x1, gw.ln_2_weight, gw.ln_2_bias) =
       k.layer_norm_backward(d_ln_2, s.x1, w.ln_2_weight, mean_2, rstd_2, grad_out);
+  d_ln_2.reset();
 
   // Attention c_proj: x1 = x + attn @ W^T + b.
   gw.attn_c_proj_weight = at::mm(rows(d_x1).t(), rows(s.attn));  // [C, C]
@@ -88,11 +94,14 @@ BlockGrads block_backward(const Kernels& k, const Tensor& grad_out, const Tensor
 
   // Attention, then c_attn: qkv = ln_1 @ W^T + b.
   Tensor d_qkv = k.causal_attention_backward(d_attn, s.qkv, s.attn, s.lse, n_head);
+  d_attn.reset();
   gw.c_attn_bias = k.bias_grad(rows(d_qkv));
   auto [ln_1, mean_1, rstd_1] =
       k.layer_norm_forward(x, w.ln_1_weight, w.ln_1_bias, kLayerNormEps);  // recomputed
   gw.c_attn_weight = at::mm(rows(d_qkv).t(), rows(ln_1));  // [3C, C]
+  ln_1.reset();
   Tensor d_ln_1 = at::mm(rows(d_qkv), w.c_attn_weight).view_as(x);
+  d_qkv.reset();
 
   // ln_1, plus the residual: dx = d_x1 + ln_1's input gradient.
   std::tie(g.x, gw.ln_1_weight, gw.ln_1_bias) =

@@ -40,3 +40,12 @@ Tensor gelu_backward(const Tensor& grad_out, const Tensor& x,
 // The gradient of a bias: grad [N, F] summed over rows -> [F], in a
 // fixed order (deterministic).
 Tensor bias_grad(const Tensor& grad);
+// The Block's backward through its MLP GELU, one pass where the backend can:
+// grad_out [N, F] (the gradient of gelu(x + bias)) is overwritten with
+// grad_x = grad_out * gelu'(x + bias); returns out = gelu(x + bias) [N, F]
+// (recomputed: the c_proj weight gradient needs it, the forward does not keep
+// it) and grad_bias [F] = grad_x summed over rows in a fixed order (also
+// without bias: the Block's backward returns a gradient for every bias slot).
+std::tuple<Tensor, Tensor> gelu_backward_recompute(const Tensor& grad_out,
+                                                   const Tensor& x,
+                                                   const Tensor& bias, bool tanh);

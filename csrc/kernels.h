@@ -47,13 +47,15 @@ struct Kernels {
   decltype(&cpu::gelu_forward) gelu_forward;
   decltype(&cpu::gelu_backward) gelu_backward;
   decltype(&cpu::bias_grad) bias_grad;
+  decltype(&cpu::gelu_backward_recompute) gelu_backward_recompute;
 };
 
 #define NANOBLOCK_KERNEL_TABLE(ns)                                                   \
   Kernels {                                                                          \
     &ns::layer_norm_forward, &ns::add_layer_norm_forward, &ns::layer_norm_backward,  \
         &ns::causal_attention_forward, &ns::causal_attention_backward,               \
-        &ns::gelu_forward, &ns::gelu_backward, &ns::bias_grad                        \
+        &ns::gelu_forward, &ns::gelu_backward, &ns::bias_grad,                       \
+        &ns::gelu_backward_recompute                                                 \
   }
 
 inline constexpr Kernels cpu_kernels = NANOBLOCK_KERNEL_TABLE(cpu);

@@ -158,9 +158,12 @@ def _attention_setup(ctx, inputs, output):
     ctx.save_for_backward(qkv, out, lse)
     ctx.n_head = n_head
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
+    if grad_out is None:  # grads are not materialized; nothing reached out
+        return None, None
     qkv, out, lse = ctx.saved_tensors
     return _ops.causal_attention_backward(grad_out, qkv, out, lse, ctx.n_head), None
 
@@ -192,9 +195,14 @@ def _block_setup(ctx, inputs, output):
     ctx.has_param = [p is not None for p in params]
     ctx.save_for_backward(x, *params, qkv, attn, lse, x1, fc)
     ctx.mark_non_differentiable(qkv, attn, lse, x1, fc)
+    # Without this autograd fills a zero gradient for each of those outputs
+    # (9 C values per token) before every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _block_backward(ctx, grad_out, *unused_grads):
+    if grad_out is None:  # grads are not materialized; nothing reached out
+        return (None,) * 15
     x, *rest = ctx.saved_tensors
     params, saved = rest[:12], rest[12:]
     grads = _ops.block_backward(grad_out, x, *params, *saved, ctx.n_head, ctx.approximate)

@@ -177,27 +177,40 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------
-// Backward, D = rowsum(dO * O) per (batch, head, query). One warp per row.
-template <typename scalar_t>
+// Backward, D = rowsum(dO * O) per (batch, head, query). Eight lanes per
+// row, VEC elements (up to 16 bytes) per load; the lanes' sums are added in
+// a fixed tree.
+constexpr int kRowDotLanes = 8;
+
+template <typename scalar_t, int VEC>
 __global__ void attention_row_dot_kernel(const scalar_t* __restrict__ grad_out,
                                          const scalar_t* __restrict__ out,
                                          acc_type<scalar_t>* __restrict__ row_dot, int64_t rows,
                                          int T, int n_head, int hd) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t row = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= rows) return;  // uniform across the warp
+  const int64_t row = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kRowDotLanes;
+  const int sub = threadIdx.x % kRowDotLanes;
   // row enumerates (b, t, h) in memory order of out [B, T, C].
-  const int h = static_cast<int>(row % n_head);
-  const int64_t bt = row / n_head;
-  const int64_t b = bt / T, t = bt % T;
-  const int64_t offset = row * hd;  // == bt * C + h * hd
+  const int64_t offset = row * hd;  // == (b * T + t) * C + h * hd
   acc_t dot = 0;
-  for (int d = lane; d < hd; d += 32) {
-    dot += static_cast<acc_t>(grad_out[offset + d]) * static_cast<acc_t>(out[offset + d]);
+  if (row < rows) {
+    for (int d = sub * VEC; d < hd; d += kRowDotLanes * VEC) {
+      const auto g = load_vec<scalar_t, VEC>(grad_out + offset + d);
+      const auto o = load_vec<scalar_t, VEC>(out + offset + d);
+#pragma unroll
+      for (int k = 0; k < VEC; k++) dot += static_cast<acc_t>(g.v[k]) * static_cast<acc_t>(o.v[k]);
+    }
   }
-  dot = warp_sum(dot);
-  if (lane == 0) row_dot[(b * n_head + h) * T + t] = dot;
+#pragma unroll
+  for (int width = kRowDotLanes / 2; width > 0; width /= 2) {
+    dot += __shfl_xor_sync(0xffffffffu, dot, width);
+  }
+  if (row < rows && sub == 0) {
+    const int h = static_cast<int>(row % n_head);
+    const int64_t bt = row / n_head;
+    const int64_t b = bt / T, t = bt % T;
+    row_dot[(b * n_head + h) * T + t] = dot;
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -523,10 +536,16 @@ Tensor causal_attention_backward(const Tensor& grad_out, const Tensor& qkv, cons
     // D = rowsum(dO * O), one warp per (b, t, h).
     Tensor row_dot = at::empty({B, n_head, T}, lse.options());
     const int64_t rows = B * T * n_head;
-    attention_row_dot_kernel<scalar_t><<<ceil_div(rows * 32, 256), 256, 0, stream>>>(
-        grad_out_ptr, out.const_data_ptr<scalar_t>(), row_dot.mutable_data_ptr<acc_t>(), rows,
-        static_cast<int>(T), static_cast<int>(n_head), static_cast<int>(hd));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t* out_ptr = out.const_data_ptr<scalar_t>();
+    const int vec = vector_width<scalar_t>(hd, {grad_out_ptr, out_ptr});
+    with_vector_width<scalar_t>(vec, [&](auto vec_constant) {
+      constexpr int VEC = decltype(vec_constant)::value;
+      attention_row_dot_kernel<scalar_t, VEC>
+          <<<ceil_div(rows * kRowDotLanes, 256), 256, 0, stream>>>(
+              grad_out_ptr, out_ptr, row_dot.mutable_data_ptr<acc_t>(), rows,
+              static_cast<int>(T), static_cast<int>(n_head), static_cast<int>(hd));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
     const acc_t* dot_ptr = row_dot.const_data_ptr<acc_t>();
     if (mma_attention_supported(qkv, hd, grad_out)) {
       mma_attention_backward(grad_out, qkv, lse, row_dot, n_head, grad_qkv);

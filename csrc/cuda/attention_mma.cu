@@ -3,28 +3,35 @@
 // attention.cu (read that file's header first), with every matrix product
 // done by mma.sync.m16n8k16 (fp16/bf16 operands, float32 accumulators).
 //
-//   forward  [grid: B * n_head * query tiles of 64]   S = q k^T, online
-//            softmax, out = P v  -> out [B, T, C], lse [B, n_head, T]
-//   grad_kv  [grid: B * n_head * key tiles of 64]     walks query tiles of 32
-//            from the diagonal: dv += P^T dO, dk += dS^T q
-//   grad_q   [grid: B * n_head * query tiles of 64]   walks key tiles of 32
-//            up to the diagonal: dq += dS k
-// As in the generic path, each output element is owned by one thread and
-// summed in a fixed order: deterministic, no atomics.
+//   forward  [grid: query tiles x (B * n_head)]  S = q k^T, online softmax,
+//            out = P v  -> out [B, T, C], lse [B, n_head, T]
+//   grad_kv  [grid: key tiles x (B * n_head)]    walks query tiles from the
+//            diagonal on: dv += P^T dO, dk += dS^T q
+//   grad_q   [grid: query tiles x (B * n_head)]  walks key tiles up to the
+//            diagonal: dq += dS k
+// Each output element is owned by one thread and summed in a fixed order:
+// deterministic, no atomics. The grid's slowest index is the tile, ordered
+// so the blocks with the most work start first.
 //
-// A block is 4 warps; each warp owns 16 rows of its tile (queries, or keys in
-// grad_kv). Fragment layout of m16n8k16 (g = lane / 4, t = lane % 4):
+// A block is 4 warps; each warp owns 16 (or 32) rows of the block's tile:
+// queries in the forward and grad_q, keys in grad_kv. The other operand
+// streams through shared memory in tiles that are copied asynchronously
+// (cp.async) into two buffers: tile i + 1 is in flight while tile i is used.
+//
+// Fragment layout of m16n8k16 (g = lane / 4, t = lane % 4):
 //   A 16x16 (row major): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..),
 //                        a3 = (g+8, 2t+8..), two 16-bit values per register;
 //   B 16x8 (k x n):      b0 = (k = 2t..2t+1, n = g), b1 = (k = 2t+8.., n = g);
 //   C 16x8 (float):      c0, c1 = (g, 2t..2t+1), c2, c3 = (g+8, 2t..2t+1).
+// Fragments come from shared memory by ldmatrix; a B operand stored with its
+// n index along rows ([n][k]: k in q k^T) is read as is, one stored with k
+// along rows ([k][n]: v in P v) through ldmatrix's transpose, so every tile
+// is kept once, row major, as it lies in global memory. Rows are padded by 8
+// elements (16 bytes) so the 8 row addresses of an ldmatrix hit 8 different
+// 16-byte bank groups.
 // The C layout of two neighbouring 8-column tiles is the A layout of one
-// 16-wide k step, so probabilities go from the score accumulators straight
-// into the next product without shared memory (FlashAttention-2's trick).
-// A B operand needs its k index contiguous in shared memory, so a tile that
-// is a B operand with k along its rows (v in P v; q, dO in grad_kv; k in
-// grad_q) is also stored transposed. Rows are padded by 8 elements (16 bytes)
-// so the fragment loads of a warp hit 32 different banks.
+// 16-wide k step, so probabilities (and dS) go from the score accumulators
+// straight into the next product without shared memory.
 //
 // Scores are kept in the log2 domain (scaled by scale * log2 e) and
 // exponentiated with exp2f; lse is written and read in natural log units.
@@ -34,6 +41,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <type_traits>
 
@@ -41,12 +49,45 @@ namespace nanoblock::cuda {
 
 namespace {
 
-constexpr int kThreads = 128;  // 4 warps
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // ---------------------------------------------------------------------------
-// Tensor-core and packing primitives.
+// Primitives: asynchronous copies, ldmatrix, mma.
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 (or 4) bytes from global to shared memory without a register round
+// trip; zero-filled when !valid (src is then not read).
+__device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)),
+               "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void copy_async_4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(shared_address(dst)),
+               "l"(src), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void copy_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+__device__ __forceinline__ void copy_async_wait_all() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(p)));
+}
 
 template <typename scalar_t>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
@@ -66,6 +107,14 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
   }
 }
 
+// c += a * (the two 8-wide n tiles in b): b[0..1] is n tile 0, b[2..3] n tile 1.
+template <typename scalar_t>
+__device__ __forceinline__ void mma_pair(float (&c0)[4], float (&c1)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[4]) {
+  mma_16816<scalar_t>(c0, a, b[0], b[1]);
+  mma_16816<scalar_t>(c1, a, b[2], b[3]);
+}
+
 // Two floats as two 16-bit values in one register, lo in the low half.
 template <typename scalar_t>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
@@ -78,23 +127,6 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
-// Two neighbouring 16-bit elements as one register.
-template <typename scalar_t>
-__device__ __forceinline__ uint32_t ld2(const scalar_t* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
-}
-
-// The A fragment of the 16 x 16 block at `tile` (row stride `stride`), k step ks.
-template <typename scalar_t>
-__device__ __forceinline__ void load_a(uint32_t (&a)[4], const scalar_t* tile, int stride, int ks,
-                                       int g, int t) {
-  const scalar_t* p = tile + g * stride + ks * 16 + 2 * t;
-  a[0] = ld2(p);
-  a[1] = ld2(p + 8 * stride);
-  a[2] = ld2(p + 8);
-  a[3] = ld2(p + 8 * stride + 8);
-}
-
 // Probabilities (or dS) of two neighbouring C tiles as the A fragment of one
 // 16-wide k step.
 template <typename scalar_t>
@@ -105,284 +137,424 @@ __device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&lo)[4], c
   a[3] = pack2<scalar_t>(hi[2], hi[3]);
 }
 
-// Copies rows first .. first + ROWS - 1 (zeros at or past T) of one head's HD
-// columns (rows row_stride apart in global memory) with 16-byte loads into
-// shared memory: row major into rows_dst [ROWS][HD + 8] and/or transposed into
-// cols_dst [HD][ROWS + 8] (either may be null).
+// Fragments from a shared tile with row stride STRIDE (elements):
+// the A fragment of rows row0..row0+15, columns col0..col0+15;
+template <int STRIDE, typename scalar_t>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const scalar_t* tile, int row0, int col0) {
+  const int lane = threadIdx.x % 32;
+  ldmatrix_x4(a, tile + (row0 + lane % 16) * STRIDE + col0 + (lane / 16) * 8);
+}
+// the B fragments of n tiles n0.., n0+8.. over k = k0..k0+15, from a tile
+// stored [n][k] (rows are n);
+template <int STRIDE, typename scalar_t>
+__device__ __forceinline__ void load_b(uint32_t (&b)[4], const scalar_t* tile, int n0, int k0) {
+  const int lane = threadIdx.x % 32;
+  ldmatrix_x4(b, tile + (n0 + (lane / 16) * 8 + lane % 8) * STRIDE + k0 + (lane / 8 % 2) * 8);
+}
+// the same from a tile stored [k][n] (rows are k), transposed by ldmatrix.
+template <int STRIDE, typename scalar_t>
+__device__ __forceinline__ void load_b_trans(uint32_t (&b)[4], const scalar_t* tile, int k0,
+                                             int n0) {
+  const int lane = threadIdx.x % 32;
+  ldmatrix_x4_trans(b, tile + (k0 + (lane / 8 % 2) * 8 + lane % 8) * STRIDE + n0 + (lane / 16) * 8);
+}
+
+// Starts copying rows first .. first + ROWS - 1 (zeros at or past T) of one
+// head's HD columns, rows row_stride apart in global memory, into the shared
+// tile dst [ROWS][HD + 8]. Neighbouring threads take neighbouring 16-byte
+// chunks of a row (coalesced).
 template <int ROWS, int HD, typename scalar_t>
-__device__ __forceinline__ void load_tile(scalar_t* rows_dst, scalar_t* cols_dst,
-                                          const scalar_t* src, int64_t row_stride, int first,
-                                          int T) {
+__device__ __forceinline__ void copy_tile_async(scalar_t* dst, const scalar_t* src,
+                                                int64_t row_stride, int first, int T) {
   constexpr int kChunks = HD / 8;
   for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += kThreads) {
-    // Row major only: neighbouring threads take neighbouring chunks of a row
-    // (coalesced). With a transposed copy, neighbouring threads take
-    // neighbouring rows instead, so the 2-byte transposed stores of a warp
-    // land in consecutive addresses rather than all in one bank.
-    const bool rows_fastest = cols_dst != nullptr;
-    const int r = rows_fastest ? idx % ROWS : idx / kChunks;
-    const int c = rows_fastest ? idx / ROWS : idx % kChunks;
-    const int row = first + r;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (row < T) v = *reinterpret_cast<const uint4*>(src + static_cast<int64_t>(row) * row_stride + c * 8);
-    if (rows_dst != nullptr) *reinterpret_cast<uint4*>(rows_dst + r * (HD + 8) + c * 8) = v;
-    if (cols_dst != nullptr) {
-      const scalar_t* e = reinterpret_cast<const scalar_t*>(&v);
+    const int r = idx / kChunks, c = idx % kChunks;
+    const bool valid = first + r < T;
+    const scalar_t* from = valid ? src + static_cast<int64_t>(first + r) * row_stride + c * 8 : src;
+    copy_async_16(dst + r * (HD + 8) + c * 8, from, valid);
+  }
+}
+
+// Starts copying key tile kt (rows kt * ROWS ..) of one head's k and v (at
+// head + C and head + 2 C) into buffer kt % 2 of k_s, v_s [2][ROWS][HD + 8],
+// as one commit group.
+template <int ROWS, int HD, typename scalar_t>
+__device__ __forceinline__ void copy_key_tile_async(scalar_t* k_s, scalar_t* v_s,
+                                                    const scalar_t* head, int64_t row_stride,
+                                                    int64_t C, int kt, int T) {
+  const int buffer = (kt % 2) * ROWS * (HD + 8);
+  copy_tile_async<ROWS, HD>(k_s + buffer, head + C, row_stride, kt * ROWS, T);
+  copy_tile_async<ROWS, HD>(v_s + buffer, head + 2 * C, row_stride, kt * ROWS, T);
+  copy_async_commit();
+}
+
+// Starts copying values[first .. first + ROWS - 1] (zeros at or past T).
+template <int ROWS>
+__device__ __forceinline__ void copy_row_values_async(float* dst, const float* values, int first,
+                                                      int T) {
+  for (int r = threadIdx.x; r < ROWS; r += kThreads) {
+    const bool valid = first + r < T;
+    copy_async_4(dst + r, valid ? values + first + r : values, valid);
+  }
+}
+
+// Writes the fragment rows `row` (g) and `row + 8` of a [16][HD] float
+// accumulator held as acc[HD / 8][4] into dst (rows row_stride apart), as
+// 16-bit values; rows at or past T are skipped.
+template <typename scalar_t, int HD>
+__device__ __forceinline__ void store_rows(scalar_t* dst, int64_t row_stride, int row, int T,
+                                           const float (&acc)[HD / 8][4], float scale0 = 1.f,
+                                           float scale1 = 1.f) {
+  const int t = threadIdx.x % 4;
 #pragma unroll
-      for (int k = 0; k < 8; k++) cols_dst[(c * 8 + k) * (ROWS + 8) + r] = e[k];
+  for (int half = 0; half < 2; half++) {
+    if (row + 8 * half >= T) continue;
+    const float scale = half == 0 ? scale0 : scale1;
+    scalar_t* p = dst + static_cast<int64_t>(row + 8 * half) * row_stride + 2 * t;
+#pragma unroll
+    for (int nd = 0; nd < HD / 8; nd++) {
+      *reinterpret_cast<uint32_t*>(p + nd * 8) =
+          pack2<scalar_t>(acc[nd][2 * half] * scale, acc[nd][2 * half + 1] * scale);
+    }
+  }
+}
+
+// acc += P B for one warp's M slices of 16 rows: P [16 M][K] held as score
+// accumulators (C fragments, rounded to 16 bits on the way into the A
+// operand), B a shared tile [K][S] (k along rows, read transposed), acc
+// [16 M][HD]: out += P v in the forward, dq += dS k, dv += P^T dO and
+// dk += dS^T q in the backward.
+template <int M, int K, int HD, int S, typename scalar_t>
+__device__ __forceinline__ void accumulate_product(float (&acc)[M][HD / 8][4],
+                                                   const float (&p)[M][K / 8][4],
+                                                   const scalar_t* b) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; kk++) {
+    uint32_t pa[M][4];
+#pragma unroll
+    for (int mi = 0; mi < M; mi++) c_to_a<scalar_t>(pa[mi], p[mi][2 * kk], p[mi][2 * kk + 1]);
+#pragma unroll
+    for (int np = 0; np < HD / 16; np++) {
+      uint32_t fb[4];
+      load_b_trans<S>(fb, b, kk * 16, np * 16);
+#pragma unroll
+      for (int mi = 0; mi < M; mi++) mma_pair<scalar_t>(acc[mi][2 * np], acc[mi][2 * np + 1], pa[mi], fb);
     }
   }
 }
 
 // ---------------------------------------------------------------------------
-// Forward.
-template <typename scalar_t, int HD>
+// Forward. A warp owns SLICES x 16 queries; key tiles of 64.
+template <int HD, int SLICES>
+struct ForwardShape {
+  static constexpr int kSlices = SLICES;  // 16-query slices per warp
+  static constexpr int kQueries = kWarps * 16 * kSlices;
+  static constexpr int kKeys = 64;
+  static constexpr int kStride = HD + 8;
+  // q [kQueries][kStride], k and v [2][kKeys][kStride] (two buffers each)
+  static constexpr int kSharedElements = kStride * (kQueries + 4 * kKeys);
+};
+
+template <typename scalar_t, int HD, typename Shape>
 __global__ void __launch_bounds__(kThreads)
     mma_forward_kernel(const scalar_t* __restrict__ qkv, scalar_t* __restrict__ out,
                        float* __restrict__ lse, int T, int n_head, int64_t C, float scale_log2) {
-  constexpr int BQ = 64, BK = 64, S = HD + 8, ST = BK + 8;
+  constexpr int M = Shape::kSlices, BQ = Shape::kQueries, BK = Shape::kKeys, S = Shape::kStride;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   scalar_t* q_s = reinterpret_cast<scalar_t*>(smem_raw);  // [BQ][S]
-  scalar_t* k_s = q_s + BQ * S;                             // [BK][S]
-  scalar_t* vt_s = k_s + BK * S;                            // [HD][ST] (v transposed)
+  scalar_t* k_s = q_s + BQ * S;                             // [2][BK][S]
+  scalar_t* v_s = k_s + 2 * BK * S;                         // [2][BK][S]
 
   const int tiles = (T + BQ - 1) / BQ;
-  const int qt = tiles - 1 - static_cast<int>(blockIdx.x % tiles);  // longest rows first
-  const int bh = static_cast<int>(blockIdx.x / tiles);
+  const int heads = static_cast<int>(gridDim.x) / tiles;  // B * n_head
+  const int qt = tiles - 1 - static_cast<int>(blockIdx.x) / heads;  // longest rows first
+  const int bh = static_cast<int>(blockIdx.x) % heads;
   const int b = bh / n_head, h = bh % n_head;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int64_t row_stride = 3 * C;
   const scalar_t* head = qkv + static_cast<int64_t>(b) * T * row_stride + h * HD;
 
   const int q0 = qt * BQ;
-  load_tile<BQ, HD>(q_s, static_cast<scalar_t*>(nullptr), head, row_stride, q0, T);
-  __syncthreads();
-  uint32_t qa[HD / 16][4];
+  const int warp_q0 = q0 + warp * 16 * M;  // this warp's first query
+  const int key_tiles = (min(q0 + BQ, T) - 1) / BK + 1;
+
+  copy_tile_async<BQ, HD>(q_s, head, row_stride, q0, T);
+  copy_key_tile_async<BK, HD>(k_s, v_s, head, row_stride, C, 0, T);
+
+  uint32_t qa[M][HD / 16][4];
+  float o[M][HD / 8][4] = {};
+  // Row maxima (of raw scores) and partial row sums of rows g and g + 8 of each slice.
+  float m[M][2], l[M][2] = {};
 #pragma unroll
-  for (int ks = 0; ks < HD / 16; ks++) load_a(qa[ks], q_s + warp * 16 * S, S, ks, g, t);
+  for (int mi = 0; mi < M; mi++) m[mi][0] = m[mi][1] = -INFINITY;
 
-  const int row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
-  const int last_row = q0 + warp * 16 + 15;
-  float o[HD / 8][4] = {};
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-
-  for (int kt = 0; kt <= qt; kt++) {
+  for (int kt = 0; kt < key_tiles; kt++) {
+    copy_async_wait_all();
+    __syncthreads();  // tile kt is in; everyone is done with tile kt - 1
+    if (kt == 0) {
+#pragma unroll
+      for (int mi = 0; mi < M; mi++)
+#pragma unroll
+        for (int ks = 0; ks < HD / 16; ks++) load_a<S>(qa[mi][ks], q_s, (warp * M + mi) * 16, ks * 16);
+    }
+    if (kt + 1 < key_tiles) copy_key_tile_async<BK, HD>(k_s, v_s, head, row_stride, C, kt + 1, T);
     const int k0 = kt * BK;
-    __syncthreads();  // everyone is done with the previous k / v tile
-    load_tile<BK, HD>(k_s, static_cast<scalar_t*>(nullptr), head + C, row_stride, k0, T);
-    load_tile<BK, HD>(static_cast<scalar_t*>(nullptr), vt_s, head + 2 * C, row_stride, k0, T);
-    __syncthreads();
-    if (k0 > last_row) continue;  // the whole tile is above this warp's rows
+    if (k0 > warp_q0 + 16 * M - 1) continue;  // the whole tile is after this warp's queries
+    const scalar_t* kb = k_s + (kt % 2) * BK * S;
+    const scalar_t* vb = v_s + (kt % 2) * BK * S;
 
-    float s[BK / 8][4] = {};
+    float s[M][BK / 8][4] = {};
 #pragma unroll
     for (int ks = 0; ks < HD / 16; ks++) {
 #pragma unroll
+      for (int np = 0; np < BK / 16; np++) {
+        uint32_t bk[4];
+        load_b<S>(bk, kb, np * 16, ks * 16);
+#pragma unroll
+        for (int mi = 0; mi < M; mi++) mma_pair<scalar_t>(s[mi][2 * np], s[mi][2 * np + 1], qa[mi][ks], bk);
+      }
+    }
+
+    // Causal mask (only where some key of the tile follows some query of the
+    // warp, or lies past T), then the online softmax. A row lives in the 4
+    // lanes of a quad.
+    const bool needs_mask = k0 + BK - 1 > warp_q0 || k0 + BK > T;
+#pragma unroll
+    for (int mi = 0; mi < M; mi++) {
+      const int row0 = warp_q0 + mi * 16 + g;
+      float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
       for (int nt = 0; nt < BK / 8; nt++) {
-        const scalar_t* p = k_s + (nt * 8 + g) * S + ks * 16 + 2 * t;
-        mma_16816<scalar_t>(s[nt], qa[ks], ld2(p), ld2(p + 8));
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          if (needs_mask) {
+            const int key = k0 + nt * 8 + 2 * t + (e & 1);
+            if (key > row0 + 8 * (e >> 1) || key >= T) s[mi][nt][e] = -INFINITY;
+          }
+          tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[mi][nt][e]);
+        }
       }
-    }
-
-    // Mask, scale, and the new row maxima (a row lives in the 4 lanes of a quad).
-    float tile_max[2] = {-INFINITY, -INFINITY};
+      float m_scaled[2], correction[2];
 #pragma unroll
-    for (int nt = 0; nt < BK / 8; nt++) {
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int key = k0 + nt * 8 + 2 * t + (e & 1);
-        const bool visible = key <= row[e >> 1] && key < T;
-        s[nt][e] = visible ? s[nt][e] * scale_log2 : -INFINITY;
-        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
+      for (int i = 0; i < 2; i++) {
+        tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 1));
+        tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 2));
+        const float m_new = fmaxf(m[mi][i], tile_max[i]);
+        // A row that has seen no key yet keeps max -inf; exp2(-inf - 0) = 0 then.
+        m_scaled[i] = m_new == -INFINITY ? 0.f : m_new * scale_log2;
+        correction[i] = exp2f(m[mi][i] * scale_log2 - m_scaled[i]);
+        m[mi][i] = m_new;
+        l[mi][i] *= correction[i];
       }
-    }
-    float correction[2], m_safe[2];
 #pragma unroll
-    for (int i = 0; i < 2; i++) {
-      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 1));
-      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 2));
-      const float m_new = fmaxf(m[i], tile_max[i]);
-      // A row that has seen no key yet keeps max -inf; exp2(-inf - 0) = 0 then.
-      m_safe[i] = m_new == -INFINITY ? 0.f : m_new;
-      correction[i] = exp2f(m[i] - m_safe[i]);
-      m[i] = m_new;
-      l[i] *= correction[i];
-    }
+      for (int nt = 0; nt < BK / 8; nt++) {
 #pragma unroll
-    for (int nt = 0; nt < BK / 8; nt++) {
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        s[nt][e] = exp2f(s[nt][e] - m_safe[e >> 1]);
-        l[e >> 1] += s[nt][e];
+        for (int e = 0; e < 4; e++) {
+          s[mi][nt][e] = exp2f(fmaf(s[mi][nt][e], scale_log2, -m_scaled[e >> 1]));
+          l[mi][e >> 1] += s[mi][nt][e];
+        }
       }
-    }
-#pragma unroll
-    for (int nd = 0; nd < HD / 8; nd++) {
-      o[nd][0] *= correction[0];
-      o[nd][1] *= correction[0];
-      o[nd][2] *= correction[1];
-      o[nd][3] *= correction[1];
-    }
-
-    // o += P v.
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; kk++) {
-      uint32_t pa[4];
-      c_to_a<scalar_t>(pa, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
       for (int nd = 0; nd < HD / 8; nd++) {
-        const scalar_t* p = vt_s + (nd * 8 + g) * ST + kk * 16 + 2 * t;
-        mma_16816<scalar_t>(o[nd], pa, ld2(p), ld2(p + 8));
+        o[mi][nd][0] *= correction[0];
+        o[mi][nd][1] *= correction[0];
+        o[mi][nd][2] *= correction[1];
+        o[mi][nd][3] *= correction[1];
       }
     }
+
+    accumulate_product<M, BK, HD, S>(o, s, vb);  // o += P v
   }
 
   // Normalize, write out and lse (natural log).
+  scalar_t* out_head = out + static_cast<int64_t>(b) * T * C + h * HD;
 #pragma unroll
-  for (int i = 0; i < 2; i++) {
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-    if (row[i] >= T) continue;
-    const float inv = 1.f / l[i];
-    scalar_t* out_row = out + (static_cast<int64_t>(b) * T + row[i]) * C + h * HD;
+  for (int mi = 0; mi < M; mi++) {
+    const int row0 = warp_q0 + mi * 16 + g;
+    float inv[2];
 #pragma unroll
-    for (int nd = 0; nd < HD / 8; nd++) {
-      *reinterpret_cast<uint32_t*>(out_row + nd * 8 + 2 * t) =
-          pack2<scalar_t>(o[nd][2 * i] * inv, o[nd][2 * i + 1] * inv);
+    for (int i = 0; i < 2; i++) {
+      l[mi][i] += __shfl_xor_sync(0xffffffffu, l[mi][i], 1);
+      l[mi][i] += __shfl_xor_sync(0xffffffffu, l[mi][i], 2);
+      inv[i] = 1.f / l[mi][i];
+      const int row = row0 + 8 * i;
+      if (t == 0 && row < T) {
+        lse[static_cast<int64_t>(bh) * T + row] = (m[mi][i] * scale_log2 + log2f(l[mi][i])) * kLn2;
+      }
     }
-    if (t == 0) lse[static_cast<int64_t>(bh) * T + row[i]] = (m[i] + log2f(l[i])) * kLn2;
+    store_rows<scalar_t, HD>(out_head, C, row0, T, o[mi], inv[0], inv[1]);
+  }
+}
+
+// The two score-like products of the backward for one warp's M slices of 16
+// rows (row0..): c1 += A1 B1^T and c2 += A2 B2^T over k = 0..HD-1, with A1,
+// A2 rows of shared tiles [*][S] and B1, B2 shared tiles [N][S] (n = rows):
+// S = q k^T and dP = dO v^T in grad_q, their transposes in grad_kv.
+template <int M, int N, int HD, int S, typename scalar_t>
+__device__ __forceinline__ void two_products(float (&c1)[M][N / 8][4], float (&c2)[M][N / 8][4],
+                                             const scalar_t* a1, const scalar_t* a2, int row0,
+                                             const scalar_t* b1, const scalar_t* b2) {
+#pragma unroll
+  for (int ks = 0; ks < HD / 16; ks++) {
+    uint32_t f1[M][4], f2[M][4];
+#pragma unroll
+    for (int mi = 0; mi < M; mi++) {
+      load_a<S>(f1[mi], a1, row0 + mi * 16, ks * 16);
+      load_a<S>(f2[mi], a2, row0 + mi * 16, ks * 16);
+    }
+#pragma unroll
+    for (int np = 0; np < N / 16; np++) {
+      uint32_t g1[4], g2[4];
+      load_b<S>(g1, b1, np * 16, ks * 16);
+#pragma unroll
+      for (int mi = 0; mi < M; mi++) mma_pair<scalar_t>(c1[mi][2 * np], c1[mi][2 * np + 1], f1[mi], g1);
+      load_b<S>(g2, b2, np * 16, ks * 16);
+#pragma unroll
+      for (int mi = 0; mi < M; mi++) mma_pair<scalar_t>(c2[mi][2 * np], c2[mi][2 * np + 1], f2[mi], g2);
+    }
   }
 }
 
 // ---------------------------------------------------------------------------
-// Backward, dk and dv: one block per key tile of 64 (16 keys a warp), query
-// tiles of 32 from the diagonal on. The products run transposed (keys as
-// rows): S^T = k q^T, dP^T = v dO^T, then dv += P^T dO, dk += dS^T q.
-template <typename scalar_t, int HD>
+// Backward, dk and dv: one block per key tile (a warp owns SLICES x 16
+// keys), query tiles of QUERIES from the diagonal on. The products run
+// transposed (keys as rows): S^T = k q^T, dP^T = v dO^T, then dv += P^T dO,
+// dk += dS^T q.
+template <int HD, int SLICES, int QUERIES>
+struct GradKvShape {
+  static constexpr int kSlices = SLICES;
+  static constexpr int kKeys = kWarps * 16 * SLICES;
+  static constexpr int kQueries = QUERIES;  // per query tile
+  static constexpr int kStride = HD + 8;
+  // k, v [kKeys][kStride]; q, dO [2][kQueries][kStride] (two buffers each)
+  static constexpr int kSharedElements = kStride * (2 * kKeys + 4 * kQueries);
+  // lse, D [2][kQueries] floats after them
+  static constexpr int kSharedFloats = 4 * kQueries;
+};
+
+template <typename scalar_t, int HD, typename Shape>
 __global__ void __launch_bounds__(kThreads)
     mma_grad_kv_kernel(const scalar_t* __restrict__ qkv, const scalar_t* __restrict__ grad_out,
                        const float* __restrict__ lse, const float* __restrict__ row_dot,
                        scalar_t* __restrict__ grad_qkv, int T, int n_head, int64_t C,
                        float scale_log2, float scale) {
-  constexpr int BK = 64, BQ = 32, S = HD + 8, SQ = BQ + 8;
+  constexpr int M = Shape::kSlices, BK = Shape::kKeys, BQ = Shape::kQueries, S = Shape::kStride;
+  static_assert(BK % BQ == 0, "a key tile starts at a query tile");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   scalar_t* k_s = reinterpret_cast<scalar_t*>(smem_raw);  // [BK][S]
   scalar_t* v_s = k_s + BK * S;                             // [BK][S]
-  scalar_t* q_s = v_s + BK * S;                             // [BQ][S]
-  scalar_t* do_s = q_s + BQ * S;                            // [BQ][S]
-  scalar_t* qt_s = do_s + BQ * S;                           // [HD][SQ] (q transposed)
-  scalar_t* dot_s = qt_s + HD * SQ;                         // [HD][SQ] (dO transposed)
-  float* lse_s = reinterpret_cast<float*>(dot_s + HD * SQ); // [BQ], log2 units
-  float* d_s = lse_s + BQ;                                  // [BQ]
+  scalar_t* q_s = v_s + BK * S;                             // [2][BQ][S]
+  scalar_t* do_s = q_s + 2 * BQ * S;                        // [2][BQ][S]
+  float* lse_s = reinterpret_cast<float*>(do_s + 2 * BQ * S);  // [2][BQ]
+  float* d_s = lse_s + 2 * BQ;                                 // [2][BQ]
 
   const int key_tiles = (T + BK - 1) / BK;
-  const int query_tiles = (T + BQ - 1) / BQ;
-  const int kt = static_cast<int>(blockIdx.x % key_tiles);  // small kt = most work, first
-  const int bh = static_cast<int>(blockIdx.x / key_tiles);
+  const int heads = static_cast<int>(gridDim.x) / key_tiles;
+  const int kt = static_cast<int>(blockIdx.x) / heads;  // small kt = most work, first
+  const int bh = static_cast<int>(blockIdx.x) % heads;
   const int b = bh / n_head, h = bh % n_head;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int64_t row_stride = 3 * C;
   const scalar_t* head = qkv + static_cast<int64_t>(b) * T * row_stride + h * HD;
   const scalar_t* grad_head = grad_out + static_cast<int64_t>(b) * T * C + h * HD;
+  const float* lse_head = lse + static_cast<int64_t>(bh) * T;
+  const float* dot_head = row_dot + static_cast<int64_t>(bh) * T;
 
   const int k0 = kt * BK;
-  load_tile<BK, HD>(k_s, static_cast<scalar_t*>(nullptr), head + C, row_stride, k0, T);
-  load_tile<BK, HD>(v_s, static_cast<scalar_t*>(nullptr), head + 2 * C, row_stride, k0, T);
-  const scalar_t* k_w = k_s + warp * 16 * S;
-  const scalar_t* v_w = v_s + warp * 16 * S;
-  const int key[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
-  float dk[HD / 8][4] = {}, dv[HD / 8][4] = {};
+  const int warp_k0 = k0 + warp * 16 * M;  // this warp's first key
+  const int first_tile = k0 / BQ, query_tiles = (T + BQ - 1) / BQ;
+  const auto copy_query_tile = [&](int qt, int buffer) {
+    copy_tile_async<BQ, HD>(q_s + buffer * BQ * S, head, row_stride, qt * BQ, T);
+    copy_tile_async<BQ, HD>(do_s + buffer * BQ * S, grad_head, C, qt * BQ, T);
+    copy_row_values_async<BQ>(lse_s + buffer * BQ, lse_head, qt * BQ, T);
+    copy_row_values_async<BQ>(d_s + buffer * BQ, dot_head, qt * BQ, T);
+    copy_async_commit();
+  };
+  copy_tile_async<BK, HD>(k_s, head + C, row_stride, k0, T);
+  copy_tile_async<BK, HD>(v_s, head + 2 * C, row_stride, k0, T);
+  copy_query_tile(first_tile, 0);
 
-  for (int qt = k0 / BQ; qt < query_tiles; qt++) {
+  float dk[M][HD / 8][4] = {}, dv[M][HD / 8][4] = {};
+  for (int qt = first_tile; qt < query_tiles; qt++) {
+    copy_async_wait_all();
+    __syncthreads();  // tile qt is in; everyone is done with tile qt - 1
+    const int buffer = (qt - first_tile) % 2;
+    if (qt + 1 < query_tiles) copy_query_tile(qt + 1, 1 - buffer);
     const int q0 = qt * BQ;
-    __syncthreads();  // everyone is done with the previous query tile
-    load_tile<BQ, HD>(q_s, qt_s, head, row_stride, q0, T);
-    load_tile<BQ, HD>(do_s, dot_s, grad_head, C, q0, T);
-    if (threadIdx.x < BQ) {
-      const int query = q0 + threadIdx.x;
-      lse_s[threadIdx.x] = query < T ? lse[static_cast<int64_t>(bh) * T + query] * kLog2e : 0.f;
-      d_s[threadIdx.x] = query < T ? row_dot[static_cast<int64_t>(bh) * T + query] : 0.f;
-    }
-    __syncthreads();
-    if (q0 + BQ - 1 < k0 + warp * 16) continue;  // every query is before this warp's keys
+    if (q0 + BQ - 1 < warp_k0) continue;  // every query is before this warp's keys
+    const scalar_t* qb = q_s + buffer * BQ * S;
+    const scalar_t* dob = do_s + buffer * BQ * S;
+    const float* lse_b = lse_s + buffer * BQ;
+    const float* d_b = d_s + buffer * BQ;
 
-    float st[BQ / 8][4] = {}, dpt[BQ / 8][4] = {};
-#pragma unroll
-    for (int ks = 0; ks < HD / 16; ks++) {
-      uint32_t ka[4], va[4];
-      load_a(ka, k_w, S, ks, g, t);
-      load_a(va, v_w, S, ks, g, t);
-#pragma unroll
-      for (int nt = 0; nt < BQ / 8; nt++) {
-        const scalar_t* pq = q_s + (nt * 8 + g) * S + ks * 16 + 2 * t;
-        mma_16816<scalar_t>(st[nt], ka, ld2(pq), ld2(pq + 8));
-        const scalar_t* pd = do_s + (nt * 8 + g) * S + ks * 16 + 2 * t;
-        mma_16816<scalar_t>(dpt[nt], va, ld2(pd), ld2(pd + 8));
-      }
-    }
-    // P^T and dS^T in place of S^T and dP^T.
+    float st[M][BQ / 8][4] = {}, dpt[M][BQ / 8][4] = {};
+    two_products<M, BQ, HD, S>(st, dpt, k_s, v_s, warp * M * 16, qb, dob);
+    // P^T and dS^T in place of S^T and dP^T; only the tiles on the diagonal
+    // or past T need the mask (query rows past T have lse 0, not -inf).
+    const bool needs_mask = q0 < warp_k0 + 16 * M - 1 || q0 + BQ > T;
 #pragma unroll
     for (int nt = 0; nt < BQ / 8; nt++) {
+      const float2 lse2 = *reinterpret_cast<const float2*>(lse_b + nt * 8 + 2 * t);
+      const float2 d2 = *reinterpret_cast<const float2*>(d_b + nt * 8 + 2 * t);
 #pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int i = nt * 8 + 2 * t + (e & 1);
-        const int query = q0 + i;
-        const bool visible = key[e >> 1] <= query && query < T;
-        const float p = visible ? exp2f(st[nt][e] * scale_log2 - lse_s[i]) : 0.f;
-        st[nt][e] = p;
-        dpt[nt][e] = p * (dpt[nt][e] - d_s[i]) * scale;
+      for (int mi = 0; mi < M; mi++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const float row_lse = (e & 1) ? lse2.y : lse2.x;
+          const float row_d = (e & 1) ? d2.y : d2.x;
+          float p = exp2f(fmaf(st[mi][nt][e], scale_log2, -row_lse * kLog2e));
+          if (needs_mask) {
+            const int query = q0 + nt * 8 + 2 * t + (e & 1);
+            const int key = warp_k0 + mi * 16 + g + 8 * (e >> 1);
+            if (query < key || query >= T) p = 0.f;
+          }
+          st[mi][nt][e] = p;
+          dpt[mi][nt][e] = p * (dpt[mi][nt][e] - row_d) * scale;
+        }
       }
     }
-#pragma unroll
-    for (int kk = 0; kk < BQ / 16; kk++) {
-      uint32_t pa[4], dsa[4];
-      c_to_a<scalar_t>(pa, st[2 * kk], st[2 * kk + 1]);
-      c_to_a<scalar_t>(dsa, dpt[2 * kk], dpt[2 * kk + 1]);
-#pragma unroll
-      for (int nd = 0; nd < HD / 8; nd++) {
-        const scalar_t* pd = dot_s + (nd * 8 + g) * SQ + kk * 16 + 2 * t;
-        mma_16816<scalar_t>(dv[nd], pa, ld2(pd), ld2(pd + 8));
-        const scalar_t* pq = qt_s + (nd * 8 + g) * SQ + kk * 16 + 2 * t;
-        mma_16816<scalar_t>(dk[nd], dsa, ld2(pq), ld2(pq + 8));
-      }
-    }
+    accumulate_product<M, BQ, HD, S>(dv, st, dob);  // dv += P^T dO
+    accumulate_product<M, BQ, HD, S>(dk, dpt, qb);  // dk += dS^T q
   }
 
+  scalar_t* grad_head_kv = grad_qkv + static_cast<int64_t>(b) * T * row_stride + h * HD;
 #pragma unroll
-  for (int i = 0; i < 2; i++) {
-    if (key[i] >= T) continue;
-    scalar_t* grad_row = grad_qkv + (static_cast<int64_t>(b) * T + key[i]) * row_stride + h * HD;
-#pragma unroll
-    for (int nd = 0; nd < HD / 8; nd++) {
-      *reinterpret_cast<uint32_t*>(grad_row + C + nd * 8 + 2 * t) =
-          pack2<scalar_t>(dk[nd][2 * i], dk[nd][2 * i + 1]);
-      *reinterpret_cast<uint32_t*>(grad_row + 2 * C + nd * 8 + 2 * t) =
-          pack2<scalar_t>(dv[nd][2 * i], dv[nd][2 * i + 1]);
-    }
+  for (int mi = 0; mi < M; mi++) {
+    store_rows<scalar_t, HD>(grad_head_kv + C, row_stride, warp_k0 + mi * 16 + g, T, dk[mi]);
+    store_rows<scalar_t, HD>(grad_head_kv + 2 * C, row_stride, warp_k0 + mi * 16 + g, T, dv[mi]);
   }
 }
 
 // ---------------------------------------------------------------------------
-// Backward, dq: one block per query tile of 64 (16 queries a warp), key tiles
-// of 32 up to the diagonal: S = q k^T, dP = dO v^T, dq += dS k.
-template <typename scalar_t, int HD>
+// Backward, dq: one block per query tile (a warp owns SLICES x 16 queries),
+// key tiles of KEYS up to the diagonal: S = q k^T, dP = dO v^T, dq += dS k.
+template <int HD, int SLICES, int KEYS>
+struct GradQShape {
+  static constexpr int kSlices = SLICES;
+  static constexpr int kQueries = kWarps * 16 * SLICES;
+  static constexpr int kKeys = KEYS;  // per key tile
+  static constexpr int kStride = HD + 8;
+  // q, dO [kQueries][kStride]; k, v [2][kKeys][kStride] (two buffers each)
+  static constexpr int kSharedElements = kStride * (2 * kQueries + 4 * kKeys);
+};
+
+template <typename scalar_t, int HD, typename Shape>
 __global__ void __launch_bounds__(kThreads)
     mma_grad_q_kernel(const scalar_t* __restrict__ qkv, const scalar_t* __restrict__ grad_out,
                       const float* __restrict__ lse, const float* __restrict__ row_dot,
                       scalar_t* __restrict__ grad_qkv, int T, int n_head, int64_t C,
                       float scale_log2, float scale) {
-  constexpr int BQ = 64, BK = 32, S = HD + 8, SK = BK + 8;
+  constexpr int M = Shape::kSlices, BQ = Shape::kQueries, BK = Shape::kKeys, S = Shape::kStride;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   scalar_t* q_s = reinterpret_cast<scalar_t*>(smem_raw);  // [BQ][S]
   scalar_t* do_s = q_s + BQ * S;                            // [BQ][S]
-  scalar_t* k_s = do_s + BQ * S;                            // [BK][S]
-  scalar_t* v_s = k_s + BK * S;                             // [BK][S]
-  scalar_t* kt_s = v_s + BK * S;                            // [HD][SK] (k transposed)
+  scalar_t* k_s = do_s + BQ * S;                            // [2][BK][S]
+  scalar_t* v_s = k_s + 2 * BK * S;                         // [2][BK][S]
 
   const int query_tiles = (T + BQ - 1) / BQ;
-  const int key_tiles = (T + BK - 1) / BK;
-  const int qt = query_tiles - 1 - static_cast<int>(blockIdx.x % query_tiles);
-  const int bh = static_cast<int>(blockIdx.x / query_tiles);
+  const int heads = static_cast<int>(gridDim.x) / query_tiles;
+  const int qt = query_tiles - 1 - static_cast<int>(blockIdx.x) / heads;  // longest first
+  const int bh = static_cast<int>(blockIdx.x) % heads;
   const int b = bh / n_head, h = bh % n_head;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int64_t row_stride = 3 * C;
@@ -390,75 +562,62 @@ __global__ void __launch_bounds__(kThreads)
   const scalar_t* grad_head = grad_out + static_cast<int64_t>(b) * T * C + h * HD;
 
   const int q0 = qt * BQ;
-  load_tile<BQ, HD>(q_s, static_cast<scalar_t*>(nullptr), head, row_stride, q0, T);
-  load_tile<BQ, HD>(do_s, static_cast<scalar_t*>(nullptr), grad_head, C, q0, T);
-  const scalar_t* q_w = q_s + warp * 16 * S;
-  const scalar_t* do_w = do_s + warp * 16 * S;
-  const int row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
-  float lse_row[2], dot_row[2];
+  const int warp_q0 = q0 + warp * 16 * M;  // this warp's first query
+  const int key_tiles = (min(q0 + BQ, T) - 1) / BK + 1;
+  copy_tile_async<BQ, HD>(q_s, head, row_stride, q0, T);
+  copy_tile_async<BQ, HD>(do_s, grad_head, C, q0, T);
+  copy_key_tile_async<BK, HD>(k_s, v_s, head, row_stride, C, 0, T);
+
+  // lse (log2 units) and D of rows g and g + 8 of each slice.
+  float lse_row[M][2], dot_row[M][2];
 #pragma unroll
-  for (int i = 0; i < 2; i++) {
-    lse_row[i] = row[i] < T ? lse[static_cast<int64_t>(bh) * T + row[i]] * kLog2e : 0.f;
-    dot_row[i] = row[i] < T ? row_dot[static_cast<int64_t>(bh) * T + row[i]] : 0.f;
+  for (int mi = 0; mi < M; mi++) {
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+      const int row = warp_q0 + mi * 16 + g + 8 * i;
+      lse_row[mi][i] = row < T ? lse[static_cast<int64_t>(bh) * T + row] * kLog2e : 0.f;
+      dot_row[mi][i] = row < T ? row_dot[static_cast<int64_t>(bh) * T + row] : 0.f;
+    }
   }
-  float dq[HD / 8][4] = {};
+  float dq[M][HD / 8][4] = {};
 
-  const int kt_end = min(key_tiles, (q0 + BQ - 1) / BK + 1);
-  for (int kt = 0; kt < kt_end; kt++) {
+  for (int kt = 0; kt < key_tiles; kt++) {
+    copy_async_wait_all();
+    __syncthreads();  // tile kt is in; everyone is done with tile kt - 1
+    if (kt + 1 < key_tiles) copy_key_tile_async<BK, HD>(k_s, v_s, head, row_stride, C, kt + 1, T);
     const int k0 = kt * BK;
-    __syncthreads();
-    load_tile<BK, HD>(k_s, kt_s, head + C, row_stride, k0, T);
-    load_tile<BK, HD>(v_s, static_cast<scalar_t*>(nullptr), head + 2 * C, row_stride, k0, T);
-    __syncthreads();
-    if (k0 > q0 + warp * 16 + 15) continue;
+    if (k0 > warp_q0 + 16 * M - 1) continue;  // the whole tile is after this warp's queries
+    const scalar_t* kb = k_s + (kt % 2) * BK * S;
+    const scalar_t* vb = v_s + (kt % 2) * BK * S;
 
-    float s[BK / 8][4] = {}, dp[BK / 8][4] = {};
+    float s[M][BK / 8][4] = {}, dp[M][BK / 8][4] = {};
+    two_products<M, BK, HD, S>(s, dp, q_s, do_s, warp * M * 16, kb, vb);
+    // dS in place of S.
+    const bool needs_mask = k0 + BK - 1 > warp_q0 || warp_q0 + 16 * M > T;
 #pragma unroll
-    for (int ks = 0; ks < HD / 16; ks++) {
-      uint32_t qa[4], da[4];
-      load_a(qa, q_w, S, ks, g, t);
-      load_a(da, do_w, S, ks, g, t);
+    for (int mi = 0; mi < M; mi++) {
 #pragma unroll
       for (int nt = 0; nt < BK / 8; nt++) {
-        const scalar_t* pk = k_s + (nt * 8 + g) * S + ks * 16 + 2 * t;
-        mma_16816<scalar_t>(s[nt], qa, ld2(pk), ld2(pk + 8));
-        const scalar_t* pv = v_s + (nt * 8 + g) * S + ks * 16 + 2 * t;
-        mma_16816<scalar_t>(dp[nt], da, ld2(pv), ld2(pv + 8));
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int i = e >> 1;
+          float p = exp2f(fmaf(s[mi][nt][e], scale_log2, -lse_row[mi][i]));
+          if (needs_mask) {
+            const int key = k0 + nt * 8 + 2 * t + (e & 1);
+            const int row = warp_q0 + mi * 16 + g + 8 * i;
+            if (key > row || row >= T) p = 0.f;
+          }
+          s[mi][nt][e] = p * (dp[mi][nt][e] - dot_row[mi][i]) * scale;
+        }
       }
     }
-    // dS in place of S.
-#pragma unroll
-    for (int nt = 0; nt < BK / 8; nt++) {
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int i = e >> 1;
-        const int key = k0 + nt * 8 + 2 * t + (e & 1);
-        const bool visible = key <= row[i] && row[i] < T;
-        const float p = visible ? exp2f(s[nt][e] * scale_log2 - lse_row[i]) : 0.f;
-        s[nt][e] = p * (dp[nt][e] - dot_row[i]) * scale;
-      }
-    }
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; kk++) {
-      uint32_t dsa[4];
-      c_to_a<scalar_t>(dsa, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int nd = 0; nd < HD / 8; nd++) {
-        const scalar_t* pk = kt_s + (nd * 8 + g) * SK + kk * 16 + 2 * t;
-        mma_16816<scalar_t>(dq[nd], dsa, ld2(pk), ld2(pk + 8));
-      }
-    }
+    accumulate_product<M, BK, HD, S>(dq, s, kb);  // dq += dS k
   }
 
+  scalar_t* grad_head_q = grad_qkv + static_cast<int64_t>(b) * T * row_stride + h * HD;
 #pragma unroll
-  for (int i = 0; i < 2; i++) {
-    if (row[i] >= T) continue;
-    scalar_t* grad_row = grad_qkv + (static_cast<int64_t>(b) * T + row[i]) * row_stride + h * HD;
-#pragma unroll
-    for (int nd = 0; nd < HD / 8; nd++) {
-      *reinterpret_cast<uint32_t*>(grad_row + nd * 8 + 2 * t) =
-          pack2<scalar_t>(dq[nd][2 * i], dq[nd][2 * i + 1]);
-    }
+  for (int mi = 0; mi < M; mi++) {
+    store_rows<scalar_t, HD>(grad_head_q, row_stride, warp_q0 + mi * 16 + g, T, dq[mi]);
   }
 }
 
@@ -489,6 +648,81 @@ void dispatch_half_types(at::ScalarType dtype, const Fn& fn) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Tile shapes per head dim: a warp owns 32 rows where the accumulators fit
+// in registers (head dims up to 64), 16 above. NANOBLOCK_ATTENTION_TILES
+// (head dim 64 only, for tuning) picks other shapes: "F,KV,Q" with F the
+// forward's slices (1, 2), KV one of 1x16, 1x32, 1x64 (slices x query tile)
+// for grad_kv and Q one of 1x32, 1x64 (slices x key tile) for grad_q.
+struct TileChoice {
+  int forward_slices = 2;
+  int kv_slices = 1, kv_queries = 32;
+  int q_slices = 1, q_keys = 64;
+};
+
+TileChoice tile_choice() {
+  static const TileChoice choice = [] {
+    TileChoice c;
+    const char* v = std::getenv("NANOBLOCK_ATTENTION_TILES");
+    if (v != nullptr) {
+      std::sscanf(v, "%d,%dx%d,%dx%d", &c.forward_slices, &c.kv_slices, &c.kv_queries,
+                  &c.q_slices, &c.q_keys);
+    }
+    return c;
+  }();
+  return choice;
+}
+
+template <typename scalar_t, int HD, typename Shape>
+void launch_forward(const Tensor& qkv, int64_t n_head, const Tensor& out, const Tensor& lse,
+                    float scale_log2) {
+  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
+  const size_t smem = sizeof(scalar_t) * Shape::kSharedElements;
+  auto kernel = mma_forward_kernel<scalar_t, HD, Shape>;
+  allow_shared_memory(kernel, smem);
+  kernel<<<B * n_head * ceil_div(T, Shape::kQueries), kThreads, smem, current_stream()>>>(
+      qkv.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+      lse.mutable_data_ptr<float>(), static_cast<int>(T), static_cast<int>(n_head), C,
+      scale_log2);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The two backward kernels (grad_kv, grad_q) share their arguments.
+struct BackwardArgs {
+  const Tensor& grad_out;
+  const Tensor& qkv;
+  const Tensor& lse;
+  const Tensor& row_dot;
+  int64_t n_head;
+  const Tensor& grad_qkv;
+  float scale_log2, scale;
+};
+
+template <typename scalar_t, typename Kernel>
+void launch_backward_kernel(Kernel kernel, const BackwardArgs& a, int64_t rows_per_block,
+                            size_t smem) {
+  const int64_t B = a.qkv.size(0), T = a.qkv.size(1), C = a.qkv.size(2) / 3;
+  allow_shared_memory(kernel, smem);
+  kernel<<<B * a.n_head * ceil_div(T, rows_per_block), kThreads, smem, current_stream()>>>(
+      a.qkv.const_data_ptr<scalar_t>(), a.grad_out.const_data_ptr<scalar_t>(),
+      a.lse.const_data_ptr<float>(), a.row_dot.const_data_ptr<float>(),
+      a.grad_qkv.mutable_data_ptr<scalar_t>(), static_cast<int>(T), static_cast<int>(a.n_head),
+      C, a.scale_log2, a.scale);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, int HD, typename Shape>
+void launch_grad_kv(const BackwardArgs& a) {
+  launch_backward_kernel<scalar_t>(mma_grad_kv_kernel<scalar_t, HD, Shape>, a, Shape::kKeys,
+                                   sizeof(scalar_t) * Shape::kSharedElements +
+                                       sizeof(float) * Shape::kSharedFloats);
+}
+
+template <typename scalar_t, int HD, typename Shape>
+void launch_grad_q(const BackwardArgs& a) {
+  launch_backward_kernel<scalar_t>(mma_grad_q_kernel<scalar_t, HD, Shape>, a, Shape::kQueries,
+                                   sizeof(scalar_t) * Shape::kSharedElements);
+}
+
 }  // namespace
 
 bool mma_attention_supported(const Tensor& qkv, int64_t hd, const Tensor& other) {
@@ -505,60 +739,51 @@ bool mma_attention_supported(const Tensor& qkv, int64_t hd, const Tensor& other)
 
 void mma_attention_forward(const Tensor& qkv, int64_t n_head, const Tensor& out,
                            const Tensor& lse) {
-  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3, hd = C / n_head;
+  const int64_t hd = qkv.size(2) / 3 / n_head;
   const float scale_log2 = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd))) * kLog2e;
-  const int64_t blocks = B * n_head * ceil_div(T, 64);
-  const cudaStream_t stream = current_stream();
   dispatch_half_types(qkv.scalar_type(), [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
     with_head_dim(hd, [&](auto hd_constant) {
       constexpr int HD = decltype(hd_constant)::value;
-      const size_t smem = sizeof(scalar_t) * (2 * 64 * (HD + 8) + HD * (64 + 8));
-      auto kernel = mma_forward_kernel<scalar_t, HD>;
-      allow_shared_memory(kernel, smem);
-      kernel<<<blocks, kThreads, smem, stream>>>(
-          qkv.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-          lse.mutable_data_ptr<float>(), static_cast<int>(T), static_cast<int>(n_head), C,
-          scale_log2);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if constexpr (HD == 64 && std::is_same_v<scalar_t, at::BFloat16>) {
+        if (tile_choice().forward_slices == 1) {
+          launch_forward<scalar_t, HD, ForwardShape<HD, 1>>(qkv, n_head, out, lse, scale_log2);
+          return;
+        }
+      }
+      launch_forward<scalar_t, HD, ForwardShape<HD, HD <= 64 ? 2 : 1>>(qkv, n_head, out, lse,
+                                                                      scale_log2);
     });
   });
 }
 
 void mma_attention_backward(const Tensor& grad_out, const Tensor& qkv, const Tensor& lse,
                             const Tensor& row_dot, int64_t n_head, const Tensor& grad_qkv) {
-  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3, hd = C / n_head;
+  const int64_t hd = qkv.size(2) / 3 / n_head;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-  const float scale_log2 = scale * kLog2e;
-  const cudaStream_t stream = current_stream();
+  const BackwardArgs args{grad_out, qkv, lse, row_dot, n_head, grad_qkv, scale * kLog2e, scale};
   dispatch_half_types(qkv.scalar_type(), [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
     with_head_dim(hd, [&](auto hd_constant) {
       constexpr int HD = decltype(hd_constant)::value;
-      const scalar_t* qkv_ptr = qkv.const_data_ptr<scalar_t>();
-      const scalar_t* grad_out_ptr = grad_out.const_data_ptr<scalar_t>();
-      const float* lse_ptr = lse.const_data_ptr<float>();
-      const float* dot_ptr = row_dot.const_data_ptr<float>();
-      scalar_t* grad_ptr = grad_qkv.mutable_data_ptr<scalar_t>();
-
-      const size_t kv_smem = sizeof(scalar_t) * (2 * 64 * (HD + 8) + 2 * 32 * (HD + 8) +
-                                                 2 * HD * (32 + 8)) +
-                             sizeof(float) * 2 * 32;
-      auto kv_kernel = mma_grad_kv_kernel<scalar_t, HD>;
-      allow_shared_memory(kv_kernel, kv_smem);
-      kv_kernel<<<B * n_head * ceil_div(T, 64), kThreads, kv_smem, stream>>>(
-          qkv_ptr, grad_out_ptr, lse_ptr, dot_ptr, grad_ptr, static_cast<int>(T),
-          static_cast<int>(n_head), C, scale_log2, scale);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-      const size_t q_smem =
-          sizeof(scalar_t) * (2 * 64 * (HD + 8) + 2 * 32 * (HD + 8) + HD * (32 + 8));
-      auto q_kernel = mma_grad_q_kernel<scalar_t, HD>;
-      allow_shared_memory(q_kernel, q_smem);
-      q_kernel<<<B * n_head * ceil_div(T, 64), kThreads, q_smem, stream>>>(
-          qkv_ptr, grad_out_ptr, lse_ptr, dot_ptr, grad_ptr, static_cast<int>(T),
-          static_cast<int>(n_head), C, scale_log2, scale);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if constexpr (HD == 64 && std::is_same_v<scalar_t, at::BFloat16>) {
+        const TileChoice c = tile_choice();
+        if (c.kv_queries == 16) {
+          launch_grad_kv<scalar_t, HD, GradKvShape<HD, 1, 16>>(args);
+        } else if (c.kv_queries == 64) {
+          launch_grad_kv<scalar_t, HD, GradKvShape<HD, 1, 64>>(args);
+        } else {
+          launch_grad_kv<scalar_t, HD, GradKvShape<HD, 1, 32>>(args);
+        }
+        if (c.q_keys == 32) {
+          launch_grad_q<scalar_t, HD, GradQShape<HD, 1, 32>>(args);
+        } else {
+          launch_grad_q<scalar_t, HD, GradQShape<HD, 1, 64>>(args);
+        }
+        return;
+      }
+      launch_grad_kv<scalar_t, HD, GradKvShape<HD, 1, 32>>(args);
+      launch_grad_q<scalar_t, HD, GradQShape<HD, 1, HD <= 64 ? 64 : 32>>(args);
     });
   });
 }

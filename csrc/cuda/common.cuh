@@ -168,24 +168,35 @@ inline int64_t row_groups_for(int64_t rows) {
 // threads walking the group's rows.
 constexpr int kPartialRows = 8;
 
-// out[c] = sum over g of partials[g, c], g ascending. One thread per column.
+// out[c] = sum over g of partials[g, c]. A block takes 32 columns with
+// kPartialRows threads each: thread (c, r) adds groups r, r + kPartialRows,
+// .. in order, then the kPartialRows sums of a column are added in r order.
+// The order is fixed, so the same partials give the same bits.
 template <typename scalar_t, typename acc_t>
 __global__ void sum_partials_kernel(const acc_t* __restrict__ partials, int64_t groups,
                                     int64_t C, scalar_t* __restrict__ out) {
-  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (c >= C) return;
-  acc_t total = 0;
-  for (int64_t g = 0; g < groups; g++) total += partials[g * C + c];
-  out[c] = static_cast<scalar_t>(total);
+  __shared__ acc_t sums[kPartialRows][32];
+  const int64_t c = blockIdx.x * 32 + threadIdx.x;
+  acc_t sum = 0;
+  if (c < C) {
+    for (int64_t g = threadIdx.y; g < groups; g += kPartialRows) sum += partials[g * C + c];
+  }
+  sums[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    acc_t total = 0;
+#pragma unroll
+    for (int r = 0; r < kPartialRows; r++) total += sums[r][threadIdx.x];
+    out[c] = static_cast<scalar_t>(total);
+  }
 }
 
 template <typename scalar_t, typename acc_t>
 void launch_sum_partials(const acc_t* partials, int64_t groups, int64_t C, scalar_t* out,
                          cudaStream_t stream) {
   if (C == 0) return;
-  const int threads = 128;
   sum_partials_kernel<scalar_t, acc_t>
-      <<<ceil_div(C, threads), threads, 0, stream>>>(partials, groups, C, out);
+      <<<ceil_div(C, 32), dim3(32, kPartialRows), 0, stream>>>(partials, groups, C, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -4,6 +4,9 @@
 //   forward:   out = gelu(x + bias)                  x [N, F], bias [F] or none
 //   backward:  grad_x = grad_out * gelu'(x + bias)   -> [N, F]
 //   bias_grad: grad [N, F] summed over rows          -> [F], fixed order
+//   backward_recompute: the Block's pass, all in one sweep over the rows:
+//              grad_x (over grad_out), gelu(x + bias) again, and the bias
+//              gradient
 //
 // GELU is exact, 0.5 u (1 + erf(u / sqrt 2)) (nanoGPT's nn.GELU()), or the
 // tanh form of GPT-2, 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3))). The
@@ -11,8 +14,9 @@
 // exp and tanh, the same formulas as PyTorch's GELU kernels and the CPU ones.
 // The elementwise kernels walk the tensor in 16-byte vectors where the row
 // length and pointers allow (a vector never crosses a row, so its bias slice
-// is contiguous too). bias_grad is deterministic: per-group partials, then a
-// fixed-order sum (common.cuh).
+// is contiguous too). The column sums (bias gradients) are deterministic:
+// rows are cut into fixed groups, each group's partial sums are written, and
+// a second kernel adds them in group order (common.cuh).
 #include "common.cuh"
 
 namespace nanoblock::cuda {
@@ -91,32 +95,105 @@ __global__ void gelu_backward_kernel(const scalar_t* __restrict__ grad_out,
   }
 }
 
-// Column partial sums of grad [N, F]: grid (column tiles of 32, row groups),
-// block (32, kPartialRows); the kPartialRows sums are added in y order.
-// partials [groups, F].
-template <typename scalar_t>
-__global__ void column_partials_kernel(const scalar_t* __restrict__ grad, int64_t N, int64_t F,
-                                       int64_t rows_per_group,
-                                       acc_type<scalar_t>* __restrict__ partials) {
+// A sweep over the rows of [N, F] that also sums columns: grid (column tiles
+// of 32 * VEC, row groups), block (32, kPartialRows). Thread (lane, r) takes
+// the VEC columns at (tile * 32 + lane) * VEC of rows r, r + kPartialRows, ..
+// of its group, calls row_op(offset, column, sums) on each (which does the
+// elementwise work and adds VEC values to sums), then the kPartialRows sums
+// of each column are added in r order into partials [groups, F].
+template <typename scalar_t, int VEC, typename RowOp>
+__global__ void rows_with_column_sums_kernel(int64_t N, int64_t F, int64_t rows_per_group,
+                                             RowOp row_op,
+                                             acc_type<scalar_t>* __restrict__ partials) {
   using acc_t = acc_type<scalar_t>;
-  __shared__ acc_t tile[kPartialRows][32];
-  const int64_t f = blockIdx.x * 32 + threadIdx.x;
+  __shared__ acc_t tile[kPartialRows][32 * VEC];
+  const int64_t column = (blockIdx.x * 32 + threadIdx.x) * static_cast<int64_t>(VEC);
   const int64_t group = blockIdx.y;
-  const int64_t row_begin = group * rows_per_group;
-  const int64_t row_end = std::min(N, row_begin + rows_per_group);
-  acc_t sum = 0;
-  if (f < F) {
-    for (int64_t row = row_begin + threadIdx.y; row < row_end; row += kPartialRows) {
-      sum += static_cast<acc_t>(grad[row * F + f]);
+  const int64_t row_end = std::min(N, (group + 1) * rows_per_group);
+  acc_t sums[VEC] = {};
+  if (column < F) {
+    for (int64_t row = group * rows_per_group + threadIdx.y; row < row_end; row += kPartialRows) {
+      row_op(row * F + column, column, sums);
     }
   }
-  tile[threadIdx.y][threadIdx.x] = sum;
+#pragma unroll
+  for (int k = 0; k < VEC; k++) tile[threadIdx.y][threadIdx.x * VEC + k] = sums[k];
   __syncthreads();
-  if (threadIdx.y == 0 && f < F) {
+  for (int c = threadIdx.y * 32 + threadIdx.x; c < 32 * VEC; c += 32 * kPartialRows) {
+    const int64_t f = blockIdx.x * 32 * static_cast<int64_t>(VEC) + c;
+    if (f >= F) continue;
     acc_t total = 0;
 #pragma unroll
-    for (int y = 0; y < kPartialRows; y++) total += tile[y][threadIdx.x];
+    for (int r = 0; r < kPartialRows; r++) total += tile[r][c];
     partials[group * F + f] = total;
+  }
+}
+
+// Row op of bias_grad: sums += grad.
+template <typename scalar_t, int VEC>
+struct SumRowOp {
+  const scalar_t* grad;
+  __device__ void operator()(int64_t offset, int64_t, acc_type<scalar_t> (&sums)[VEC]) const {
+    const auto g = load_vec<scalar_t, VEC>(grad + offset);
+#pragma unroll
+    for (int k = 0; k < VEC; k++) sums[k] += static_cast<acc_type<scalar_t>>(g.v[k]);
+  }
+};
+
+// Row op of backward_recompute: reads dL/dgelu from grad, writes dL/dx over
+// it and gelu(x + bias) to out; sums += dL/dx (as rounded, what grad_x holds).
+template <typename scalar_t, int VEC, bool TANH>
+struct GeluBackwardRecomputeRowOp {
+  scalar_t* grad;
+  const scalar_t* x;
+  const scalar_t* bias;
+  scalar_t* out;
+  __device__ void operator()(int64_t offset, int64_t column,
+                             acc_type<scalar_t> (&sums)[VEC]) const {
+    using acc_t = acc_type<scalar_t>;
+    using V = Vec<scalar_t, VEC>;
+    const V a = load_vec<scalar_t, VEC>(x + offset);
+    const V d = load_vec<scalar_t, VEC>(grad + offset);
+    V b;
+    if (bias != nullptr) b = load_vec<scalar_t, VEC>(bias + column);
+    V dx, y;
+#pragma unroll
+    for (int k = 0; k < VEC; k++) {
+      acc_t u = static_cast<acc_t>(a.v[k]);
+      if (bias != nullptr) u += static_cast<acc_t>(b.v[k]);
+      y.v[k] = static_cast<scalar_t>(TANH ? GeluMath<acc_t>::tanh(u) : GeluMath<acc_t>::exact(u));
+      const acc_t g = TANH ? GeluMath<acc_t>::tanh_grad(u) : GeluMath<acc_t>::exact_grad(u);
+      dx.v[k] = static_cast<scalar_t>(static_cast<acc_t>(d.v[k]) * g);
+      sums[k] += static_cast<acc_t>(dx.v[k]);
+    }
+    store_vec<scalar_t, VEC>(grad + offset, dx);
+    store_vec<scalar_t, VEC>(out + offset, y);
+  }
+};
+
+// Runs rows_with_column_sums_kernel over [N, F] with the row op that
+// make_op(std::integral_constant<int, VEC>) returns, and sums the partials
+// into column_sums [F] (when defined).
+template <typename scalar_t, typename MakeOp>
+void launch_rows_with_column_sums(int64_t N, int64_t F, int vec, const MakeOp& make_op,
+                                  const Tensor& column_sums, const at::TensorOptions& options) {
+  using acc_t = acc_type<scalar_t>;
+  const cudaStream_t stream = current_stream();
+  const int64_t groups = row_groups_for(N);
+  const int64_t rows_per_group = ceil_div(N, groups);
+  Tensor partials =
+      at::empty({groups, F}, options.dtype(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat));
+  acc_t* partials_ptr = partials.mutable_data_ptr<acc_t>();
+  with_vector_width<scalar_t>(vec, [&](auto vec_constant) {
+    constexpr int VEC = decltype(vec_constant)::value;
+    const dim3 grid(static_cast<unsigned>(ceil_div(F, 32 * VEC)), static_cast<unsigned>(groups));
+    rows_with_column_sums_kernel<scalar_t, VEC><<<grid, dim3(32, kPartialRows), 0, stream>>>(
+        N, F, rows_per_group, make_op(vec_constant), partials_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (column_sums.defined()) {
+    launch_sum_partials<scalar_t, acc_t>(partials_ptr, groups, F,
+                                         column_sums.mutable_data_ptr<scalar_t>(), stream);
   }
 }
 
@@ -191,21 +268,44 @@ Tensor bias_grad(const Tensor& grad) {
   const int64_t F = grad.size(-1), N = F == 0 ? 0 : grad.numel() / F;
   if (N == 0) return at::zeros({F}, grad.options());  // a sum over no rows
   Tensor out = at::empty({F}, grad.options());
-  const cudaStream_t stream = current_stream();
   NANOBLOCK_DISPATCH(grad.scalar_type(), "bias_grad", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const int64_t groups = row_groups_for(N);
-    const int64_t rows_per_group = ceil_div(N, groups);
-    Tensor partials = at::empty({groups, F}, grad.options().dtype(stats_dtype(grad.scalar_type())));
-    acc_t* partials_ptr = partials.mutable_data_ptr<acc_t>();
-    const dim3 grid(static_cast<unsigned>(ceil_div(F, 32)), static_cast<unsigned>(groups));
-    column_partials_kernel<scalar_t><<<grid, dim3(32, kPartialRows), 0, stream>>>(
-        grad.const_data_ptr<scalar_t>(), N, F, rows_per_group, partials_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launch_sum_partials<scalar_t, acc_t>(partials_ptr, groups, F,
-                                         out.mutable_data_ptr<scalar_t>(), stream);
+    const scalar_t* grad_ptr = grad.const_data_ptr<scalar_t>();
+    launch_rows_with_column_sums<scalar_t>(
+        N, F, vector_width<scalar_t>(F, {grad_ptr}),
+        [&](auto vec_constant) {
+          return SumRowOp<scalar_t, decltype(vec_constant)::value>{grad_ptr};
+        },
+        out, grad.options());
   });
   return out;
+}
+
+std::tuple<Tensor, Tensor> gelu_backward_recompute(const Tensor& grad_out, const Tensor& x,
+                                                   const Tensor& bias, bool tanh) {
+  Tensor out = at::empty_like(x);
+  const int64_t F = x.size(-1), N = F == 0 ? 0 : x.numel() / F;
+  Tensor grad_bias = at::empty({F}, x.options());
+  if (N == 0) return {out, grad_bias.zero_()};  // a sum over no rows
+  NANOBLOCK_DISPATCH(x.scalar_type(), "gelu_backward_recompute", [&] {
+    scalar_t* grad_ptr = grad_out.mutable_data_ptr<scalar_t>();
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    const scalar_t* b_ptr = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+    const int vec = vector_width<scalar_t>(F, {grad_ptr, x_ptr, b_ptr, out_ptr});
+    const auto make_op = [&](auto vec_constant, auto tanh_constant) {
+      return GeluBackwardRecomputeRowOp<scalar_t, decltype(vec_constant)::value,
+                                        decltype(tanh_constant)::value>{grad_ptr, x_ptr, b_ptr,
+                                                                        out_ptr};
+    };
+    if (tanh) {
+      launch_rows_with_column_sums<scalar_t>(
+          N, F, vec, [&](auto v) { return make_op(v, std::true_type{}); }, grad_bias, x.options());
+    } else {
+      launch_rows_with_column_sums<scalar_t>(
+          N, F, vec, [&](auto v) { return make_op(v, std::false_type{}); }, grad_bias, x.options());
+    }
+  });
+  return {out, grad_bias};
 }
 
 }  // namespace nanoblock::cuda

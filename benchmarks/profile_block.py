@@ -1,0 +1,100 @@
+"""Where a Block's GPU time goes: per-kernel CUDA time of one forward+backward,
+nanoblock's Block next to the eager reference Block, from torch.profiler.
+
+    python benchmarks/profile_block.py                       # gpt2-small, bf16
+    python benchmarks/profile_block.py --config 4,4096,768,12 --steps 5
+
+Prints, per implementation, each kernel's CUDA time per step (summed over its
+launches) and the total, and the attention kernels alone against SDPA flash
+(called on ready [B, n_head, T, hd] tensors: the kernel's own time, no layout
+copies). For finding what to speed up; the benchmark of record is
+bench_block.py.
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import nanoblock  # noqa: E402
+from nanoblock.reference import ReferenceBlock  # noqa: E402
+
+
+def kernel_table(step, steps):
+    """{kernel name: CUDA microseconds per step} of `step`, after a warm-up."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    table = {}
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        if us is None:
+            us = e.cuda_time_total
+        if us > 0 and e.device_type == torch.autograd.DeviceType.CUDA:
+            table[e.key] = table.get(e.key, 0.0) + us / steps
+    return table
+
+
+def print_table(title, table, top=25):
+    total = sum(table.values())
+    print(f"\n{title}: {total / 1000:.3f} ms of kernels per forward+backward")
+    for name, us in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {us:9.1f} us  {100 * us / total:5.1f}%  {name[:110]}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="16,1024,768,12", help="B,T,C,n_head")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--steps", type=int, default=10)
+    args = p.parse_args()
+    B, T, C, H = (int(v) for v in args.config.split(","))
+    dtype = getattr(torch, args.dtype)
+    dev = "cuda"
+    torch.manual_seed(0)
+    print("card:", torch.cuda.get_device_name(0), "| torch", torch.__version__,
+          "| config", (B, T, C, H), args.dtype)
+
+    cfg = nanoblock.GPTConfig(n_embd=C, n_head=H, bias=True, dropout=0.0)
+    ref = ReferenceBlock(cfg).to(dev, dtype)
+    ours = nanoblock.Block(cfg).to(dev, dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(B, T, C, device=dev, dtype=dtype, requires_grad=True)
+    gy = torch.randn(B, T, C, device=dev, dtype=dtype)
+
+    def step_of(m):
+        def step():
+            m.zero_grad(set_to_none=True)
+            m(x).backward(gy)
+        return step
+
+    print_table("nanoblock Block", kernel_table(step_of(ours), args.steps))
+    print_table("eager reference Block", kernel_table(step_of(ref), args.steps))
+
+    # Attention alone: nanoblock's op on qkv [B, T, 3C] vs SDPA flash on
+    # ready-made [B, H, T, hd] tensors (no split/transpose copies counted).
+    qkv = torch.randn(B, T, 3 * C, device=dev, dtype=dtype, requires_grad=True)
+    q, k, v = (t.detach().view(B, T, H, C // H).transpose(1, 2).contiguous().requires_grad_()
+               for t in qkv.split(C, dim=2))
+    gq = torch.randn(B, H, T, C // H, device=dev, dtype=dtype)
+
+    def ours_attn():
+        torch.autograd.grad(nanoblock.ops.causal_attention(qkv, H), qkv, gy)
+
+    def sdpa_attn():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        torch.autograd.grad(out, (q, k, v), gq)
+
+    print_table("nanoblock attention fwd+bwd", kernel_table(ours_attn, args.steps), top=8)
+    print_table("SDPA attention fwd+bwd (kernels only)", kernel_table(sdpa_attn, args.steps), top=8)
+
+
+if __name__ == "__main__":
+    main()
