@@ -15,7 +15,7 @@ Implementations:
 
 Modes:
   forward           the forward under torch.no_grad (inference)
-  backward          the backward alone, of one forward kept for it
+  backward          the backward alone (after a fresh forward, not timed, each time)
   forward_backward  a training step's share: forward with autograd, then backward
 
 The backward computes the gradients of x and of every parameter with
@@ -27,7 +27,6 @@ included), and on GPU the peak allocated during forward+backward above what
 was allocated before. Results go to JSON (with device, versions, git commit)
 and a PNG (time and speed-up per config).
 """
-import argparse
 import os
 import sys
 
@@ -46,6 +45,7 @@ GPU_CONFIGS = [("gpt2-small", 16, 1024, 768, 12), ("gpt2-medium", 8, 1024, 1024,
                ("tiny", 64, 256, 384, 6)]
 CPU_CONFIGS = [("cpu-small", 4, 128, 128, 4), ("cpu-medium", 8, 256, 384, 6)]
 MODES = ("forward", "backward", "forward_backward")
+IMPLS = ("nanoblock", "eager", "compile", "floor")
 
 
 class Floor(nn.Module):
@@ -101,12 +101,10 @@ def build(impls, cfg, dtype, device):
             # otherwise send later configs back to eager without a word.
             torch._dynamo.reset()
             m = torch.compile(ref)
-        elif impl == "floor":
+        else:  # floor
             if device.type != "cuda":
                 continue
             m = Floor(ref)
-        else:
-            raise SystemExit(f"unknown implementation {impl!r}")
         params = list(m.parameters())
         modules[impl] = (m, params)
     return modules
@@ -124,9 +122,8 @@ def run_config(name, B, T, C, H, impls, modes, dtype, device, rep_ms):
                 m(x)
         return forward
 
-    def backward_of(y, params):
-        return lambda: torch.autograd.grad(y, [x] + params, grad, retain_graph=True,
-                                           allow_unused=True)
+    def backward_of(params):
+        return lambda y: torch.autograd.grad(y, [x] + params, grad, allow_unused=True)
 
     def forward_backward_of(m, params):
         return lambda: torch.autograd.grad(m(x), [x] + params, grad, allow_unused=True)
@@ -144,11 +141,9 @@ def run_config(name, B, T, C, H, impls, modes, dtype, device, rep_ms):
                                        device, rep_ms=rep_ms).items():
             rows[impl]["forward_ms"] = ms
     if "backward" in modes:
-        kept = {i: m(x) for i, (m, _) in modules.items()}  # one forward each, kept for the backward
-        fns = {i: backward_of(kept[i], params) for i, (_, params) in modules.items()}
-        for impl, ms in common.time_ms(fns, device, rep_ms=rep_ms).items():
+        fns = {i: (lambda m=m: m(x), backward_of(params)) for i, (m, params) in modules.items()}
+        for impl, ms in common.time_part_ms(fns, device, rep_ms=rep_ms).items():
             rows[impl]["backward_ms"] = ms
-        del kept, fns
     if "forward_backward" in modes:
         fns = {i: forward_backward_of(m, params) for i, (m, params) in modules.items()}
         for impl, ms in common.time_ms(fns, device, rep_ms=rep_ms).items():
@@ -231,29 +226,20 @@ def parse_configs(specs, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Time nanoblock's Block against its peers.")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None,
-                   help="comma-separated; default bfloat16,float32 on cuda, float32 on cpu")
+    p = common.parser("bench_block", "Time nanoblock's Block against its peers.",
+                      ["bfloat16", "float32"])
     p.add_argument("--config", action="append", default=None,
                    help="a config name (gpt2-small, ..., cpu-small) or B,T,C,n_head; repeatable; "
                         "default: the device's standard configs")
     p.add_argument("--impl", default=None,
                    help="comma-separated; default nanoblock,eager,compile(,floor on cuda)")
     p.add_argument("--mode", default=",".join(MODES), help=f"comma-separated from {MODES}")
-    p.add_argument("--rep-ms", type=int, default=100,
-                   help="GPU: milliseconds do_bench spends per measurement")
-    p.add_argument("--out", default=None, help="folder for the JSON and PNG")
-    p.add_argument("--tag", default=None, help="file name stem (default: bench_block_<device>)")
     args = p.parse_args(argv)
-
-    device, dtypes = common.parse_device_dtypes(args.device, args.dtype, ["bfloat16", "float32"])
+    device, dtypes = common.parse_device_dtypes(args)
     configs = parse_configs(args.config, device)
-    impls = args.impl.split(",") if args.impl else (
+    impls = common.split_choices(args.impl, IMPLS, "implementation") if args.impl else (
         ["nanoblock", "eager", "compile"] + (["floor"] if device.type == "cuda" else []))
-    modes = args.mode.split(",")
-    if set(modes) - set(MODES):
-        raise SystemExit(f"unknown mode(s) {sorted(set(modes) - set(MODES))}; choose from {MODES}")
+    modes = common.split_choices(args.mode, MODES, "mode")
 
     results = common.provenance(device, impls=impls, modes=modes, rep_ms=args.rep_ms,
                                 dtypes=[common.dtype_name(d) for d in dtypes])
@@ -271,10 +257,8 @@ def main(argv=None):
         for (name, dt), ratios in speedups(results["rows"], mode).items():
             print(f"  {name:12s} {dt:9s} " + "   ".join(f"{k} {v:5.2f}x" for k, v in ratios.items()))
 
-    out = args.out or os.path.join(common.ROOT, "benchmarks", "results")
-    stem = args.tag or f"bench_block_{device.type}"
-    common.write_json(results, out, stem)
-    plot(results, os.path.join(out, stem + ".png"))
+    common.write_json(results, args.out, args.tag)
+    plot(results, os.path.join(args.out, args.tag + ".png"))
 
 
 if __name__ == "__main__":

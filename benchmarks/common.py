@@ -6,6 +6,7 @@ medians on the CPU, where the implementations are timed in interleaved rounds
 (see time_ms). Ceilings (copy bandwidth, matmul TFLOP/s) are measured in the
 same run as the figures they scale, never typed in.
 """
+import argparse
 import json
 import os
 import platform
@@ -40,7 +41,40 @@ def provenance(device, **config):
                 host_cpus=os.cpu_count(), config=config)
 
 
-def parse_device_dtypes(device, dtypes, cuda_default):
+def parser(name, description, cuda_dtypes, rep_ms=100):
+    """An argument parser with the options every bench has: --device,
+    --dtype, --rep-ms, --out and --tag; the file stem is name_<device>."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default=None,
+                   help=f"comma-separated; default {','.join(cuda_dtypes)} on cuda, float32 on cpu")
+    p.add_argument("--rep-ms", type=int, default=rep_ms,
+                   help="GPU: milliseconds do_bench spends per measurement")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
+                   help="folder for the result files")
+    p.add_argument("--tag", default=None, help=f"file name stem (default: {name}_<device>)")
+    p.set_defaults(bench_name=name, cuda_dtypes=cuda_dtypes)
+    return p
+
+
+def parse_device_dtypes(args):
+    """(torch.device, [torch.dtype]) from a parser()'s arguments; also sets
+    args.tag to its default."""
+    device, dtypes = _device_dtypes(args.device, args.dtype, args.cuda_dtypes)
+    args.tag = args.tag or f"{args.bench_name}_{device.type}"
+    return device, dtypes
+
+
+def split_choices(value, allowed, what):
+    """A comma-separated option value as a list, each checked against allowed."""
+    chosen = value.split(",")
+    unknown = [c for c in chosen if c not in allowed]
+    if unknown:
+        raise SystemExit(f"unknown {what} {unknown}; choose from {tuple(allowed)}")
+    return chosen
+
+
+def _device_dtypes(device, dtypes, cuda_default):
     """--device and a comma-separated --dtype -> (torch.device, [torch.dtype]);
     without --dtype: cuda_default on a GPU, float32 on the CPU."""
     device = torch.device(device)
@@ -79,9 +113,34 @@ def time_ms(fns, device, rounds=3, rep_ms=100, min_run_time=0.3):
     return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def time_part_ms(fns, device, rounds=3, rep_ms=100):
+    """Median milliseconds of timed(prepare()) for each name -> (prepare,
+    timed), counting timed alone: for a backward, which needs a fresh forward
+    each time (torch.compile's backward frees its buffers, so one forward
+    cannot serve many backwards). Each gets about rep_ms of timed runs per
+    round (on GPU between CUDA events), in interleaved rounds on the CPU."""
+    samples = {k: [] for k in fns}
+    for _ in range(rounds if device.type == "cpu" else 1):
+        for k, (prepare, timed) in fns.items():
+            timed(prepare())  # warm-up
+            spent = 0.0
+            while spent < rep_ms or len(samples[k]) < 5:
+                arg = prepare()
+                if device.type == "cuda":
+                    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                    start.record()
+                    timed(arg)
+                    end.record()
+                    end.synchronize()
+                    ms = start.elapsed_time(end)
+                else:
+                    t0 = time.perf_counter()
+                    timed(arg)
+                    ms = (time.perf_counter() - t0) * 1e3
+                del arg
+                samples[k].append(ms)
+                spent += ms
+    return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
 
 
 def peak_mib(step, device):
