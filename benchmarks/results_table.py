@@ -21,7 +21,8 @@ def fmt(ms):
 
 
 def header(r, path, what):
-    return (f"{r['device_name']}, torch {r['torch']}, {r['date'][:10]}, commit {r['git_commit']} "
+    commit = r.get("git_commit") or "not recorded"
+    return (f"{r['device_name']}, torch {r['torch']}, {r['date'][:10]}, commit {commit} "
             f"(`{path}`): {what}")
 
 
