@@ -1,39 +1,41 @@
-"""Times one Block, forward and forward+backward: nanoblock against what a
-user would run instead, in one run, on the same inputs and weights.
+"""Times one Block, forward, backward and forward+backward: nanoblock against
+what a user would run instead, in one run, on the same inputs and weights.
 
-    python benchmarks/bench_block.py                      # CPU, float32
-    python benchmarks/bench_block.py --device cuda        # GPU, bfloat16, ANCHORS.md configs
-    python benchmarks/bench_block.py --config 8,256,384,6 --impl nanoblock,eager
+    python benchmarks/bench_block.py                      # CPU, float32, small shapes
+    python benchmarks/bench_block.py --device cuda        # GPU, ANCHORS.md configs, bf16 + float32
+    python benchmarks/bench_block.py --config 8,256,384,6 --impl nanoblock,eager --mode forward_backward
 
 Implementations:
   nanoblock  nanoblock.Block (one fused op forward, one backward)
   eager      the reference Block (nanoGPT's model.py, SDPA attention), eager
   compile    torch.compile of the reference Block
-  floor      GPU only: just the four GEMMs and SDPA flash attention, forward
-             and backward, nothing else; what a Block costs if every other
-             op were free
+  floor      GPU only: just the four GEMMs and SDPA attention, forward and
+             backward, nothing else; what a Block costs if every other op
+             were free
 
-Timing: median of many runs after warm-up (triton.testing.do_bench on GPU;
-on CPU torch.utils.benchmark in interleaved rounds, see time_ms); random
-inputs, never zeros. Memory: the
-bytes autograd keeps for the backward (saved tensors, counted once per
-storage, x and weights included), and on GPU the peak allocated during
-forward+backward. Results go to JSON (with device, versions, git commit) and,
-when matplotlib is there, a PNG.
+Modes:
+  forward           the forward under torch.no_grad (inference)
+  backward          the backward alone (after a fresh forward, not timed, each time)
+  forward_backward  a training step's share: forward with autograd, then backward
+
+The backward computes the gradients of x and of every parameter with
+torch.autograd.grad (no accumulation into .grad, the same work for everyone).
+Timing: median of many runs after warm-up (benchmarks/common.py: time_ms);
+random inputs and weights, never zeros. Memory: the bytes autograd keeps for
+the backward (saved tensors, counted once per storage, x and weights
+included), and on GPU the peak allocated during forward+backward above what
+was allocated before. Results go to JSON (with device, versions, git commit)
+and a PNG (time and speed-up per config).
 """
-import argparse
-import json
 import os
-import platform
-import subprocess
 import sys
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402
 import nanoblock  # noqa: E402
 from nanoblock.reference import ReferenceBlock  # noqa: E402
 
@@ -42,6 +44,8 @@ GPU_CONFIGS = [("gpt2-small", 16, 1024, 768, 12), ("gpt2-medium", 8, 1024, 1024,
                ("gpt2-xl", 4, 1024, 1600, 25), ("long", 4, 4096, 768, 12),
                ("tiny", 64, 256, 384, 6)]
 CPU_CONFIGS = [("cpu-small", 4, 128, 128, 4), ("cpu-medium", 8, 256, 384, 6)]
+MODES = ("forward", "backward", "forward_backward")
+IMPLS = ("nanoblock", "eager", "compile", "floor")
 
 
 class Floor(nn.Module):
@@ -62,37 +66,6 @@ class Floor(nn.Module):
         return self.ref.mlp.c_proj(self.ref.mlp.c_fc(y))
 
 
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def time_ms(fns, device, rounds=5):
-    """Median milliseconds of each function in fns (a dict name -> fn).
-
-    GPU: triton's do_bench on each. CPU: the machine's speed drifts over
-    seconds (other tenants, clocks), so the functions are timed in
-    interleaved rounds (a, b, c, a, b, c, ...) and each gets the median of its
-    rounds' medians; every implementation sees the same conditions."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-        return {k: do_bench(fn, warmup=25, rep=200, return_mode="median") for k, fn in fns.items()}
-    from torch.utils import benchmark
-    samples = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t = benchmark.Timer(stmt="fn()", globals={"fn": fn},
-                                num_threads=torch.get_num_threads())
-            samples[k].append(t.blocked_autorange(min_run_time=0.5).median * 1e3)
-    return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
-
-
 def saved_bytes(module, x):
     """Bytes autograd keeps for the backward of module(x): every saved tensor's
     storage, counted once."""
@@ -109,19 +82,8 @@ def saved_bytes(module, x):
     return sum(storages.values())
 
 
-def peak_mib(step, device):
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def run_config(name, B, T, C, H, impls, dtype, device):
-    cfg = nanoblock.GPTConfig(n_embd=C, n_head=H, bias=True, dropout=0.0)
+def build(impls, cfg, dtype, device):
+    """name -> (module, the tensors it has gradients for besides x)."""
     torch.manual_seed(0)
     ref = ReferenceBlock(cfg).to(device=device, dtype=dtype)
     with torch.no_grad():
@@ -135,133 +97,168 @@ def run_config(name, B, T, C, H, impls, dtype, device):
         elif impl == "eager":
             m = ref
         elif impl == "compile":
+            # A fresh compile per config: dynamo's recompile limit (8) would
+            # otherwise send later configs back to eager without a word.
+            torch._dynamo.reset()
             m = torch.compile(ref)
-        elif impl == "floor":
+        else:  # floor
             if device.type != "cuda":
                 continue
             m = Floor(ref)
-        else:
-            raise SystemExit(f"unknown implementation {impl!r}")
-        modules[impl] = m
+        params = list(m.parameters())
+        modules[impl] = (m, params)
+    return modules
+
+
+def run_config(name, B, T, C, H, impls, modes, dtype, device, rep_ms):
+    cfg = nanoblock.GPTConfig(n_embd=C, n_head=H, bias=True, dropout=0.0)
+    modules = build(impls, cfg, dtype, device)
     x = torch.randn(B, T, C, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(B, T, C, device=device, dtype=dtype)
-    rows = []
+
     def forward_of(m):
         def forward():
             with torch.no_grad():
                 m(x)
         return forward
 
-    def forward_backward_of(m):
-        def forward_backward():
-            m(x).backward(grad)
-        return forward_backward
+    def backward_of(params):
+        return lambda y: torch.autograd.grad(y, [x] + params, grad, allow_unused=True)
 
-    for m in modules.values():
-        forward_backward_of(m)()  # compile / warm-up
-    fwd = time_ms({impl: forward_of(m) for impl, m in modules.items()}, device)
-    fwd_bwd = time_ms({impl: forward_backward_of(m) for impl, m in modules.items()}, device)
-    for impl, m in modules.items():
-        row = dict(config=name, B=B, T=T, C=C, n_head=H, dtype=str(dtype).replace("torch.", ""),
-                   impl=impl, forward_ms=fwd[impl], forward_backward_ms=fwd_bwd[impl],
-                   saved_mib=saved_bytes(m, x) / 2**20 if impl != "compile" else None,
-                   peak_mib=peak_mib(forward_backward_of(m), device))
-        rows.append(row)
-        print(f"  {name:12s} {row['dtype']:9s} {impl:10s} fwd {fwd[impl]:9.3f} ms   fwd+bwd "
-              f"{fwd_bwd[impl]:9.3f} ms   saved "
-              + (f"{row['saved_mib']:8.1f} MiB" if row['saved_mib'] is not None else "       - MiB")
-              + (f"   peak {row['peak_mib']:8.1f} MiB" if row["peak_mib"] is not None else ""),
+    def forward_backward_of(m, params):
+        return lambda: torch.autograd.grad(m(x), [x] + params, grad, allow_unused=True)
+
+    rows = {}
+    for impl, (m, params) in modules.items():
+        forward_backward_of(m, params)()  # compile / warm-up
+        rows[impl] = dict(config=name, B=B, T=T, C=C, n_head=H, dtype=common.dtype_name(dtype),
+                          impl=impl, forward_ms=None, backward_ms=None, forward_backward_ms=None,
+                          # torch.compile's saved tensors live inside its graph, out of the hooks' sight
+                          saved_mib=saved_bytes(m, x) / 2**20 if impl != "compile" else None,
+                          peak_mib=common.peak_mib(forward_backward_of(m, params), device))
+    if "forward" in modes:
+        for impl, ms in common.time_ms({i: forward_of(m) for i, (m, _) in modules.items()},
+                                       device, rep_ms=rep_ms).items():
+            rows[impl]["forward_ms"] = ms
+    if "backward" in modes:
+        fns = {i: (lambda m=m: m(x), backward_of(params)) for i, (m, params) in modules.items()}
+        for impl, ms in common.time_part_ms(fns, device, rep_ms=rep_ms).items():
+            rows[impl]["backward_ms"] = ms
+    if "forward_backward" in modes:
+        fns = {i: forward_backward_of(m, params) for i, (m, params) in modules.items()}
+        for impl, ms in common.time_ms(fns, device, rep_ms=rep_ms).items():
+            rows[impl]["forward_backward_ms"] = ms
+    for r in rows.values():
+        print(f"  {name:12s} {r['dtype']:9s} {r['impl']:10s}"
+              + "".join(f" {m.replace('forward', 'fwd').replace('backward', 'bwd').replace('_', '+')}"
+                        f" {r[m + '_ms']:8.3f} ms" for m in MODES if r[m + "_ms"] is not None)
+              + (f"   saved {r['saved_mib']:7.1f} MiB" if r["saved_mib"] is not None else "")
+              + (f"   peak {r['peak_mib']:7.1f} MiB" if r["peak_mib"] is not None else ""),
               flush=True)
-    x.grad = None
-    for p in ref.parameters():
-        p.grad = None
-    return rows
+    return list(rows.values())
+
+
+def speedups(rows, mode="forward_backward"):
+    """(config, dtype) -> {peer: peer's time / nanoblock's} for one mode."""
+    out = {}
+    for r in rows:
+        key = (r["config"], r["dtype"])
+        nb = next((x for x in rows if (x["config"], x["dtype"]) == key
+                   and x["impl"] == "nanoblock"), None)
+        if r["impl"] != "nanoblock" and nb and r[mode + "_ms"] and nb[mode + "_ms"]:
+            out.setdefault(key, {})[r["impl"]] = r[mode + "_ms"] / nb[mode + "_ms"]
+    return out
 
 
 def plot(results, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    """Left: forward+backward ms per config and implementation. Right: the
+    peers' time over nanoblock's (above 1: nanoblock faster)."""
+    plt = common.pyplot()
+    if plt is None:
         return
-    configs = list(dict.fromkeys(f"{r['config']} {r['dtype']}" for r in results["rows"]))
-    impls = list(dict.fromkeys(r["impl"] for r in results["rows"]))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(configs)), 4))
+    rows = results["rows"]
+    mode = "forward_backward" if any(r["forward_backward_ms"] for r in rows) else next(
+        m for m in MODES if any(r[m + "_ms"] for r in rows))
+    keys = list(dict.fromkeys((r["config"], r["dtype"]) for r in rows))
+    labels = [f"{c}\n{d}" for c, d in keys]
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(max(10, 1.5 * len(keys) * 2), 4.5))
     width = 0.8 / len(impls)
     for i, impl in enumerate(impls):
-        vals = []
-        for c in configs:
-            match = [r for r in results["rows"] if f"{r['config']} {r['dtype']}" == c
-                     and r["impl"] == impl]
-            vals.append(match[0]["forward_backward_ms"] if match else 0)
-        ax.bar([j + i * width for j in range(len(configs))], vals, width, label=impl)
-    ax.set_xticks([j + width * (len(impls) - 1) / 2 for j in range(len(configs))])
-    ax.set_xticklabels(configs, fontsize=8)
-    ax.set_ylabel("forward+backward (ms), lower is better")
-    ax.set_title(f"One Block on {results['device_name']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+        by = {(r["config"], r["dtype"]): r[mode + "_ms"] for r in rows if r["impl"] == impl}
+        ax_t.bar([j + i * width for j in range(len(keys))], [by.get(k) or 0 for k in keys],
+                 width, label=impl)
+    ax_t.set_xticks([j + width * (len(impls) - 1) / 2 for j in range(len(keys))])
+    ax_t.set_xticklabels(labels, fontsize=7)
+    ax_t.set_ylabel(f"{mode.replace('_', '+')} ms (lower is better)")
+    ax_t.set_yscale("log")
+    ax_t.legend(fontsize=8)
+    ratios = speedups(rows, mode)
+    peers = [i for i in impls if i != "nanoblock"]
+    width = 0.8 / max(1, len(peers))
+    for i, peer in enumerate(peers):
+        ax_s.bar([j + i * width for j in range(len(keys))],
+                 [ratios.get(k, {}).get(peer, 0) for k in keys], width, label=f"vs {peer}",
+                 color=f"C{impls.index(peer)}")
+    ax_s.axhline(1.0, color="black", lw=0.8)
+    ax_s.set_xticks([j + width * (len(peers) - 1) / 2 for j in range(len(keys))])
+    ax_s.set_xticklabels(labels, fontsize=7)
+    ax_s.set_ylabel("peer's time / nanoblock's (> 1: nanoblock faster)")
+    ax_s.legend(fontsize=8)
+    fig.suptitle(f"One Block, {mode.replace('_', '+')}, on {results['device_name']} "
+                 f"(torch {results['torch']}, {results['git_commit']})", fontsize=10)
+    common.save_figure(fig, path)
+
+
+def parse_configs(specs, device):
+    """--config values: a name from the config lists or B,T,C,n_head."""
+    if not specs:
+        return GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS
+    named = {c[0]: c for c in GPU_CONFIGS + CPU_CONFIGS}
+    out = []
+    for s in specs:
+        if s in named:
+            out.append(named[s])
+        else:
+            B, T, C, H = (int(v) for v in s.split(","))
+            out.append((s, B, T, C, H))
+    return out
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Time nanoblock's Block against its peers.")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p = common.parser("bench_block", "Time nanoblock's Block against its peers.",
+                      ["bfloat16", "float32"])
     p.add_argument("--config", action="append", default=None,
-                   help="B,T,C,n_head (repeatable); default: the device's standard configs")
+                   help="a config name (gpt2-small, ..., cpu-small) or B,T,C,n_head; repeatable; "
+                        "default: the device's standard configs")
     p.add_argument("--impl", default=None,
                    help="comma-separated; default nanoblock,eager,compile(,floor on cuda)")
-    p.add_argument("--out", default=None, help="folder for the JSON and PNG")
-    p.add_argument("--tag", default=None, help="file name stem (default: bench_block_<device>)")
+    p.add_argument("--mode", default=",".join(MODES), help=f"comma-separated from {MODES}")
     args = p.parse_args(argv)
-
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (
-        torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if args.config:
-        configs = [("custom",) + tuple(int(v) for v in c.split(",")) for c in args.config]
-        configs = [(f"{B},{T},{C},{H}", B, T, C, H) for _, B, T, C, H in configs]
-    else:
-        configs = GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS
-    impls = args.impl.split(",") if args.impl else (
+    device, dtypes = common.parse_device_dtypes(args)
+    configs = parse_configs(args.config, device)
+    impls = common.split_choices(args.impl, IMPLS, "implementation") if args.impl else (
         ["nanoblock", "eager", "compile"] + (["floor"] if device.type == "cuda" else []))
+    modes = common.split_choices(args.mode, MODES, "mode")
 
-    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"{platform.processor() or platform.machine()} CPU, "
-                        f"{torch.get_num_threads()} threads")
-    print(f"Block benchmark on {device_name}, torch {torch.__version__}, {dtype}")
-    results = dict(device=device.type, device_name=device_name, torch=torch.__version__,
-                   cuda=torch.version.cuda, nanoblock=nanoblock.__version__,
-                   git_commit=git_commit(), date=time.strftime("%Y-%m-%d %H:%M:%S"), rows=[])
-    for name, B, T, C, H in configs:
-        results["rows"] += run_config(name, B, T, C, H, impls, dtype, device)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    results = common.provenance(device, impls=impls, modes=modes, rep_ms=args.rep_ms,
+                                dtypes=[common.dtype_name(d) for d in dtypes])
+    print(f"Block benchmark on {results['device_name']}, torch {torch.__version__}")
+    results["rows"] = []
+    for dtype in dtypes:
+        for name, B, T, C, H in configs:
+            results["rows"] += run_config(name, B, T, C, H, impls, modes, dtype, device,
+                                          args.rep_ms)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
-    print("\nratios (forward+backward time of the peer / nanoblock's; > 1: nanoblock faster)")
-    for name in dict.fromkeys(r["config"] for r in results["rows"]):
-        rows = {r["impl"]: r for r in results["rows"] if r["config"] == name}
-        if "nanoblock" not in rows:
-            continue
-        nb = rows["nanoblock"]["forward_backward_ms"]
-        parts = [f"{impl} {r['forward_backward_ms'] / nb:5.2f}x" for impl, r in rows.items()
-                 if impl != "nanoblock"]
-        if "eager" in rows and rows["eager"]["saved_mib"]:
-            parts.append(f"saved memory nanoblock/eager "
-                         f"{rows['nanoblock']['saved_mib'] / rows['eager']['saved_mib']:.2f}")
-        print(f"  {name:12s} " + "   ".join(parts))
+    for mode in modes:
+        print(f"\n{mode}: the peer's time / nanoblock's (> 1: nanoblock faster)")
+        for (name, dt), ratios in speedups(results["rows"], mode).items():
+            print(f"  {name:12s} {dt:9s} " + "   ".join(f"{k} {v:5.2f}x" for k, v in ratios.items()))
 
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    os.makedirs(out, exist_ok=True)
-    stem = args.tag or f"bench_block_{device.type}"
-    with open(os.path.join(out, stem + ".json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"wrote {os.path.join(out, stem + '.json')}")
-    plot(results, os.path.join(out, stem + ".png"))
+    common.write_json(results, args.out, args.tag)
+    plot(results, os.path.join(args.out, args.tag + ".png"))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is for, in one call: print the card, build the
 # CUDA extension, run the whole test suite, run compute-sanitizer (memcheck,
-# racecheck) on a quick subset of the CUDA tests, time attention against
-# PyTorch's SDPA, and run the Block benchmark if it exists.
+# racecheck) on a quick subset of the CUDA tests, and run the benchmark suite
+# (benchmarks/run_all.py: Block, ops, training; five files under $OUT/bench).
 #
 #   bash scripts/gpu_check.sh            # logs and results under ${OUT:-out}
 #
@@ -11,7 +11,7 @@
 #   TORCH_CUDA_ARCH_LIST   default 9.0 (Hopper) to keep the build short
 #   PYTEST_TARGETS         what pytest runs (default: tests/)
 #   PYTEST_FLAGS           default: -x -q
-#   SKIP_SANITIZER=1, SKIP_BENCH=1, SKIP_BLOCK_BENCH=1   leave those steps out
+#   SKIP_SANITIZER=1, SKIP_BENCH=1   leave those steps out
 # Exit status: non-zero if the build, the tests or a sanitizer check failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -70,14 +70,8 @@ if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
 fi
 
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
-  step "benchmarks/bench_attention.py (attention vs SDPA, bf16)"
-  $PY benchmarks/bench_attention.py 2>&1 | tee "$OUT/attention_bench.txt"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("attention bench")
-
-  if [ -f benchmarks/bench_block.py ] && [ "${SKIP_BLOCK_BENCH:-0}" != "1" ]; then
-    step "benchmarks/bench_block.py"
-    $PY benchmarks/bench_block.py --device cuda --out "$OUT" || failed+=("bench_block")
-  fi
+  step "benchmark suite (python -m benchmarks.run_all --device cuda) -> $OUT/bench"
+  $PY -m benchmarks.run_all --device cuda --out "$OUT/bench" || failed+=("benchmarks")
 fi
 
 step "summary"
