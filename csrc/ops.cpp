@@ -62,12 +62,11 @@ struct Checker {
                 " must be a floating-point tensor, got dtype ", dtype_str(t.scalar_type()));
     const bool cpu = t.device().is_cpu();
     const auto dt = t.scalar_type();
-    const bool supported = cpu ? (dt == at::kFloat || dt == at::kDouble)
-                               : (dt == at::kFloat || dt == at::kDouble || dt == at::kHalf ||
-                                  dt == at::kBFloat16);
+    const bool supported = dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 ||
+                           (!cpu && dt == at::kHalf);
     NANOBLOCK_CHECK(supported, op, ": ", name, " has dtype ", dtype_str(dt), ", which the ",
                 cpu ? "CPU" : "CUDA", " kernels do not support (supported: ",
-                cpu ? "torch.float32, torch.float64"
+                cpu ? "torch.bfloat16, torch.float32, torch.float64"
                     : "torch.float16, torch.bfloat16, torch.float32, torch.float64",
                 ")");
     if (dim >= 0) {
