@@ -1,8 +1,8 @@
-"""torch.autocast on the CPU (bfloat16): a float32 model of nanoblock Blocks
-runs nanoblock's low-precision kernels with autocast's casts, and its output
-and gradients are within twice the reference Block's error under autocast,
-both measured against float64. The CUDA versions are in
-tests/test_cuda_interop.py."""
+"""torch.autocast: a float32 model of nanoblock Blocks runs nanoblock's
+low-precision kernels with autocast's casts, and its output and gradients are
+within twice the reference Block's error under autocast, both measured
+against float64. bfloat16 on the CPU; bfloat16 and float16 on CUDA (marked
+`cuda`, skipped without a GPU)."""
 import copy
 
 import pytest
@@ -18,27 +18,37 @@ from conftest import block_pair, forward_backward, make_config, randomize_, rel_
 bf16, f64 = torch.bfloat16, torch.float64
 
 
-def autocast():
-    return torch.autocast("cpu", dtype=bf16)
+needs_cuda = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+# (device, autocast dtype)
+SETTINGS = [pytest.param("cpu", bf16, id="cpu-bf16"),
+            pytest.param("cuda", bf16, id="cuda-bf16", marks=needs_cuda),
+            pytest.param("cuda", torch.float16, id="cuda-fp16", marks=needs_cuda)]
 
 
+def autocast(device, dtype):
+    return torch.autocast(device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device,dtype", SETTINGS)
 @pytest.mark.parametrize("B,T,C,n_head,bias,gelu", [
     (2, 97, 96, 3, True, "exact"),
     (3, 7, 120, 5, False, "tanh"),
     (1, 1, 64, 4, True, "exact"),
 ])
-def test_block_within_2x_of_reference_under_autocast(B, T, C, n_head, bias, gelu):
+def test_block_within_2x_of_reference_under_autocast(device, dtype, B, T, C, n_head, bias, gelu):
     # Weights of a trained GPT's scale (0.04): the branches are then small next
     # to the residual stream, whose precision autocast must keep (float32).
     cfg = make_config(C, n_head, bias=bias, gelu=gelu)
     ref64 = randomize_(ReferenceBlock(cfg).double(), torch.Generator().manual_seed(0), scale=0.04)
-    nb64 = nanoblock.Block(cfg).double()
+    ref64 = ref64.to(device)
+    nb64 = nanoblock.Block(cfg).to(device=device, dtype=f64)
     nb64.load_state_dict(ref64.state_dict())
-    x = torch.randn(B, T, C, dtype=f64)
-    grad = torch.randn(B, T, C, dtype=f64)
+    x = torch.randn(B, T, C, dtype=f64).to(device)
+    grad = torch.randn(B, T, C, dtype=f64).to(device)
     exact = forward_backward(ref64, x, grad)
     nb, ref = nb64.float(), copy.deepcopy(ref64).float()
-    with autocast():
+    with autocast(device, dtype):
         ours = forward_backward(nb, x.float(), grad.float())
         theirs = forward_backward(ref, x.float(), grad.float())
     names = ["out", "x"] + [n for n, _ in nb.named_parameters()]
@@ -65,57 +75,64 @@ class NanoblockCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_block_runs_low_precision_kernels_under_autocast():
-    nb, _ = block_pair(make_config(48, 2), dtype=torch.float32)
-    x = torch.randn(2, 5, 48, requires_grad=True)
+@pytest.mark.parametrize("device,dtype", SETTINGS)
+def test_block_runs_low_precision_kernels_under_autocast(device, dtype):
+    nb, _ = block_pair(make_config(48, 2), dtype=torch.float32, device=device)
+    x = torch.randn(2, 5, 48, device=device, requires_grad=True)
     with NanoblockCalls() as seen:
-        with autocast():
+        with autocast(device, dtype):
             y = nb(x)
         y.sum().backward()
     assert seen.calls == {
         ("layer_norm_forward", torch.float32), ("add_layer_norm_forward", torch.float32),
-        ("causal_attention_forward", bf16), ("gelu_forward", bf16),
-        ("gelu_backward", bf16), ("causal_attention_backward", bf16),
+        ("causal_attention_forward", dtype), ("gelu_forward", dtype),
+        ("gelu_backward", dtype), ("causal_attention_backward", dtype),
         ("layer_norm_backward", torch.float32),
     }
     assert y.dtype == torch.float32 and x.grad.dtype == torch.float32
     assert all(p.grad.dtype == torch.float32 for p in nb.parameters())
 
 
-def test_each_op_under_autocast():
-    """Low-precision ops run in bfloat16, LayerNorms in float32 (as autocast
-    does for torch's layer_norm), float64 tensors are never cast."""
+@pytest.mark.parametrize("device,dtype", SETTINGS)
+def test_each_op_under_autocast(device, dtype):
+    """Low-precision ops run in the autocast dtype, LayerNorms in float32 (as
+    autocast does for torch's layer_norm), float64 tensors are never cast."""
     C = 32
-    x, qkv = torch.randn(2, 5, C), torch.randn(2, 5, 3 * C)
-    w, b = torch.ones(C), torch.zeros(C)
-    nb, _ = block_pair(make_config(C, 2), dtype=torch.float32)
-    with autocast():
-        assert ops.layer_norm(x.to(bf16), w, b).dtype == torch.float32
-        assert ops.add_layer_norm(x, x.to(bf16), w, b)[1].dtype == torch.float32
-        assert ops.causal_attention(qkv, 2).dtype == bf16
-        assert ops.bias_gelu(x.to(bf16), b, "tanh").dtype == bf16  # mixed inputs are fine
+    x, qkv = torch.randn(2, 5, C, device=device), torch.randn(2, 5, 3 * C, device=device)
+    w, b = torch.ones(C, device=device), torch.zeros(C, device=device)
+    nb, _ = block_pair(make_config(C, 2), dtype=torch.float32, device=device)
+    with autocast(device, dtype):
+        assert ops.layer_norm(x.to(dtype), w, b).dtype == torch.float32
+        assert ops.add_layer_norm(x, x.to(dtype), w, b)[1].dtype == torch.float32
+        assert ops.causal_attention(qkv, 2).dtype == dtype
+        assert ops.bias_gelu(x.to(dtype), b, "tanh").dtype == dtype  # mixed inputs are fine
         y = ops.block(x, nb.block_params(), 2)
-        assert y.dtype == bf16
+        assert y.dtype == dtype
         assert ops.causal_attention(qkv.double(), 2).dtype == f64
     with torch.no_grad():
-        expected = copy.deepcopy(nb).to(bf16)(x.to(bf16))
+        expected = copy.deepcopy(nb).to(dtype)(x.to(dtype))
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
 
 
-def small_gpts():
+def small_gpts(device):
     cfg = nanoblock.GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=4, n_embd=64)
     torch.manual_seed(0)
-    ref = ReferenceGPT(cfg).double()
+    ref = ReferenceGPT(cfg).to(device=device, dtype=f64)
     return nanoblock.GPT.from_nanogpt(ref), ref
 
 
-def test_gpt_loss_and_grads_under_autocast():
-    nb, ref64 = small_gpts()
-    idx, targets = torch.randint(0, 50, (4, 32)), torch.randint(0, 50, (4, 32))
+def tokens(*shape, device):
+    return torch.randint(0, 50, shape).to(device), torch.randint(0, 50, shape).to(device)
+
+
+@pytest.mark.parametrize("device,dtype", SETTINGS)
+def test_gpt_loss_and_grads_under_autocast(device, dtype):
+    nb, ref64 = small_gpts(device)
+    idx, targets = tokens(4, 32, device=device)
     loss64 = ref64(idx, targets)[1]
     loss64.backward()
     nb, ref = nb.float(), copy.deepcopy(ref64).float()
-    with autocast():
+    with autocast(device, dtype):
         loss, ref_loss = nb(idx, targets)[1], ref(idx, targets)[1]
     loss.backward()
     ref_loss.backward()
@@ -124,15 +141,16 @@ def test_gpt_loss_and_grads_under_autocast():
         assert rel_err(p.grad, e.grad) <= 2 * rel_err(q.grad, e.grad) + 1e-6, name
 
 
-def test_compiled_gpt_under_autocast_matches_eager():
-    nb, _ = small_gpts()
+@pytest.mark.parametrize("device,dtype", SETTINGS)
+def test_compiled_gpt_under_autocast_matches_eager(device, dtype):
+    nb, _ = small_gpts(device)
     nb = nb.float()
-    idx, targets = torch.randint(0, 50, (2, 24)), torch.randint(0, 50, (2, 24))
+    idx, targets = tokens(2, 24, device=device)
     compiled = torch.compile(nb, fullgraph=True)
 
     def loss_and_grads(model):
         nb.zero_grad()
-        with autocast():
+        with autocast(device, dtype):
             loss = model(idx, targets)[1]
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in nb.parameters()]
