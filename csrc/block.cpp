@@ -21,6 +21,13 @@ constexpr double kLayerNormEps = 1e-5;
 
 Tensor rows(const Tensor& t) { return t.view({-1, t.size(-1)}); }
 
+// A GEMM's fresh [N, F] result as [B, T, F] for returning from the op: not a
+// view (at::_unsafe_view), since an op output that is a view of a hidden
+// base breaks in-place ops and hooks on it (FSDP2 warns).
+Tensor unrows(const Tensor& t, int64_t B, int64_t T) {
+  return at::_unsafe_view(t, {B, T, t.size(-1)});
+}
+
 // in [N, K] @ weight[M, K]^T (+ bias [M]) -> [N, M]
 Tensor linear(const Tensor& in, const Tensor& weight, const Tensor& bias) {
   return bias.defined() ? at::addmm(bias, in, weight.t()) : at::mm(in, weight.t());
@@ -35,7 +42,7 @@ std::tuple<Tensor, BlockSaved> block_forward(const Kernels& k, const Tensor& x,
 
   // Attention branch.
   Tensor ln_1 = std::get<0>(k.layer_norm_forward(x, w.ln_1_weight, w.ln_1_bias, kLayerNormEps));
-  s.qkv = linear(rows(ln_1), w.c_attn_weight, w.c_attn_bias).view({B, T, 3 * C});
+  s.qkv = unrows(linear(rows(ln_1), w.c_attn_weight, w.c_attn_bias), B, T);
   ln_1.reset();  // temporaries go as soon as they are used: less peak memory
   std::tie(s.attn, s.lse) = k.causal_attention_forward(s.qkv, n_head);
   Tensor proj = linear(rows(s.attn), w.attn_c_proj_weight, w.attn_c_proj_bias).view({B, T, C});
@@ -47,13 +54,13 @@ std::tuple<Tensor, BlockSaved> block_forward(const Kernels& k, const Tensor& x,
   proj.reset();
 
   // MLP branch: c_fc without its bias, which the GELU kernel adds.
-  s.fc = at::mm(rows(ln_2), w.c_fc_weight.t()).view({B, T, 4 * C});
+  s.fc = unrows(at::mm(rows(ln_2), w.c_fc_weight.t()), B, T);
   ln_2.reset();
   Tensor gelu = k.gelu_forward(s.fc, w.c_fc_bias, tanh);
   // out = x1 + gelu @ W^T (+ bias): the GEMM accumulates onto the residual.
   Tensor out = at::addmm(rows(s.x1), rows(gelu), w.mlp_c_proj_weight.t());
   if (w.mlp_c_proj_bias.defined()) out.add_(w.mlp_c_proj_bias);
-  return {out.view({B, T, C}), s};
+  return {unrows(out, B, T), s};
 }
 
 BlockGrads block_backward(const Kernels& k, const Tensor& grad_out, const Tensor& x,

@@ -8,6 +8,7 @@
 // nanoblock/ops.py adds the fake (meta) kernels and autograd on top.
 #include <Python.h>
 #include <ATen/DeviceGuard.h>
+#include <ATen/autocast_mode.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -62,12 +63,11 @@ struct Checker {
                 " must be a floating-point tensor, got dtype ", dtype_str(t.scalar_type()));
     const bool cpu = t.device().is_cpu();
     const auto dt = t.scalar_type();
-    const bool supported = cpu ? (dt == at::kFloat || dt == at::kDouble)
-                               : (dt == at::kFloat || dt == at::kDouble || dt == at::kHalf ||
-                                  dt == at::kBFloat16);
+    const bool supported = dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 ||
+                           (!cpu && dt == at::kHalf);
     NANOBLOCK_CHECK(supported, op, ": ", name, " has dtype ", dtype_str(dt), ", which the ",
                 cpu ? "CPU" : "CUDA", " kernels do not support (supported: ",
-                cpu ? "torch.float32, torch.float64"
+                cpu ? "torch.bfloat16, torch.float32, torch.float64"
                     : "torch.float16, torch.bfloat16, torch.float32, torch.float64",
                 ")");
     if (dim >= 0) {
@@ -345,6 +345,30 @@ BlockGradTuple block_backward_op(
           gw.c_fc_weight, gw.c_fc_bias, gw.mlp_c_proj_weight, gw.mlp_c_proj_bias};
 }
 
+// ---------------------------------------------------------------------------
+// Autocast: the casts torch.autocast makes before a nanoblock forward op runs,
+// as it makes them for PyTorch's own ops. Within an autocast region, the
+// op's floating tensor arguments on the region's device are cast (float64
+// ones never are), then the op runs with autocast off for that device:
+//   - to float32: layer_norm_forward and add_layer_norm_forward, as autocast
+//     does for torch's layer_norm;
+//   - to the autocast dtype (bfloat16, or float16 on CUDA):
+//     causal_attention_forward, gelu_forward, block_forward, as for matmul.
+// The backward ops get no casts: autograd hands them what the forward saved.
+// Casts are differentiable, so float32 parameters receive float32 gradients.
+
+template <c10::DeviceType kDevice, bool kToFloat32>
+void autocast_kernel(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const at::ScalarType dtype = kToFloat32 ? at::kFloat : at::autocast::get_autocast_dtype(kDevice);
+  const size_t n_args = op.schema().arguments().size();
+  for (auto arg = stack->end() - n_args; arg != stack->end(); ++arg) {
+    if (arg->isTensor()) *arg = at::autocast::cached_cast(dtype, arg->toTensor(), kDevice);
+  }
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(
+      at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
+  op.callBoxed(stack);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -397,6 +421,24 @@ TORCH_LIBRARY_IMPL(nanoblock, CPU, m) { NANOBLOCK_BIND(m, cpu_kernels); }
 
 #ifdef NANOBLOCK_WITH_CUDA
 TORCH_LIBRARY_IMPL(nanoblock, CUDA, m) { NANOBLOCK_BIND(m, cuda_kernels); }
+#endif
+
+#define NANOBLOCK_AUTOCAST(m, device)                                                      \
+  m.impl("layer_norm_forward",                                                             \
+         torch::CppFunction::makeFromBoxedFunction<&autocast_kernel<device, true>>());      \
+  m.impl("add_layer_norm_forward",                                                         \
+         torch::CppFunction::makeFromBoxedFunction<&autocast_kernel<device, true>>());      \
+  m.impl("causal_attention_forward",                                                       \
+         torch::CppFunction::makeFromBoxedFunction<&autocast_kernel<device, false>>());     \
+  m.impl("gelu_forward",                                                                   \
+         torch::CppFunction::makeFromBoxedFunction<&autocast_kernel<device, false>>());     \
+  m.impl("block_forward",                                                                  \
+         torch::CppFunction::makeFromBoxedFunction<&autocast_kernel<device, false>>())
+
+TORCH_LIBRARY_IMPL(nanoblock, AutocastCPU, m) { NANOBLOCK_AUTOCAST(m, c10::DeviceType::CPU); }
+
+#ifdef NANOBLOCK_WITH_CUDA
+TORCH_LIBRARY_IMPL(nanoblock, AutocastCUDA, m) { NANOBLOCK_AUTOCAST(m, c10::DeviceType::CUDA); }
 #endif
 
 }  // namespace nanoblock

@@ -68,13 +68,50 @@ def config_of_nanogpt_block(block):
     return GPTConfig(n_embd=n_embd, n_head=n_head, bias=bias, dropout=dropout, gelu=gelu)
 
 
-def take_over(new, old):
+def take_over(new, old, transpose=()):
     """Gives the freshly built module `new` the weights, device, dtype and
-    train/eval mode of `old`, whose state_dict has the same names; returns it."""
+    train/eval mode of `old`, whose state_dict has the same names; returns it.
+    Weights whose names end with one of `transpose` are transposed on the way
+    (Hugging Face's Conv1D keeps [in, out], nn.Linear [out, in])."""
     like = next(old.parameters())
     new.to(device=like.device, dtype=like.dtype)
-    new.load_state_dict(old.state_dict())
+    old_state = old.state_dict()
+    new.load_state_dict({name: old_state[name].t() if name.endswith(transpose) else old_state[name]
+                         for name in new.state_dict()})
     return new.train(old.training)
+
+
+# The Linear weights that Hugging Face's GPT-2 stores as Conv1D ([in, out]).
+HF_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                     "mlp.c_proj.weight")
+
+# transformers' names for GELU: "gelu" is the exact (erf) one.
+_HF_GELU = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+
+
+def config_of_hf(hf_config):
+    """nanoblock's GPTConfig for a transformers GPT2Config; a ValueError names
+    what nanoGPT's Block cannot express."""
+    c = hf_config
+    C = c.n_embd
+    unsupported = []
+    if c.activation_function not in _HF_GELU:
+        unsupported.append(f"activation_function={c.activation_function!r} (supported: "
+                           f"{', '.join(_HF_GELU)})")
+    if c.n_inner not in (None, 4 * C):
+        unsupported.append(f"n_inner={c.n_inner} (nanoGPT's MLP is 4 * n_embd = {4 * C})")
+    if c.layer_norm_epsilon != 1e-5:
+        unsupported.append(f"layer_norm_epsilon={c.layer_norm_epsilon} (nanoblock uses 1e-5)")
+    if not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx:
+        unsupported.append("attention scaled other than by 1/sqrt(head_dim)")
+    if not (c.resid_pdrop == c.embd_pdrop == c.attn_pdrop):
+        unsupported.append(f"different dropouts (resid {c.resid_pdrop}, embd {c.embd_pdrop}, "
+                           f"attn {c.attn_pdrop}; nanoGPT has one)")
+    if unsupported:
+        raise ValueError("nanoblock cannot express this GPT-2 config: " + "; ".join(unsupported))
+    return GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                     n_head=c.n_head, n_embd=C, dropout=c.resid_pdrop, bias=True,
+                     gelu=_HF_GELU[c.activation_function])
 
 
 class LayerNorm(nn.Module):
@@ -125,8 +162,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """x -> x + attn(ln_1(x)) -> x1 + mlp(ln_2(x1)), as one nanoblock op.
 
-    x: [B, T, n_embd], float32 or float64 on the CPU (float16, bfloat16 too on
-    CUDA). `config` is nanoGPT's GPTConfig or nanoblock.GPTConfig.
+    x: [B, T, n_embd], bfloat16, float32 or float64 (float16 too on CUDA);
+    a float32 Block also runs under torch.autocast. `config` is nanoGPT's
+    GPTConfig or nanoblock.GPTConfig.
     """
 
     def __init__(self, config):
@@ -146,6 +184,12 @@ class Block(nn.Module):
         Block (or any module with its submodules and parameter names)."""
         return take_over(cls(config_of_nanogpt_block(block)), block)
 
+    @classmethod
+    def from_hf(cls, block):
+        """A nanoblock Block with the weights, device and dtype of a Hugging
+        Face transformers GPT2Block (its Conv1D weights transposed)."""
+        return take_over(cls(config_of_hf(block.attn.config)), block, HF_CONV1D_WEIGHTS)
+
     def block_params(self):
         """The twelve parameters in the Block op's order (None for absent biases)."""
         return (self.ln_1.weight, self.ln_1.bias,
@@ -157,4 +201,16 @@ class Block(nn.Module):
 
     def forward(self, x):
         refuse_dropout(self, self.dropout)
+        if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+            return self.forward_autocast(x)
         return ops.block(x, self.block_params(), self.n_head, self.approximate)
+
+    def forward_autocast(self, x):
+        """A float32 Block under torch.autocast, as its parts, each with the
+        casts autocast gives it (ops.cpp): LayerNorms in float32, the Linears,
+        attention and GELU in the autocast dtype, the residual stream in
+        float32; the reference Block gets the same casts. The fused Block op
+        takes one dtype for everything: in bfloat16 its residual stream
+        made 5-25x the reference's error at GPT-like weight scales."""
+        x1, h = ops.add_layer_norm(x, self.attn(self.ln_1(x)), self.ln_2.weight, self.ln_2.bias)
+        return x1 + self.mlp(h)

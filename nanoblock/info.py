@@ -21,7 +21,7 @@ def backends_of(op):
     """The dispatch keys with a kernel registered for nanoblock::op (read from
     the dispatcher, not from the build notes)."""
     name = f"nanoblock::{op}"
-    return [key for key in ("CPU", "CUDA")
+    return [key for key in ("CPU", "CUDA", "AutocastCPU", "AutocastCUDA")
             if torch._C._dispatch_has_kernel_for_dispatch_key(name, key)]
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .block import Block, GPTConfig, LayerNorm, take_over
+from .block import HF_CONV1D_WEIGHTS, Block, GPTConfig, LayerNorm, config_of_hf, take_over
 
 __all__ = ["GPT", "GPTConfig", "patch"]
 
@@ -47,6 +47,18 @@ class GPT(nn.Module):
                            n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout, bias=c.bias,
                            gelu=getattr(c, "gelu", "exact"))
         return take_over(cls(config), model)
+
+    @classmethod
+    def from_hf(cls, model):
+        """A nanoblock GPT with the config, weights, device and dtype of a
+        Hugging Face transformers GPT2LMHeadModel (Conv1D weights transposed,
+        GELU from its activation_function: gelu_new is the tanh GELU). Gives
+        the same logits; needs lm_head tied to the token embedding, as
+        GPT-2's is and nanoGPT's always is."""
+        if model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr():
+            raise ValueError("nanoblock.GPT.from_hf: lm_head.weight must be tied to "
+                             "transformer.wte.weight (tie_word_embeddings=True), as in GPT-2")
+        return take_over(cls(config_of_hf(model.config)), model, HF_CONV1D_WEIGHTS)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):

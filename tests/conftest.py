@@ -2,6 +2,7 @@
 random weights, and relative-error measures."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import nanoblock
 from nanoblock.reference import ReferenceBlock
@@ -28,6 +29,15 @@ def block_pair(config, dtype=torch.float64, device="cpu", seed=0):
     nb = nanoblock.Block(config).to(device=device, dtype=dtype)
     nb.load_state_dict(ref.state_dict())
     return nb, ref
+
+
+def sdpa_attention(qkv, n_head):
+    """PyTorch's causal attention (SDPA) of qkv [B, T, 3C] -> [B, T, C], heads merged."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = (t.reshape(B, T, n_head, C // n_head).transpose(1, 2) for t in qkv.split(C, dim=2))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return y.transpose(1, 2).reshape(B, T, C)
 
 
 def rel_err(a, b):

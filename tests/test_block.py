@@ -85,6 +85,15 @@ def test_non_contiguous_input():
     assert torch.equal(y2, y_nb)
 
 
+def test_block_op_outputs_are_not_views():
+    """A view of a hidden base would break in-place ops and autograd hooks
+    on the output (FSDP2 warns about it)."""
+    nb, _ = block_pair(make_config(48, 2))
+    outputs = torch.ops.nanoblock.block_forward(torch.randn(2, 5, 48, dtype=torch.float64),
+                                                *nb.block_params(), 2, "none")
+    assert not any(t._is_view() for t in outputs)
+
+
 def test_backward_is_deterministic():
     nb, _ = block_pair(make_config(96, 3), dtype=torch.float32)
     x = torch.randn(4, 130, 96)

@@ -18,6 +18,8 @@ import nanoblock
 from nanoblock import ops
 from nanoblock.reference import ReferenceBlock
 
+from conftest import sdpa_attention
+
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -388,12 +390,7 @@ def test_attention_float32_vs_sdpa_small():
 # input), against float64, at most 2x the error of PyTorch's SDPA.
 
 
-def _sdpa_heads(qkv, n_head):
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    q, k, v = (t.reshape(B, T, n_head, C // n_head).transpose(1, 2) for t in qkv.split(C, dim=2))
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return y.transpose(1, 2).reshape(B, T, C)
+_sdpa_heads = sdpa_attention
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -1,12 +1,19 @@
-"""DDP (gloo, 2 processes on the CPU) over a GPT of nanoblock Blocks gives the
-gradients of one process on the whole batch."""
+"""DDP and FSDP2 (fully_shard) over a GPT of nanoblock Blocks, gloo, 2
+processes on the CPU, give the gradients of one process on the whole batch.
+FSDP2 over NCCL on GPUs is in tests/test_cuda_interop.py."""
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
 import nanoblock
+
+try:
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # torch < 2.6 had it only here
+    from torch.distributed._composable.fsdp import fully_shard
 
 WORLD = 2
 
@@ -22,30 +29,44 @@ def batch():
     return torch.randint(0, 17, (4, 12), generator=g), torch.randint(0, 17, (4, 12), generator=g)
 
 
-def ddp_worker(rank, init_file, out_file):
+def ddp(model):
+    return torch.nn.parallel.DistributedDataParallel(model)
+
+
+def fsdp2(model):
+    for block in model.transformer.h:  # each Block's parameters sharded on its own
+        fully_shard(block)
+    return fully_shard(model)
+
+
+def worker(rank, wrap, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
     torch.set_num_threads(1)
-    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    model = {"ddp": ddp, "fsdp2": fsdp2}[wrap](make_model())
     idx, targets = batch()
     share = idx.shape[0] // WORLD
     _, loss = model(idx[rank * share:(rank + 1) * share], targets[rank * share:(rank + 1) * share])
-    loss.backward()  # DDP averages the gradients over the ranks
+    loss.backward()  # both average the gradients over the ranks
+    # FSDP2's gradients are shards (DTensors): gather them whole
+    grads = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+             for p in model.parameters()]
     if rank == 0:
-        torch.save([p.grad for p in model.module.parameters()], out_file)
+        torch.save(grads, out_file)
     dist.barrier()
     dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
-def test_ddp_gloo_matches_single_process(tmp_path):
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_gloo_matches_single_process(tmp_path, wrap):
     out_file = str(tmp_path / "grads.pt")
-    mp.spawn(ddp_worker, args=(str(tmp_path / "init"), out_file), nprocs=WORLD, join=True)
-    ddp_grads = torch.load(out_file)
+    mp.spawn(worker, args=(wrap, str(tmp_path / "init"), out_file), nprocs=WORLD, join=True)
+    distributed_grads = torch.load(out_file)
 
     model = make_model()
     idx, targets = batch()
     _, loss = model(idx, targets)  # every shard has as many targets, so the mean matches
     loss.backward()
-    for p, g in zip(model.parameters(), ddp_grads):
+    for p, g in zip(model.parameters(), distributed_grads):
         torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-12)

@@ -20,7 +20,8 @@
 // elementwise work (mask, rescale, row sums) is plain loops over contiguous
 // rows, with the exp from vector_math.h (vectorized) for float32 and libm's
 // for float64, all in the input's precision. lse has the input's dtype: for float32 and float64,
-// the two dtypes dispatched here, that is stats_dtype.
+// the two dtypes dispatched here, that is stats_dtype. bfloat16 runs as
+// float32 (bfloat16.h) and keeps a float32 lse.
 
 #include <ATen/Parallel.h>
 
@@ -29,6 +30,7 @@
 #include <limits>
 
 #include "../kernels.h"
+#include "bfloat16.h"
 #include "vector_math.h"
 
 namespace nanoblock::cpu {
@@ -429,6 +431,10 @@ void attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
 
 std::tuple<Tensor, Tensor> causal_attention_forward(const Tensor& qkv,
                                                     int64_t n_head) {
+  if (is_bf16(qkv)) {
+    auto [out, lse] = causal_attention_forward(to_float(qkv), n_head);
+    return {to_bf16(out), lse};
+  }
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
   Tensor out = at::empty({B, T, C}, qkv.options());
   Tensor lse = at::empty({B, n_head, T},
@@ -446,6 +452,10 @@ std::tuple<Tensor, Tensor> causal_attention_forward(const Tensor& qkv,
 Tensor causal_attention_backward(const Tensor& grad_out, const Tensor& qkv,
                                  const Tensor& out, const Tensor& lse,
                                  int64_t n_head) {
+  if (is_bf16(qkv)) {
+    return to_bf16(causal_attention_backward(to_float(grad_out), to_float(qkv), to_float(out),
+                                             lse, n_head));
+  }
   Tensor grad_qkv = at::empty_like(qkv);
   if (grad_qkv.numel() == 0) {
     return grad_qkv;

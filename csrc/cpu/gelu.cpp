@@ -12,6 +12,7 @@
 // vector_math.h (relative error ~2e-7, a couple of float32 ulps); float64
 // uses libm.
 #include "../kernels.h"
+#include "bfloat16.h"
 #include "row_blocks.h"
 #include "vector_math.h"
 
@@ -132,6 +133,7 @@ void for_each_row_chunk(int64_t N, int64_t F, const Fn& fn) {
 }  // namespace
 
 Tensor gelu_forward(const Tensor& x, const Tensor& bias, bool tanh) {
+  if (is_bf16(x)) return to_bf16(gelu_forward(to_float(x), to_float(bias), tanh));
   Tensor out = at::empty_like(x);
   const int64_t F = x.size(-1), N = F == 0 ? 0 : x.numel() / F;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gelu_forward", [&] {
@@ -147,6 +149,9 @@ Tensor gelu_forward(const Tensor& x, const Tensor& bias, bool tanh) {
 }
 
 Tensor gelu_backward(const Tensor& grad_out, const Tensor& x, const Tensor& bias, bool tanh) {
+  if (is_bf16(x)) {
+    return to_bf16(gelu_backward(to_float(grad_out), to_float(x), to_float(bias), tanh));
+  }
   Tensor grad_x = at::empty_like(x);
   const int64_t F = x.size(-1), N = F == 0 ? 0 : x.numel() / F;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gelu_backward", [&] {
@@ -163,6 +168,7 @@ Tensor gelu_backward(const Tensor& grad_out, const Tensor& x, const Tensor& bias
 }
 
 Tensor bias_grad(const Tensor& grad) {
+  if (is_bf16(grad)) return to_bf16(bias_grad(to_float(grad)));
   const int64_t F = grad.size(-1), N = F == 0 ? 0 : grad.numel() / F;
   Tensor out = at::empty({F}, grad.options());
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "bias_grad", [&] {

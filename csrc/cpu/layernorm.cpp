@@ -16,6 +16,7 @@
 // accumulated in float32 (float64 for float64 input). Weight and bias
 // gradients are reduced in a fixed order (row_blocks.h).
 #include "../kernels.h"
+#include "bfloat16.h"
 #include "row_blocks.h"
 #include "vector_math.h"
 
@@ -163,6 +164,10 @@ void layer_norm_backward_rows(const double* dy, const double* x, const double* w
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& x, const Tensor& weight,
                                                       const Tensor& bias, double eps) {
+  if (is_bf16(x)) {
+    auto [out, mean, rstd] = layer_norm_forward(to_float(x), to_float(weight), to_float(bias), eps);
+    return {to_bf16(out), mean, rstd};
+  }
   const auto rows = x.sizes().slice(0, x.dim() - 1);
   auto stats = x.options().dtype(stats_dtype(x.scalar_type()));
   Tensor out = at::empty_like(x), mean = at::empty(rows, stats), rstd = at::empty(rows, stats);
@@ -177,6 +182,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_forward(const Tensor& 
                                                                   const Tensor& residual,
                                                                   const Tensor& weight,
                                                                   const Tensor& bias, double eps) {
+  if (is_bf16(x)) {
+    // Normalize the rounded sum, the one the backward will see.
+    Tensor sum = x + residual;
+    auto [out, mean, rstd] = layer_norm_forward(sum, weight, bias, eps);
+    return {sum, out, mean, rstd};
+  }
   const auto rows = x.sizes().slice(0, x.dim() - 1);
   auto stats = x.options().dtype(stats_dtype(x.scalar_type()));
   Tensor sum = at::empty_like(x), out = at::empty_like(x);
@@ -191,6 +202,12 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& grad_out, c
                                                        const Tensor& weight, const Tensor& mean,
                                                        const Tensor& rstd,
                                                        const Tensor& grad_residual) {
+  if (is_bf16(x)) {
+    auto [grad_x, grad_weight, grad_bias] =
+        layer_norm_backward(to_float(grad_out), to_float(x), to_float(weight), mean, rstd,
+                            to_float(grad_residual));
+    return {to_bf16(grad_x), to_bf16(grad_weight), to_bf16(grad_bias)};
+  }
   const int64_t C = x.size(-1), N = C == 0 ? 0 : x.numel() / C;
   Tensor grad_x = at::empty_like(x);
   Tensor grad_weight = at::empty_like(weight), grad_bias = at::empty_like(weight);
