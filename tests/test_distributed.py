@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 import nanoblock
@@ -34,9 +35,13 @@ def ddp(model):
 
 
 def fsdp2(model):
+    # A CPU mesh said outright: left to itself, fully_shard picks the CUDA
+    # device where one exists, and gloo with CPU tensors then crashed (seen on
+    # the GPU machine, torch 2.11).
+    mesh = init_device_mesh("cpu", (WORLD,))
     for block in model.transformer.h:  # each Block's parameters sharded on its own
-        fully_shard(block)
-    return fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def worker(rank, wrap, init_file, out_file):
