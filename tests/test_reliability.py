@@ -30,10 +30,9 @@ def test_nan_stays_in_its_sequence():
     assert torch.isfinite(g[0]).all() and torch.isfinite(g[2]).all()
 
 
-# T = 20 runs every product of the attention as loops; T = 300 with head dim
-# 64 cuts the diagonal blocks into GEMMs and a triangle (csrc/cpu/attention.cpp,
-# causal_matmul). Positions sit at the edges of the kernel's blocks of 64 and
-# 256.
+# T = 20 runs the attention's products as loops, T = 300 with head dim 64 as
+# GEMMs, until a block meets the NaN (csrc/cpu/attention.cpp, causal_matmul).
+# Positions sit at the edges of the kernel's blocks of 64 and 256.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("T,n_head,hd,positions", [(20, 2, 16, [0, 7, 19]),
                                                    (300, 2, 64, [63, 64, 256, 299])])
