@@ -49,8 +49,10 @@ start=$SECONDS
    python setup.py build_ext --inplace >"$WORK/build.log" 2>&1) || {
   tail -n 40 "$WORK/build.log"; echo "sanitize_cpu: BUILD FAILED"; exit 1; }
 echo "sanitize_cpu: built in $((SECONDS - start)) s"
-nm -D "$WORK"/nanoblock/_C*.so | grep -q __asan_report || {
-  echo "sanitize_cpu: the extension has no ASan instrumentation (CFLAGS ignored?)"; exit 1; }
+for check in __asan_report __ubsan_handle; do
+  nm -D "$WORK"/nanoblock/_C*.so | grep -q "$check" || {
+    echo "sanitize_cpu: the extension has no $check calls (CFLAGS ignored?)"; exit 1; }
+done
 
 export LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libubsan.so)"
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1"
@@ -59,6 +61,7 @@ export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
   echo "sanitize_cpu: python imports a nanoblock other than the sanitized build"; exit 1; }
 echo "sanitize_cpu: pytest ${TESTS[*]}"
 start=$SECONDS
-# -p no:cacheprovider: nothing written into the copy's tests folder
-(cd "$WORK" && python -m pytest -q -p no:cacheprovider -x "${TESTS[@]}")
+# --capture=sys: a sanitizer's report goes to file descriptor 2 as the
+# process aborts, which pytest's default capture would swallow.
+(cd "$WORK" && python -m pytest -q --capture=sys -p no:cacheprovider -x "${TESTS[@]}")
 echo "sanitize_cpu: clean ($((SECONDS - start)) s of tests)"
