@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is for, in one call: print the card, build the
 # CUDA extension, run the whole test suite, run compute-sanitizer (memcheck,
-# racecheck) on a quick subset of the CUDA tests, and run the benchmark suite
+# racecheck, initcheck) on a quick subset of the CUDA tests, train 5,000 steps
+# against the reference (nanoblock.long_run), and run the benchmark suite
 # (benchmarks/run_all.py: Block, ops, training; five files under $OUT/bench).
 #
 #   bash scripts/gpu_check.sh            # logs and results under ${OUT:-out}
@@ -11,7 +12,7 @@
 #   TORCH_CUDA_ARCH_LIST   default 9.0 (Hopper) to keep the build short
 #   PYTEST_TARGETS         what pytest runs (default: tests/)
 #   PYTEST_FLAGS           default: -x -q
-#   SKIP_SANITIZER=1, SKIP_BENCH=1   leave those steps out
+#   SKIP_SANITIZER=1, SKIP_LONG_RUN=1, SKIP_BENCH=1   leave those steps out
 # Exit status: non-zero if the build, the tests or a sanitizer check failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,16 +49,22 @@ step "pytest ${PYTEST_TARGETS:-tests/}"
 $PY -m pytest ${PYTEST_FLAGS:--x -q} ${PYTEST_TARGETS:-tests/} 2>&1 | tee "$OUT/pytest.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("pytest")
 
-if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
-  # The caching allocator hides out-of-bounds accesses inside its pools, so
-  # memcheck runs with it off. The subset is the quick CUDA tests (no
-  # gradcheck: thousands of launches are slow under the sanitizer).
-  step "compute-sanitizer memcheck"
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --print-limit 20 \
+# compute-sanitizer TOOL on the quick CUDA tests (no gradcheck: thousands of
+# launches are slow under the sanitizer), caching allocator off: it hides
+# out-of-bounds accesses inside its pools, and memory it hands out again looks
+# initialized. Output to LOG; fails the run unless it reports 0 errors.
+sanitize_small_tests() {
+  local tool="$1" log="$2"
+  step "compute-sanitizer $tool"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --print-limit 20 \
       $PY -m pytest -x -q -p no:cacheprovider tests/test_cuda.py -k "small and not gradcheck" \
-      >"$OUT/sanitizer.log" 2>&1
-  grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -n 3
-  grep -q "ERROR SUMMARY: 0 errors" "$OUT/sanitizer.log" || failed+=("memcheck")
+      >"$log" 2>&1
+  grep -E "ERROR SUMMARY|passed|failed" "$log" | tail -n 3
+  grep -q "ERROR SUMMARY: 0 errors" "$log" || failed+=("$tool")
+}
+
+if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
+  sanitize_small_tests memcheck "$OUT/sanitizer.log"
 
   step "compute-sanitizer racecheck (attention)"
   compute-sanitizer --tool racecheck --print-limit 20 \
@@ -67,6 +74,16 @@ if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
   grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -n 2
   tail -n 5 "$OUT/sanitizer.log" | grep -qE "(RACECHECK|ERROR) SUMMARY: 0 hazards|SUMMARY: 0 errors" \
       || failed+=("racecheck")
+
+  sanitize_small_tests initcheck "$OUT/initcheck.log"  # reads of memory nothing wrote
+fi
+
+if [ "${SKIP_LONG_RUN:-0}" != "1" ]; then
+  # 5,000 steps of the demo GPT (its default size), nanoblock against the reference
+  step "long run (python -m nanoblock.long_run, 5000 steps)"
+  $PY -m nanoblock.long_run --steps 5000 --batch-size 64 --n-embd 96 --device cuda \
+      --out "$OUT/long_run.json" 2>"$OUT/long_run_progress.log" | tee "$OUT/long_run.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("long run")
 fi
 
 if [ "${SKIP_BENCH:-0}" != "1" ]; then

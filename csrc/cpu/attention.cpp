@@ -16,7 +16,11 @@
 // Queries and keys are cut into blocks; no T x T tensor ever exists. The
 // block products go through ATen's GEMM (at::mm_out / at::addmm_out) on
 // from_blob views of the strided head columns, so nothing is copied; small
-// products (short sequences) run as plain loops (tile_matmul). The
+// products (short sequences) run as plain loops (tile_matmul). A NaN or Inf
+// at one position reaches no earlier position's output and no later
+// position's gradient: masked probabilities and score gradients are exactly
+// 0, and where one would meet a non-finite value on the diagonal, the block
+// runs as loops that skip masked pairs (causal_matmul). The
 // elementwise work (mask, rescale, row sums) is plain loops over contiguous
 // rows, with the exp from vector_math.h (vectorized) for float32 and libm's
 // for float64, all in the input's precision. lse has the input's dtype: for float32 and float64,
@@ -134,6 +138,92 @@ void tile_matmul(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate)
 // see (keys key_start .. query), clamped to [0, cols].
 inline int64_t visible_keys(int64_t query, int64_t key_start, int64_t cols) {
   return std::clamp<int64_t>(query - key_start + 1, 0, cols);
+}
+
+// The exact causal product (see causal_matmul) as loops on raw pointers: for
+// queries i < rows and keys j < cols with j <= diag + i, out[i] += a[i][j] *
+// b[j], or with transpose_a out[j] += a[i][j] * b[i]; a's rows contiguous,
+// b's and out's rows n long and contiguous.
+template <typename T>
+NANOBLOCK_INLINE void causal_products(const T* a, int64_t a_stride, const T* b,
+                                      int64_t b_stride, T* out, int64_t out_stride, int64_t n,
+                                      int64_t rows, int64_t cols, int64_t diag,
+                                      bool transpose_a) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t end = std::min(cols, diag + i + 1);
+    for (int64_t j = 0; j < end; ++j) {
+      const T f = a[i * a_stride + j];
+      const T* src = b + (transpose_a ? i : j) * b_stride;
+      T* dst = out + (transpose_a ? j : i) * out_stride;
+      for (int64_t c = 0; c < n; ++c) dst[c] += f * src[c];
+    }
+  }
+}
+
+NANOBLOCK_VECTORIZE void causal_products(const float* a, int64_t a_stride, const float* b,
+                                         int64_t b_stride, float* out, int64_t out_stride,
+                                         int64_t n, int64_t rows, int64_t cols, int64_t diag,
+                                         bool transpose_a) {
+  causal_products<float>(a, a_stride, b, b_stride, out, out_stride, n, rows, cols, diag,
+                         transpose_a);
+}
+
+void causal_products(const double* a, int64_t a_stride, const double* b, int64_t b_stride,
+                     double* out, int64_t out_stride, int64_t n, int64_t rows, int64_t cols,
+                     int64_t diag, bool transpose_a) {
+  causal_products<double>(a, a_stride, b, b_stride, out, out_stride, n, rows, cols, diag,
+                          transpose_a);
+}
+
+// Whether rows first .. last - 1 of a matrix (rows n long and contiguous,
+// row_stride apart) are all finite: x * 0 is 0 for finite x, NaN otherwise.
+template <typename scalar_t>
+bool rows_finite(const scalar_t* data, int64_t row_stride, int64_t first, int64_t last,
+                 int64_t n) {
+  for (int64_t r = first; r < last; ++r) {
+    const scalar_t* row = data + r * row_stride;
+    if (lane_sum<scalar_t>(n, [&](int64_t c) { return row[c] * scalar_t(0); }) != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// A product with a block of probabilities or score gradients a [rows, cols]
+// (queries query_start + i, keys key_start + j) over the visible pairs only:
+// query i sees key j when j <= diag + i, diag = query_start - key_start.
+//   transpose_a false: out [rows, n] (+)= a @ b, b [cols, n]   (P v, dS k)
+//   transpose_a true:  out [cols, n] (+)= a^T @ b, b [rows, n] (P^T dO, dS^T q)
+// a is exactly 0 where masked, so the product of the whole block is right
+// unless a masked 0 meets a NaN or Inf in b (a later key's v or k, an earlier
+// query's dO or q): 0 * NaN is NaN, and would carry a non-finite value to
+// earlier positions' outputs or later positions' gradients. So the rows of b
+// that some masked entry meets are checked first (at most a block's diagonal
+// rows); only if one is not finite does the block run as loops over the
+// visible pairs, never reading a masked one.
+template <typename scalar_t>
+void causal_matmul(Tensor& out, const Tensor& a, const Tensor& b, int64_t diag,
+                   bool transpose_a, bool accumulate) {
+  const int64_t rows = a.size(0), cols = a.size(1), n = b.size(1);
+  const scalar_t* b_data = b.const_data_ptr<scalar_t>();
+  // Keys that some query does not see, and queries that do not see every key.
+  const int64_t first_masked_key = std::clamp<int64_t>(diag + 1, 0, cols);
+  const int64_t first_full_query = std::clamp<int64_t>(cols - 1 - diag, 0, rows);
+  const bool finite = transpose_a
+                          ? rows_finite(b_data, b.stride(0), 0, first_full_query, n)
+                          : rows_finite(b_data, b.stride(0), first_masked_key, cols, n);
+  if (finite) {
+    tile_matmul<scalar_t>(out, transpose_a ? a.t() : a, b, accumulate);
+    return;
+  }
+  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+  if (!accumulate) {
+    for (int64_t r = 0; r < out.size(0); ++r) {
+      std::fill(out_data + r * out.stride(0), out_data + r * out.stride(0) + n, scalar_t(0));
+    }
+  }
+  causal_products(a.const_data_ptr<scalar_t>(), a.stride(0), b_data, b.stride(0), out_data,
+                  out.stride(0), n, rows, cols, diag, transpose_a);
 }
 
 // The row max, in kLanes partial maxima (vector_math.h's lane_sum says why).
@@ -286,12 +376,10 @@ void attention_forward_kernel(const Tensor& qkv, int64_t n_head,
           row_sum[r] =
               row_sum[r] * rescale[r] + sum_of(scores + r * cols, cols);
         }
-        if (key_start == 0) {
-          tile_matmul<scalar_t>(out_block, s, v, false);  // [rows, hd]
-        } else {
-          scale_rows(out_rows, rows, hd, C, rescale);
-          tile_matmul<scalar_t>(out_block, s, v, true);
-        }
+        // out_block [rows, hd] (+)= P v over the visible keys.
+        if (key_start != 0) scale_rows(out_rows, rows, hd, C, rescale);
+        causal_matmul<scalar_t>(out_block, s, v, query_start - key_start, false,
+                                key_start != 0);
       }
 
       // Normalize; lse = max + log(sum) per query.
@@ -390,37 +478,30 @@ void attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
           exp_and_mask(probs, rows, cols, query_start, key_start);
 
           // dv_j += P^T dO_i [cols, hd]; the first query block overwrites.
+          const int64_t diag = query_start - key_start;
           const bool first_for_key = query_start == key_start;
-          if (first_for_key) {
-            tile_matmul<scalar_t>(grad_v, p.t(), grad_out_block, false);
-          } else {
-            tile_matmul<scalar_t>(grad_v, p.t(), grad_out_block, true);
-          }
+          causal_matmul<scalar_t>(grad_v, p, grad_out_block, diag, true, !first_for_key);
 
           // dP = dO_i v_j^T, then dS = P * (dP - D) * scale [rows, cols];
-          // the softmax scale is folded in here for both dq and dk.
+          // the softmax scale is folded in here for both dq and dk. Masked
+          // entries are set to exactly 0, not P * (dP - D): dP is NaN there
+          // where a masked v or dO is (causal_matmul says why that matters).
           tile_matmul<scalar_t>(dp, grad_out_block, v.t(), false);
           for (int64_t r = 0; r < rows; ++r) {
             scalar_t* ds = grad_scores + r * cols;
             const scalar_t* pr = probs + r * cols;
             const scalar_t d = row_dot[query_start + r];
-            for (int64_t c = 0; c < cols; ++c) {
+            const int64_t visible = visible_keys(query_start + r, key_start, cols);
+            for (int64_t c = 0; c < visible; ++c) {
               ds[c] = pr[c] * (ds[c] - d) * scale;
             }
+            std::fill(ds + visible, ds + cols, scalar_t(0));
           }
 
           // dk_j += dS^T q_i [cols, hd]; dq_i += dS k_j [rows, hd], where
           // key block 0 (the first to reach every query) overwrites.
-          if (first_for_key) {
-            tile_matmul<scalar_t>(grad_k, dp.t(), q, false);
-          } else {
-            tile_matmul<scalar_t>(grad_k, dp.t(), q, true);
-          }
-          if (key_start == 0) {
-            tile_matmul<scalar_t>(grad_q, dp, k, false);
-          } else {
-            tile_matmul<scalar_t>(grad_q, dp, k, true);
-          }
+          causal_matmul<scalar_t>(grad_k, dp, q, diag, true, !first_for_key);
+          causal_matmul<scalar_t>(grad_q, dp, k, diag, false, key_start != 0);
         }
       }
     }

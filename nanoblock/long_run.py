@@ -1,0 +1,107 @@
+"""A long training run: the demo's GPT of nanoblock Blocks against the same
+GPT of reference (plain PyTorch) Blocks, with a measured tolerance.
+
+    python -m nanoblock.long_run                      # 1,000 steps on the CPU
+    python -m nanoblock.long_run --steps 5000 --device cuda --out long_run.json
+
+Float32 training is chaotic: two runs that differ by one rounding error agree
+at first, then drift apart step by step, while their loss curves (means over
+windows of steps) stay together. How far apart two equally valid float32 runs
+drift is measured, not guessed: a third run trains the reference again from
+a start moved by one float32 ulp (every weight to the next float up). The
+reference and that twin set the noise; nanoblock passes when its window means
+stay within `--factor` times the twin's worst gap to the reference (plus
+`--floor`, for when the twin happens to stay very close), and no loss is NaN
+or Inf.
+"""
+import argparse
+import copy
+import json
+import math
+import sys
+
+import torch
+
+from .demo import N_DIGITS, train
+from .model import GPT, GPTConfig
+from .reference import ReferenceGPT
+
+
+def window_means(losses, window):
+    return [sum(losses[i:i + window]) / len(losses[i:i + window])
+            for i in range(0, len(losses), window)]
+
+
+def worst_gap(losses, ref_losses, window):
+    """The largest relative difference of two loss curves' window means."""
+    return max(abs(a - b) / abs(b)
+               for a, b in zip(window_means(losses, window), window_means(ref_losses, window)))
+
+
+def one_ulp_up(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.nextafter(p, torch.full_like(p, math.inf)))
+    return model
+
+
+def run(steps=1000, batch_size=16, n_layer=2, n_embd=48, n_head=4, lr=1e-3, device="cpu",
+        seed=0, factor=3.0, floor=0.01):
+    """Trains the three models; returns the curves, the gaps and the verdict."""
+    device = torch.device(device)
+    config = GPTConfig(block_size=2 * N_DIGITS, vocab_size=11, n_layer=n_layer, n_head=n_head,
+                       n_embd=n_embd, dropout=0.0, bias=True)
+    torch.manual_seed(seed)
+    nb = GPT(config).to(device)
+    ref = ReferenceGPT(config).to(device)
+    ref.load_state_dict(copy.deepcopy(nb.state_dict()))  # same start
+    twin = one_ulp_up(copy.deepcopy(ref))
+    losses = {}
+    for name, model in [("nanoblock", nb), ("reference", ref), ("reference_one_ulp", twin)]:
+        losses[name], _ = train(model, steps, batch_size, lr, seed, device, name)
+    window = max(1, steps // 10)
+    ref_losses = losses["reference"]
+    noise = worst_gap(losses["reference_one_ulp"], ref_losses, window)
+    gap = worst_gap(losses["nanoblock"], ref_losses, window)
+    finite = all(math.isfinite(v) for curve in losses.values() for v in curve)
+    tolerance = factor * noise + floor
+    return dict(steps=steps, device=str(device), config=dict(batch_size=batch_size,
+                n_layer=n_layer, n_embd=n_embd, n_head=n_head, lr=lr, seed=seed),
+                window=window, window_means={k: window_means(v, window) for k, v in losses.items()},
+                gap=gap, noise=noise, tolerance=tolerance, finite=finite,
+                passed=finite and gap <= tolerance, torch=torch.__version__,
+                losses=losses)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--n-embd", type=int, default=48)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--factor", type=float, default=3.0)
+    p.add_argument("--floor", type=float, default=0.01)
+    p.add_argument("--out", help="write the result as JSON here")
+    args = p.parse_args(argv)
+    result = run(steps=args.steps, batch_size=args.batch_size, n_embd=args.n_embd,
+                 n_head=args.n_head, device=args.device, factor=args.factor, floor=args.floor)
+    print(f"\n  steps        nanoblock   reference   reference + 1 ulp   "
+          f"(mean loss over {result['window']} steps)")
+    means = result["window_means"]
+    for i, (a, b, c) in enumerate(zip(means["nanoblock"], means["reference"],
+                                      means["reference_one_ulp"])):
+        print(f"  {i * result['window'] + 1:5d}-{(i + 1) * result['window']:<5d}  {a:9.4f}   "
+              f"{b:9.4f}   {c:17.4f}")
+    print(f"  worst gap of window means to the reference: nanoblock {100 * result['gap']:.2f}%, "
+          f"reference + 1 ulp {100 * result['noise']:.2f}%; tolerance {100 * result['tolerance']:.2f}%;"
+          f" all losses finite: {result['finite']}")
+    print("  PASSED" if result["passed"] else "  FAILED")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main()["passed"] else 1)
