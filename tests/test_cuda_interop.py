@@ -86,7 +86,7 @@ def nccl_worker(rank, world, init_file, out_file):
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
-    model = fsdp2(make_model().cuda())
+    model = fsdp2(make_model().cuda(), "cuda")
     idx, targets = (t.cuda() for t in batch())
     share = idx.shape[0] // world
     _, loss = model(idx[rank * share:(rank + 1) * share], targets[rank * share:(rank + 1) * share])

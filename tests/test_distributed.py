@@ -34,11 +34,11 @@ def ddp(model):
     return torch.nn.parallel.DistributedDataParallel(model)
 
 
-def fsdp2(model):
-    # A CPU mesh said outright: left to itself, fully_shard picks the CUDA
-    # device where one exists, and gloo with CPU tensors then crashed (seen on
-    # the GPU machine, torch 2.11).
-    mesh = init_device_mesh("cpu", (WORLD,))
+def fsdp2(model, device_type="cpu"):
+    # The mesh's device said outright: left to itself, fully_shard picks the
+    # CUDA device where one exists, and gloo with CPU tensors then crashed
+    # (seen on the GPU machine, torch 2.11).
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     for block in model.transformer.h:  # each Block's parameters sharded on its own
         fully_shard(block, mesh=mesh)
     return fully_shard(model, mesh=mesh)
