@@ -58,3 +58,64 @@ def forward_backward(block, x, grad):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+# NaN / Inf containment along the sequence. Causal attention makes position t
+# depend on positions <= t only: so a non-finite input at t may reach outputs
+# at t and later, never before; and a non-finite output gradient at t may
+# reach input gradients at t and earlier, never after. Outside those cones
+# the values must be those of a clean run, bit for bit on the CPU (`same`
+# says how to compare). Sequence 1 is never touched and must stay clean too.
+
+
+def poisoned(t, pos, col, value):
+    """A copy of t [B, T, *] with t[0, pos, col] = value."""
+    t = t.detach().clone()
+    t[0, pos, col] = value
+    return t
+
+
+def check_attention_causal(qkv, grad_out, n_head, pos, part, value, same=torch.equal):
+    """value at position pos of sequence 0 in q, k or v (part 0, 1, 2), then
+    in grad_out: the attention op's outputs (out, lse), query gradients (dq)
+    and, for the poisoned grad_out, every gradient are checked outside their
+    cones. Key and value gradients before pos are not checked: queries at pos
+    and later, whose outputs are non-finite, read those keys, so exact math
+    makes them non-finite too (as PyTorch does)."""
+    ops = torch.ops.nanoblock
+    C = qkv.shape[-1] // 3
+    out, lse = ops.causal_attention_forward(qkv, n_head)
+    grad = ops.causal_attention_backward(grad_out, qkv, out, lse, n_head)
+
+    bad_qkv = poisoned(qkv, pos, part * C + C // 2, value)
+    bad_out, bad_lse = ops.causal_attention_forward(bad_qkv, n_head)
+    bad_grad = ops.causal_attention_backward(grad_out, bad_qkv, bad_out, bad_lse, n_head)
+    assert not torch.isfinite(bad_grad[0, pos]).all()  # it did get in
+    assert same(bad_out[0, :pos], out[0, :pos]), "forward: reached an earlier output"
+    assert same(bad_lse[0, :, :pos], lse[0, :, :pos]), "forward: reached an earlier lse"
+    assert same(bad_grad[0, :pos, :C], grad[0, :pos, :C]), "backward: reached an earlier dq"
+    assert same(bad_out[1], out[1]) and same(bad_grad[1], grad[1]), "reached sequence 1"
+
+    bad_grad_out = poisoned(grad_out, pos, C // 2, value)
+    bad_grad = ops.causal_attention_backward(bad_grad_out, qkv, out, lse, n_head)
+    assert not torch.isfinite(bad_grad[0, pos]).all()
+    assert same(bad_grad[0, pos + 1:], grad[0, pos + 1:]), "backward: reached a later gradient"
+    assert same(bad_grad[1], grad[1]), "backward: reached sequence 1"
+
+
+def check_block_causal(block, x, grad_out, pos, value, same=torch.equal):
+    """The whole Block: value in the input at position pos of sequence 0
+    leaves the outputs before pos as they were; in the output gradient, it
+    leaves the input gradients after pos as they were. Parameter gradients
+    sum over every position, so they turn non-finite, as in PyTorch."""
+    y, (dx, *_) = forward_backward(block, x, grad_out)
+    bad_y, _ = forward_backward(block, poisoned(x, pos, 0, value), grad_out)
+    assert not torch.isfinite(bad_y[0, pos]).all()
+    assert same(bad_y[0, :pos], y[0, :pos]), "forward: reached an earlier output"
+    assert same(bad_y[1], y[1]), "forward: reached sequence 1"
+
+    _, (bad_dx, *bad_param_grads) = forward_backward(block, x, poisoned(grad_out, pos, 0, value))
+    assert not torch.isfinite(bad_dx[0, pos]).all()
+    assert same(bad_dx[0, pos + 1:], dx[0, pos + 1:]), "backward: reached a later input gradient"
+    assert same(bad_dx[1], dx[1]), "backward: reached sequence 1"
+    assert not all(torch.isfinite(g).all() for g in bad_param_grads)

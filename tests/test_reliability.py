@@ -2,18 +2,21 @@
 sequences, threads, memory that stays flat."""
 import threading
 
+import pytest
 import torch
 
 import nanoblock
 
-from conftest import block_pair, forward_backward, make_config, rel_err
+from conftest import (block_pair, check_attention_causal, check_block_causal,
+                      forward_backward, make_config, rel_err)
+
+
+NON_FINITE = [float("nan"), float("inf")]  # -inf in a score is a legal mask value; +inf is not
 
 
 def test_nan_stays_in_its_sequence():
     """A NaN at (sequence 1, position 5) reaches no other sequence, forward
-    or backward. (Within its sequence it reaches earlier positions too, as in
-    PyTorch's own SDPA on the CPU: a masked key's probability is 0, but
-    0 * NaN in the tile products is NaN. Issue 5 tracks doing better.)"""
+    or backward (test_nan_is_causal_* below: nor earlier positions)."""
     nb, _ = block_pair(make_config(32, 2), dtype=torch.float32)
     x = torch.randn(3, 20, 32)
     x[1, 5, 3] = float("nan")
@@ -24,6 +27,33 @@ def test_nan_stays_in_its_sequence():
     # a loss on sequences 0 and 2 gives them finite input gradients
     g, = torch.autograd.grad(y[0].sum() + y[2].sum(), x)
     assert torch.isfinite(g[0]).all() and torch.isfinite(g[2]).all()
+
+
+# T = 20 runs every product of the attention as loops; T = 300 with head dim
+# 64 cuts the diagonal blocks into GEMMs and a triangle (csrc/cpu/attention.cpp,
+# causal_matmul). Positions sit at the edges of the kernel's blocks of 64 and
+# 256.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T,n_head,hd,positions", [(20, 2, 16, [0, 7, 19]),
+                                                   (300, 2, 64, [63, 64, 256, 299])])
+@pytest.mark.parametrize("part", ["q", "k", "v"])
+def test_nan_is_causal_in_attention(dtype, T, n_head, hd, positions, part):
+    torch.manual_seed(T + hd)
+    qkv = torch.randn(2, T, 3 * n_head * hd, dtype=dtype)
+    grad_out = torch.randn(2, T, n_head * hd, dtype=dtype)
+    for pos in positions:
+        for value in NON_FINITE:
+            check_attention_causal(qkv, grad_out, n_head, pos, "qkv".index(part), value)
+
+
+@pytest.mark.parametrize("T,C,n_head", [(20, 32, 2), (300, 128, 2)])
+def test_nan_is_causal_in_the_block(T, C, n_head):
+    nb, _ = block_pair(make_config(C, n_head), dtype=torch.float32)
+    x = torch.randn(2, T, C)
+    grad_out = torch.randn_like(x)
+    for pos in [0, T // 3, T - 1]:
+        for value in NON_FINITE:
+            check_block_causal(nb, x, grad_out, pos, value)
 
 
 def test_large_activations():

@@ -16,7 +16,10 @@
 // Queries and keys are cut into blocks; no T x T tensor ever exists. The
 // block products go through ATen's GEMM (at::mm_out / at::addmm_out) on
 // from_blob views of the strided head columns, so nothing is copied; small
-// products (short sequences) run as plain loops (tile_matmul). The
+// products (short sequences) run as plain loops (tile_matmul). On the
+// diagonal, products skip masked (query, key) pairs instead of multiplying
+// by their 0 probability (causal_matmul), so a NaN or Inf at one position
+// reaches no earlier position's output and no later position's gradient. The
 // elementwise work (mask, rescale, row sums) is plain loops over contiguous
 // rows, with the exp from vector_math.h (vectorized) for float32 and libm's
 // for float64, all in the input's precision. lse has the input's dtype: for float32 and float64,
@@ -136,7 +139,87 @@ inline int64_t visible_keys(int64_t query, int64_t key_start, int64_t cols) {
   return std::clamp<int64_t>(query - key_start + 1, 0, cols);
 }
 
-// The row max, in kLanes partial maxima (vector_math.h's lane_sum says why).
+// The loops of a causal product (see causal_matmul), on raw pointers: for
+// queries i < rows and keys first_key <= j < cols with j <= diag + i,
+// out[i] += a[i][j] * b[j], or with transpose_a out[j] += a[i][j] * b[i];
+// a's rows contiguous, b's and out's rows n long and contiguous.
+template <typename T>
+NANOBLOCK_INLINE void causal_products(const T* a, int64_t a_stride, const T* b,
+                                      int64_t b_stride, T* out, int64_t out_stride, int64_t n,
+                                      int64_t rows, int64_t cols, int64_t first_key,
+                                      int64_t diag, bool transpose_a) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t end = std::min(cols, diag + i + 1);
+    for (int64_t j = first_key; j < end; ++j) {
+      const T f = a[i * a_stride + j];
+      const T* src = b + (transpose_a ? i : j) * b_stride;
+      T* dst = out + (transpose_a ? j : i) * out_stride;
+      for (int64_t c = 0; c < n; ++c) dst[c] += f * src[c];
+    }
+  }
+}
+
+NANOBLOCK_VECTORIZE void causal_products(const float* a, int64_t a_stride, const float* b,
+                                         int64_t b_stride, float* out, int64_t out_stride,
+                                         int64_t n, int64_t rows, int64_t cols,
+                                         int64_t first_key, int64_t diag, bool transpose_a) {
+  causal_products<float>(a, a_stride, b, b_stride, out, out_stride, n, rows, cols, first_key,
+                         diag, transpose_a);
+}
+
+void causal_products(const double* a, int64_t a_stride, const double* b, int64_t b_stride,
+                     double* out, int64_t out_stride, int64_t n, int64_t rows, int64_t cols,
+                     int64_t first_key, int64_t diag, bool transpose_a) {
+  causal_products<double>(a, a_stride, b, b_stride, out, out_stride, n, rows, cols, first_key,
+                          diag, transpose_a);
+}
+
+template <typename scalar_t>
+void causal_matmul(Tensor& out, const Tensor& a, const Tensor& b, int64_t diag,
+                   bool transpose_a, bool accumulate) {
+  const int64_t rows = a.size(0), cols = a.size(1), n = b.size(1);
+  const int64_t first_full_row = std::clamp<int64_t>(cols - 1 - diag, 0, rows);
+  if (first_full_row == 0) {  // no masked entries
+    tile_matmul<scalar_t>(out, transpose_a ? a.t() : a, b, accumulate);
+    return;
+  }
+  const scalar_t* a_data = a.const_data_ptr<scalar_t>();
+  const scalar_t* b_data = b.const_data_ptr<scalar_t>();
+  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+  if (!accumulate) {
+    for (int64_t r = 0; r < out.size(0); ++r) {
+      std::fill(out_data + r * out.stride(0), out_data + r * out.stride(0) + n, scalar_t(0));
+    }
+  }
+  if (rows * cols * n < kSmallProduct) {  // all of it as loops, as tile_matmul would
+    causal_products(a_data, a.stride(0), b_data, b.stride(0), out_data, out.stride(0), n, rows,
+                    cols, 0, diag, transpose_a);
+    return;
+  }
+  const int64_t full_cols = std::clamp<int64_t>(diag + 1, 0, cols);
+  const int64_t full_rows = rows - first_full_row;
+  // Queries first_full_row.. against every key.
+  Tensor a_full_rows = a.narrow(0, first_full_row, full_rows);
+  if (transpose_a) {
+    tile_matmul<scalar_t>(out, a_full_rows.t(), b.narrow(0, first_full_row, full_rows), true);
+  } else {
+    Tensor out_full_rows = out.narrow(0, first_full_row, full_rows);
+    tile_matmul<scalar_t>(out_full_rows, a_full_rows, b, true);
+  }
+  // Queries ..first_full_row against keys ..full_cols.
+  Tensor a_full_cols = a.narrow(0, 0, first_full_row).narrow(1, 0, full_cols);
+  if (transpose_a) {
+    Tensor out_full_cols = out.narrow(0, 0, full_cols);
+    tile_matmul<scalar_t>(out_full_cols, a_full_cols.t(), b.narrow(0, 0, first_full_row), true);
+  } else {
+    Tensor out_partial_rows = out.narrow(0, 0, first_full_row);
+    tile_matmul<scalar_t>(out_partial_rows, a_full_cols, b.narrow(0, 0, full_cols), true);
+  }
+  // The triangle: queries ..first_full_row against keys full_cols..
+  causal_products(a_data, a.stride(0), b_data, b.stride(0), out_data, out.stride(0), n,
+                  first_full_row, cols, full_cols, diag, transpose_a);
+}
+
 template <typename scalar_t>
 scalar_t max_of(const scalar_t* x, int64_t n) {
   scalar_t lane[kLanes];
@@ -286,12 +369,10 @@ void attention_forward_kernel(const Tensor& qkv, int64_t n_head,
           row_sum[r] =
               row_sum[r] * rescale[r] + sum_of(scores + r * cols, cols);
         }
-        if (key_start == 0) {
-          tile_matmul<scalar_t>(out_block, s, v, false);  // [rows, hd]
-        } else {
-          scale_rows(out_rows, rows, hd, C, rescale);
-          tile_matmul<scalar_t>(out_block, s, v, true);
-        }
+        // out_block [rows, hd] (+)= P v over the visible keys.
+        if (key_start != 0) scale_rows(out_rows, rows, hd, C, rescale);
+        causal_matmul<scalar_t>(out_block, s, v, query_start - key_start, false,
+                                key_start != 0);
       }
 
       // Normalize; lse = max + log(sum) per query.
@@ -390,15 +471,14 @@ void attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
           exp_and_mask(probs, rows, cols, query_start, key_start);
 
           // dv_j += P^T dO_i [cols, hd]; the first query block overwrites.
+          const int64_t diag = query_start - key_start;
           const bool first_for_key = query_start == key_start;
-          if (first_for_key) {
-            tile_matmul<scalar_t>(grad_v, p.t(), grad_out_block, false);
-          } else {
-            tile_matmul<scalar_t>(grad_v, p.t(), grad_out_block, true);
-          }
+          causal_matmul<scalar_t>(grad_v, p, grad_out_block, diag, true, !first_for_key);
 
           // dP = dO_i v_j^T, then dS = P * (dP - D) * scale [rows, cols];
-          // the softmax scale is folded in here for both dq and dk.
+          // the softmax scale is folded in here for both dq and dk. Masked
+          // entries (NaN where a masked v is) are left as they come: the
+          // causal products below never read them.
           tile_matmul<scalar_t>(dp, grad_out_block, v.t(), false);
           for (int64_t r = 0; r < rows; ++r) {
             scalar_t* ds = grad_scores + r * cols;
@@ -411,16 +491,8 @@ void attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
 
           // dk_j += dS^T q_i [cols, hd]; dq_i += dS k_j [rows, hd], where
           // key block 0 (the first to reach every query) overwrites.
-          if (first_for_key) {
-            tile_matmul<scalar_t>(grad_k, dp.t(), q, false);
-          } else {
-            tile_matmul<scalar_t>(grad_k, dp.t(), q, true);
-          }
-          if (key_start == 0) {
-            tile_matmul<scalar_t>(grad_q, dp, k, false);
-          } else {
-            tile_matmul<scalar_t>(grad_q, dp, k, true);
-          }
+          causal_matmul<scalar_t>(grad_k, dp, q, diag, true, !first_for_key);
+          causal_matmul<scalar_t>(grad_q, dp, k, diag, false, key_start != 0);
         }
       }
     }
