@@ -353,3 +353,19 @@ def test_training_with_dropout_reaches_the_reference_validation_loss():
     ref = validation_loss_after_training(ReferenceGPT)
     nb = validation_loss_after_training(nanoblock.GPT)
     assert abs(nb - ref) < 0.05, (nb, ref)
+
+
+def test_torch_compile_inductor_with_dropout():
+    """Under Inductor (which makes the rng draw with its own random numbers)
+    the compiled Block drops too: new masks every call, the same ones under
+    the same torch seed."""
+    nb, _ = block_pair(make_config(32, 2, dropout=0.1), dtype=torch.float32)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    compiled = torch.compile(lambda x: nb(x).square().mean(), fullgraph=True)
+    torch.manual_seed(3)
+    first = compiled(x)
+    first.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert not torch.equal(compiled(x), first)
+    torch.manual_seed(3)
+    assert torch.equal(compiled(x), first)
