@@ -22,8 +22,10 @@
 // philox_cuda_state, which CUDA graphs capture) must advance it by 4 per
 // call. nanoblock's Python layer instead draws a fresh (seed, offset) per call
 // with torch.randint from the device's default generator (nanoblock/ops.py),
-// which torch.manual_seed, torch.compile and CUDA graph capture all handle;
-// the kernels read rng from device memory, as under capture they must.
+// which torch.manual_seed, torch.compile and CUDA graph capture all handle.
+// CUDA kernels must read rng in device code (never copy it to the host), so
+// a captured graph reads each replay's fresh draw. d.p == 0: rng may be
+// undefined and must not be read.
 
 // LayerNorm over the last dim.
 // x [N, C], weight [C], bias [C] or undefined
