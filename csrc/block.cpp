@@ -9,6 +9,12 @@
 // (10 C + n_head values per token, with x); the LayerNorm outputs and the GELU
 // output are recomputed in the backward, one cheap pass each.
 //
+// With dropout (nanoGPT's: attention probabilities, attn.c_proj's and
+// mlp.c_proj's outputs) the masks are made from rng inside the attention
+// kernels, the add+LayerNorm and the final add, and made again in the
+// backward; x1 = x + Z1 o proj, out = x1 + Z2 o mlp, so the gradients of the
+// c_proj outputs are Z o (the residual stream's gradient).
+//
 // Shapes: B batch, T sequence, C = n_embd, N = B * T rows; every [B, T, *]
 // tensor is contiguous and viewed as [N, *] for the GEMMs.
 #include "block.h"
@@ -33,30 +39,45 @@ Tensor linear(const Tensor& in, const Tensor& weight, const Tensor& bias) {
   return bias.defined() ? at::addmm(bias, in, weight.t()) : at::mm(in, weight.t());
 }
 
+// The Block's three dropouts (which: kernels.h); inactive when p == 0.
+struct BlockDropouts {
+  Dropout attention, attention_residual, mlp_residual;
+  BlockDropouts(double p, const Tensor& rng)
+      : attention{p, rng, kDropoutAttention},
+        attention_residual{p, rng, kDropoutAttentionResidual},
+        mlp_residual{p, rng, kDropoutMlpResidual} {}
+};
+
 }  // namespace
 
 std::tuple<Tensor, BlockSaved> block_forward(const Kernels& k, const Tensor& x,
-                                             const BlockWeights& w, int64_t n_head, bool tanh) {
+                                             const BlockWeights& w, int64_t n_head, bool tanh,
+                                             double dropout_p, const Tensor& rng) {
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
+  const BlockDropouts d(dropout_p, rng);
   BlockSaved s;
 
   // Attention branch.
   Tensor ln_1 = std::get<0>(k.layer_norm_forward(x, w.ln_1_weight, w.ln_1_bias, kLayerNormEps));
   s.qkv = unrows(linear(rows(ln_1), w.c_attn_weight, w.c_attn_bias), B, T);
   ln_1.reset();  // temporaries go as soon as they are used: less peak memory
-  std::tie(s.attn, s.lse) = k.causal_attention_forward(s.qkv, n_head);
+  std::tie(s.attn, s.lse) = k.causal_attention_forward(s.qkv, n_head, d.attention);
   Tensor proj = linear(rows(s.attn), w.attn_c_proj_weight, w.attn_c_proj_bias).view({B, T, C});
 
-  // x1 = x + proj and ln_2(x1) in one pass.
+  // x1 = x + dropout(proj) and ln_2(x1) in one pass.
   Tensor ln_2;
-  std::tie(s.x1, ln_2, std::ignore, std::ignore) =
-      k.add_layer_norm_forward(x, proj, w.ln_2_weight, w.ln_2_bias, kLayerNormEps);
+  std::tie(s.x1, ln_2, std::ignore, std::ignore) = k.add_layer_norm_forward(
+      x, proj, w.ln_2_weight, w.ln_2_bias, kLayerNormEps, d.attention_residual);
   proj.reset();
 
   // MLP branch: c_fc without its bias, which the GELU kernel adds.
   s.fc = unrows(at::mm(rows(ln_2), w.c_fc_weight.t()), B, T);
   ln_2.reset();
   Tensor gelu = k.gelu_forward(s.fc, w.c_fc_bias, tanh);
+  if (d.mlp_residual.active()) {  // out = x1 + dropout(gelu @ W^T + bias)
+    Tensor mlp = linear(rows(gelu), w.mlp_c_proj_weight, w.mlp_c_proj_bias);
+    return {unrows(k.dropout_add(mlp, rows(s.x1), d.mlp_residual), B, T), s};
+  }
   // out = x1 + gelu @ W^T (+ bias): the GEMM accumulates onto the residual.
   Tensor out = at::addmm(rows(s.x1), rows(gelu), w.mlp_c_proj_weight.t());
   if (w.mlp_c_proj_bias.defined()) out.add_(w.mlp_c_proj_bias);
@@ -65,10 +86,14 @@ std::tuple<Tensor, BlockSaved> block_forward(const Kernels& k, const Tensor& x,
 
 BlockGrads block_backward(const Kernels& k, const Tensor& grad_out, const Tensor& x,
                           const BlockWeights& w, const BlockSaved& s, int64_t n_head,
-                          bool tanh) {
+                          bool tanh, double dropout_p, const Tensor& rng) {
   BlockGrads g;
   BlockWeights& gw = g.weights;
-  const Tensor dy = rows(grad_out);  // [N, C]
+  const BlockDropouts d(dropout_p, rng);
+  // The gradient of mlp.c_proj's output [N, C]: Z2 o grad_out with dropout.
+  const Tensor dy = d.mlp_residual.active()
+                        ? k.dropout_add(rows(grad_out), Tensor(), d.mlp_residual)
+                        : rows(grad_out);
 
   // MLP c_proj (out = x1 + gelu @ W^T + b), then GELU and the c_fc bias: one
   // pass turns d_gelu into d_fc in place and recomputes gelu for c_proj's
@@ -88,19 +113,23 @@ BlockGrads block_backward(const Kernels& k, const Tensor& grad_out, const Tensor
   Tensor d_ln_2 = at::mm(rows(d_fc), w.c_fc_weight).view_as(s.x1);
   d_fc.reset();
 
-  // ln_2, plus the residual: d_x1 = dy + ln_2's input gradient.
+  // ln_2, plus the residual: d_x1 = grad_out + ln_2's input gradient.
   Tensor d_x1;
   std::tie(d_x1, gw.ln_2_weight, gw.ln_2_bias) =
       k.layer_norm_backward(d_ln_2, s.x1, w.ln_2_weight, mean_2, rstd_2, grad_out);
   d_ln_2.reset();
 
-  // Attention c_proj: x1 = x + attn @ W^T + b.
-  gw.attn_c_proj_weight = at::mm(rows(d_x1).t(), rows(s.attn));  // [C, C]
-  gw.attn_c_proj_bias = k.bias_grad(rows(d_x1));
-  Tensor d_attn = at::mm(rows(d_x1), w.attn_c_proj_weight).view_as(s.attn);
+  // Attention c_proj: x1 = x + dropout(attn @ W^T + b); d_proj [N, C].
+  const Tensor d_proj = d.attention_residual.active()
+                            ? k.dropout_add(rows(d_x1), Tensor(), d.attention_residual)
+                            : rows(d_x1);
+  gw.attn_c_proj_weight = at::mm(d_proj.t(), rows(s.attn));  // [C, C]
+  gw.attn_c_proj_bias = k.bias_grad(d_proj);
+  Tensor d_attn = at::mm(d_proj, w.attn_c_proj_weight).view_as(s.attn);
 
   // Attention, then c_attn: qkv = ln_1 @ W^T + b.
-  Tensor d_qkv = k.causal_attention_backward(d_attn, s.qkv, s.attn, s.lse, n_head);
+  Tensor d_qkv =
+      k.causal_attention_backward(d_attn, s.qkv, s.attn, s.lse, n_head, d.attention);
   d_attn.reset();
   gw.c_attn_bias = k.bias_grad(rows(d_qkv));
   auto [ln_1, mean_1, rstd_1] =

@@ -34,12 +34,15 @@ struct BlockGrads {
   BlockWeights weights;  // every bias gradient is computed, even for absent biases
 };
 
-// x [B, T, C] -> out [B, T, C] and what the backward needs.
+// x [B, T, C] -> out [B, T, C] and what the backward needs. dropout_p > 0:
+// nanoGPT's three dropouts, each with probability dropout_p, from
+// rng [2] = (seed, offset) (kernel_api.h); the backward takes the same.
 std::tuple<Tensor, BlockSaved> block_forward(const Kernels& k, const Tensor& x,
-                                             const BlockWeights& w, int64_t n_head, bool tanh);
+                                             const BlockWeights& w, int64_t n_head, bool tanh,
+                                             double dropout_p, const Tensor& rng);
 
 BlockGrads block_backward(const Kernels& k, const Tensor& grad_out, const Tensor& x,
                           const BlockWeights& w, const BlockSaved& saved, int64_t n_head,
-                          bool tanh);
+                          bool tanh, double dropout_p, const Tensor& rng);
 
 }  // namespace nanoblock

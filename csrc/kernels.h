@@ -25,6 +25,19 @@ inline at::ScalarType stats_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// One dropout of the Block, for a kernel (kernel_api.h has the contract).
+// p == 0: no dropout, rng may be undefined.
+struct Dropout {
+  double p = 0;
+  Tensor rng;         // int64 [2] = (seed, offset) on the tensors' device
+  int64_t which = 0;  // kDropoutAttention, kDropoutAttentionResidual, kDropoutMlpResidual
+  bool active() const { return p > 0; }
+};
+
+constexpr int64_t kDropoutAttention = 0;          // the attention probabilities
+constexpr int64_t kDropoutAttentionResidual = 1;  // attn.c_proj's output
+constexpr int64_t kDropoutMlpResidual = 2;        // mlp.c_proj's output
+
 namespace cpu {
 #include "kernel_api.h"
 }  // namespace cpu
@@ -48,6 +61,7 @@ struct Kernels {
   decltype(&cpu::gelu_backward) gelu_backward;
   decltype(&cpu::bias_grad) bias_grad;
   decltype(&cpu::gelu_backward_recompute) gelu_backward_recompute;
+  decltype(&cpu::dropout_add) dropout_add;
 };
 
 #define NANOBLOCK_KERNEL_TABLE(ns)                                                   \
@@ -55,7 +69,7 @@ struct Kernels {
     &ns::layer_norm_forward, &ns::add_layer_norm_forward, &ns::layer_norm_backward,  \
         &ns::causal_attention_forward, &ns::causal_attention_backward,               \
         &ns::gelu_forward, &ns::gelu_backward, &ns::bias_grad,                       \
-        &ns::gelu_backward_recompute                                                 \
+        &ns::gelu_backward_recompute, &ns::dropout_add                               \
   }
 
 inline constexpr Kernels cpu_kernels = NANOBLOCK_KERNEL_TABLE(cpu);

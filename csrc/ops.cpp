@@ -136,6 +136,28 @@ struct Checker {
     return t.size(2) / 3;
   }
 
+  // Dropout with probability p from rng (kernel_api.h), for tensors like
+  // ref: p in [0, 1); with p > 0, rng an int64 [2] = (seed, offset) on ref's
+  // device. Returns rng contiguous, or undefined when p == 0.
+  Tensor dropout_rng(double p, const OptTensor& rng, const Tensor& ref) const {
+    NANOBLOCK_CHECK(p >= 0 && p < 1, op, ": dropout_p must be in [0, 1), got ", p);
+    if (p == 0) return Tensor();
+    if (!ref.device().is_cpu()) {
+      fail_not_implemented(op, ": dropout_p = ", p, " (dropout in training) has no CUDA kernels "
+                           "yet (issue 7: Dropout in training, as nanoGPT does it); use "
+                           "dropout 0 or eval mode on ", ref.device(), ", or run on the CPU");
+    }
+    NANOBLOCK_CHECK(rng.has_value(), op, ": dropout_p = ", p,
+                    " needs rng, an int64 tensor [2] = (seed, offset), got None");
+    NANOBLOCK_CHECK(rng->scalar_type() == at::kLong, op, ": rng must have dtype torch.int64, got ",
+                    dtype_str(rng->scalar_type()));
+    NANOBLOCK_CHECK(rng->device() == ref.device(), op, ": rng must be on ", ref.device(),
+                    ", got ", rng->device());
+    NANOBLOCK_CHECK(rng->sizes() == at::IntArrayRef{2}, op,
+                    ": rng must have shape [2] (seed, offset), got ", shape_str(rng->sizes()));
+    return rng->contiguous();
+  }
+
   bool approximate(const std::string& a) const {
     NANOBLOCK_CHECK(a == "none" || a == "tanh", op,
                 ": approximate must be 'none' (exact erf GELU) or 'tanh', got '", a, "'");
@@ -179,7 +201,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_forward_op(const Tenso
   check.like(bias, "bias", x, "x", {C});
   NANOBLOCK_CHECK(eps > 0, check.op, ": eps must be positive, got ", eps);
   return K->add_layer_norm_forward(contiguous(x), contiguous(residual), contiguous(weight),
-                                   contiguous(bias), eps);
+                                   contiguous(bias), eps, Dropout{});
 }
 
 template <const Kernels* K>
@@ -204,16 +226,19 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_op(const Tensor& grad_out
 // Causal attention
 
 template <const Kernels* K>
-std::tuple<Tensor, Tensor> causal_attention_forward_op(const Tensor& qkv, int64_t n_head) {
+std::tuple<Tensor, Tensor> causal_attention_forward_op(const Tensor& qkv, int64_t n_head,
+                                                       double dropout_p, const OptTensor& rng) {
   const Checker check{"nanoblock.causal_attention_forward"};
   check.qkv(qkv, n_head);
   const at::OptionalDeviceGuard device_guard(at::device_of(qkv));
-  return K->causal_attention_forward(contiguous(qkv), n_head);
+  const Dropout dropout{dropout_p, check.dropout_rng(dropout_p, rng, qkv), kDropoutAttention};
+  return K->causal_attention_forward(contiguous(qkv), n_head, dropout);
 }
 
 template <const Kernels* K>
 Tensor causal_attention_backward_op(const Tensor& grad_out, const Tensor& qkv, const Tensor& out,
-                                    const Tensor& lse, int64_t n_head) {
+                                    const Tensor& lse, int64_t n_head, double dropout_p,
+                                    const OptTensor& rng) {
   const Checker check{"nanoblock.causal_attention_backward"};
   const int64_t C = check.qkv(qkv, n_head);
   const at::OptionalDeviceGuard device_guard(at::device_of(qkv));
@@ -221,8 +246,9 @@ Tensor causal_attention_backward_op(const Tensor& grad_out, const Tensor& qkv, c
   check.like(grad_out, "grad_out", qkv, "qkv", {B, T, C});
   check.like(out, "out", qkv, "qkv", {B, T, C});
   check.stats(lse, "lse", qkv, {B, n_head, T});
+  const Dropout dropout{dropout_p, check.dropout_rng(dropout_p, rng, qkv), kDropoutAttention};
   return K->causal_attention_backward(contiguous(grad_out), contiguous(qkv), contiguous(out),
-                                      contiguous(lse), n_head);
+                                      contiguous(lse), n_head, dropout);
 }
 
 // ---------------------------------------------------------------------------
@@ -297,7 +323,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> block_forward_op(
     const Tensor& c_attn_weight, const OptTensor& c_attn_bias, const Tensor& attn_c_proj_weight,
     const OptTensor& attn_c_proj_bias, const Tensor& ln_2_weight, const OptTensor& ln_2_bias,
     const Tensor& c_fc_weight, const OptTensor& c_fc_bias, const Tensor& mlp_c_proj_weight,
-    const OptTensor& mlp_c_proj_bias, int64_t n_head, const std::string& approximate) {
+    const OptTensor& mlp_c_proj_bias, int64_t n_head, const std::string& approximate,
+    double dropout_p, const OptTensor& rng) {
   const Checker check{"nanoblock.block_forward"};
   const at::OptionalDeviceGuard device_guard(at::device_of(x));
   const BlockWeights w = check_block_weights(
@@ -305,7 +332,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> block_forward_op(
       attn_c_proj_bias, ln_2_weight, ln_2_bias, c_fc_weight, c_fc_bias, mlp_c_proj_weight,
       mlp_c_proj_bias);
   const bool tanh = check.approximate(approximate);
-  auto [out, s] = block_forward(*K, contiguous(x), w, n_head, tanh);
+  const Tensor rng_checked = check.dropout_rng(dropout_p, rng, x);
+  auto [out, s] = block_forward(*K, contiguous(x), w, n_head, tanh, dropout_p, rng_checked);
   return {out, s.qkv, s.attn, s.lse, s.x1, s.fc};
 }
 
@@ -319,7 +347,8 @@ BlockGradTuple block_backward_op(
     const OptTensor& attn_c_proj_bias, const Tensor& ln_2_weight, const OptTensor& ln_2_bias,
     const Tensor& c_fc_weight, const OptTensor& c_fc_bias, const Tensor& mlp_c_proj_weight,
     const OptTensor& mlp_c_proj_bias, const Tensor& qkv, const Tensor& attn, const Tensor& lse,
-    const Tensor& x1, const Tensor& fc, int64_t n_head, const std::string& approximate) {
+    const Tensor& x1, const Tensor& fc, int64_t n_head, const std::string& approximate,
+    double dropout_p, const OptTensor& rng) {
   const Checker check{"nanoblock.block_backward"};
   const at::OptionalDeviceGuard device_guard(at::device_of(x));
   const BlockWeights w = check_block_weights(
@@ -327,6 +356,7 @@ BlockGradTuple block_backward_op(
       attn_c_proj_bias, ln_2_weight, ln_2_bias, c_fc_weight, c_fc_bias, mlp_c_proj_weight,
       mlp_c_proj_bias);
   const bool tanh = check.approximate(approximate);
+  const Tensor rng_checked = check.dropout_rng(dropout_p, rng, x);
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
   check.like(grad_out, "grad_out", x, "x", x.sizes());
   check.like(qkv, "qkv", x, "x", {B, T, 3 * C});
@@ -336,8 +366,8 @@ BlockGradTuple block_backward_op(
   check.like(fc, "fc", x, "x", {B, T, 4 * C});
   const BlockSaved saved{contiguous(qkv), contiguous(attn), contiguous(lse), contiguous(x1),
                          contiguous(fc)};
-  const BlockGrads g =
-      block_backward(*K, contiguous(grad_out), contiguous(x), w, saved, n_head, tanh);
+  const BlockGrads g = block_backward(*K, contiguous(grad_out), contiguous(x), w, saved, n_head,
+                                      tanh, dropout_p, rng_checked);
   const BlockWeights& gw = g.weights;
   return {g.x,
           gw.ln_1_weight, gw.ln_1_bias, gw.c_attn_weight, gw.c_attn_bias,
@@ -374,12 +404,18 @@ void autocast_kernel(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 // ---------------------------------------------------------------------------
 // Schemas. Parameter names follow nanoGPT's Block. Biases are optional
 // (bias=False); the backward ops return a gradient for every bias slot.
+// Dropout: dropout_p and rng = (seed, offset), an int64 tensor [2] on the
+// op's device (kernel_api.h); they come last with defaults (no dropout), so
+// calls written before dropout existed still work. A backward op takes its
+// forward's dropout_p and rng.
 
 #define NANOBLOCK_BLOCK_PARAMS                                                        \
   "Tensor ln_1_weight, Tensor? ln_1_bias, Tensor c_attn_weight, Tensor? c_attn_bias, " \
   "Tensor attn_c_proj_weight, Tensor? attn_c_proj_bias, Tensor ln_2_weight, "         \
   "Tensor? ln_2_bias, Tensor c_fc_weight, Tensor? c_fc_bias, "                        \
   "Tensor mlp_c_proj_weight, Tensor? mlp_c_proj_bias"
+
+#define NANOBLOCK_DROPOUT_PARAMS "float dropout_p=0., Tensor? rng=None"
 
 TORCH_LIBRARY(nanoblock, m) {
   m.def("layer_norm_forward(Tensor x, Tensor weight, Tensor? bias, float eps) "
@@ -389,17 +425,20 @@ TORCH_LIBRARY(nanoblock, m) {
   m.def("layer_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, "
         "Tensor rstd, Tensor? grad_residual) "
         "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
-  m.def("causal_attention_forward(Tensor qkv, int n_head) -> (Tensor out, Tensor lse)");
+  m.def("causal_attention_forward(Tensor qkv, int n_head, " NANOBLOCK_DROPOUT_PARAMS
+        ") -> (Tensor out, Tensor lse)");
   m.def("causal_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, "
-        "int n_head) -> Tensor grad_qkv");
+        "int n_head, " NANOBLOCK_DROPOUT_PARAMS ") -> Tensor grad_qkv");
   m.def("gelu_forward(Tensor x, Tensor? bias, str approximate) -> Tensor");
   m.def("gelu_backward(Tensor grad_out, Tensor x, Tensor? bias, str approximate) "
         "-> (Tensor grad_x, Tensor grad_bias)");
-  m.def("block_forward(Tensor x, " NANOBLOCK_BLOCK_PARAMS ", int n_head, str approximate) "
-        "-> (Tensor out, Tensor qkv, Tensor attn, Tensor lse, Tensor x1, Tensor fc)");
+  m.def("block_forward(Tensor x, " NANOBLOCK_BLOCK_PARAMS ", int n_head, str approximate, "
+        NANOBLOCK_DROPOUT_PARAMS
+        ") -> (Tensor out, Tensor qkv, Tensor attn, Tensor lse, Tensor x1, Tensor fc)");
   m.def("block_backward(Tensor grad_out, Tensor x, " NANOBLOCK_BLOCK_PARAMS
         ", Tensor qkv, Tensor attn, Tensor lse, Tensor x1, Tensor fc, int n_head, "
-        "str approximate) -> (Tensor grad_x, Tensor grad_ln_1_weight, "
+        "str approximate, " NANOBLOCK_DROPOUT_PARAMS
+        ") -> (Tensor grad_x, Tensor grad_ln_1_weight, "
         "Tensor grad_ln_1_bias, Tensor grad_c_attn_weight, Tensor grad_c_attn_bias, "
         "Tensor grad_attn_c_proj_weight, Tensor grad_attn_c_proj_bias, "
         "Tensor grad_ln_2_weight, Tensor grad_ln_2_bias, Tensor grad_c_fc_weight, "

@@ -4,11 +4,18 @@ Same config fields (n_embd, n_head, bias, dropout), same submodules and
 parameter names (ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj),
 so state_dicts move both ways. `Block.forward` is one call into the fused
 Block op; the submodules also work on their own, each through nanoblock's ops.
+
+Dropout in training mode, where nanoGPT has it: the Block op drops the
+attention probabilities and both c_proj outputs inside its kernels. The
+submodules on their own (and a float32 Block under autocast, which runs as
+its parts) drop the probabilities in nanoblock's attention op and the c_proj
+outputs with PyTorch's F.dropout.
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops
 
@@ -44,13 +51,6 @@ def check_config(config):
                          f"({config.n_head})")
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
-
-
-def refuse_dropout(module, p):
-    if module.training and p > 0:
-        raise NotImplementedError(
-            f"nanoblock: dropout={p} in training mode is not implemented yet; nanoblock will "
-            "not silently skip it. Set config.dropout = 0.0, or call .eval() for inference.")
 
 
 def config_of_nanogpt_block(block):
@@ -139,8 +139,9 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x):
-        refuse_dropout(self, self.dropout)
-        return self.c_proj(ops.causal_attention(self.c_attn(x), self.n_head))
+        p = self.dropout if self.training else 0.0
+        y = self.c_proj(ops.causal_attention(self.c_attn(x), self.n_head, p))
+        return F.dropout(y, p) if p > 0 else y
 
 
 class MLP(nn.Module):
@@ -154,9 +155,10 @@ class MLP(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x):
-        refuse_dropout(self, self.dropout)
         h = ops.bias_gelu(x @ self.c_fc.weight.t(), self.c_fc.bias, self.approximate)
-        return self.c_proj(h)
+        y = self.c_proj(h)
+        p = self.dropout if self.training else 0.0
+        return F.dropout(y, p) if p > 0 else y
 
 
 class Block(nn.Module):
@@ -200,10 +202,10 @@ class Block(nn.Module):
                 self.mlp.c_proj.weight, self.mlp.c_proj.bias)
 
     def forward(self, x):
-        refuse_dropout(self, self.dropout)
         if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
             return self.forward_autocast(x)
-        return ops.block(x, self.block_params(), self.n_head, self.approximate)
+        p = self.dropout if self.training else 0.0
+        return ops.block(x, self.block_params(), self.n_head, self.approximate, p)
 
     def forward_autocast(self, x):
         """A float32 Block under torch.autocast, as its parts, each with the

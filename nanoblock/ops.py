@@ -8,9 +8,16 @@ modules in block.py call:
 
     layer_norm(x, weight, bias, eps)                 -> out
     add_layer_norm(x, residual, weight, bias, eps)   -> (x + residual, out)
-    causal_attention(qkv, n_head)                    -> out [B, T, C]
+    causal_attention(qkv, n_head, dropout_p)         -> out [B, T, C]
     bias_gelu(x, bias, approximate)                  -> gelu(x + bias)
-    block(x, params, n_head, approximate)            -> the whole Block
+    block(x, params, n_head, approximate, dropout_p) -> the whole Block
+
+Dropout: the ops take dropout_p and rng, an int64 tensor [2] = (seed,
+offset) that fixes every mask (csrc/kernel_api.h); the backward gets its
+forward's rng, so it drops exactly what the forward dropped. The functions
+below draw a fresh rng per call from the device's default generator
+(dropout_rng), so torch.manual_seed makes runs reproducible and each call
+gets new masks.
 """
 import torch
 
@@ -61,7 +68,7 @@ def _(grad_out, x, weight, mean, rstd, grad_residual):
 
 
 @torch.library.register_fake("nanoblock::causal_attention_forward")
-def _(qkv, n_head):
+def _(qkv, n_head, dropout_p=0.0, rng=None):
     B, T, C3 = qkv.shape
     out = qkv.new_empty((B, T, C3 // 3))
     lse = qkv.new_empty((B, n_head, T), dtype=_stats_dtype(qkv.dtype))
@@ -69,7 +76,7 @@ def _(qkv, n_head):
 
 
 @torch.library.register_fake("nanoblock::causal_attention_backward")
-def _(grad_out, qkv, out, lse, n_head):
+def _(grad_out, qkv, out, lse, n_head, dropout_p=0.0, rng=None):
     return qkv.new_empty(qkv.shape)
 
 
@@ -153,19 +160,21 @@ torch.library.register_autograd("nanoblock::add_layer_norm_forward", _add_layer_
 
 
 def _attention_setup(ctx, inputs, output):
-    qkv, n_head = inputs
+    qkv, n_head, dropout_p, rng = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, out, lse)
-    ctx.n_head = n_head
+    ctx.save_for_backward(qkv, out, lse, rng)
+    ctx.n_head, ctx.dropout_p = n_head, dropout_p
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
     if grad_out is None:  # grads are not materialized; nothing reached out
-        return None, None
-    qkv, out, lse = ctx.saved_tensors
-    return _ops.causal_attention_backward(grad_out, qkv, out, lse, ctx.n_head), None
+        return None, None, None, None
+    qkv, out, lse, rng = ctx.saved_tensors
+    grad_qkv = _ops.causal_attention_backward(grad_out, qkv, out, lse, ctx.n_head, ctx.dropout_p,
+                                              rng)
+    return grad_qkv, None, None, None
 
 
 torch.library.register_autograd("nanoblock::causal_attention_forward", _attention_backward,
@@ -190,10 +199,10 @@ torch.library.register_autograd("nanoblock::gelu_forward", _gelu_backward,
 
 def _block_setup(ctx, inputs, output):
     x, *params = inputs[:13]
-    ctx.n_head, ctx.approximate = inputs[13], inputs[14]
+    ctx.n_head, ctx.approximate, ctx.dropout_p, rng = inputs[13:]
     out, qkv, attn, lse, x1, fc = output
     ctx.has_param = [p is not None for p in params]
-    ctx.save_for_backward(x, *params, qkv, attn, lse, x1, fc)
+    ctx.save_for_backward(x, *params, qkv, attn, lse, x1, fc, rng)
     ctx.mark_non_differentiable(qkv, attn, lse, x1, fc)
     # Without this autograd fills a zero gradient for each of those outputs
     # (9 C values per token) before every backward.
@@ -202,12 +211,13 @@ def _block_setup(ctx, inputs, output):
 
 def _block_backward(ctx, grad_out, *unused_grads):
     if grad_out is None:  # grads are not materialized; nothing reached out
-        return (None,) * 15
+        return (None,) * 17
     x, *rest = ctx.saved_tensors
-    params, saved = rest[:12], rest[12:]
-    grads = _ops.block_backward(grad_out, x, *params, *saved, ctx.n_head, ctx.approximate)
+    params, saved, rng = rest[:12], rest[12:17], rest[17]
+    grads = _ops.block_backward(grad_out, x, *params, *saved, ctx.n_head, ctx.approximate,
+                                ctx.dropout_p, rng)
     grad_params = [g if has else None for g, has in zip(grads[1:], ctx.has_param)]
-    return (grads[0], *grad_params, None, None)
+    return (grads[0], *grad_params, None, None, None, None)
 
 
 torch.library.register_autograd("nanoblock::block_forward", _block_backward,
@@ -250,10 +260,20 @@ def add_layer_norm(x, residual, weight, bias=None, eps=1e-5):
     return total, out
 
 
-def causal_attention(qkv, n_head):
+def dropout_rng(device):
+    """A fresh rng = (seed, offset) for one call's dropout: int64 [2], drawn
+    from the default generator of `device` by torch.randint, an ordinary
+    random op that torch.compile traces and CUDA graphs capture."""
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
+
+
+def causal_attention(qkv, n_head, dropout_p=0.0, rng=None):
     """Causal self-attention of qkv [B, T, 3C] (q, k, v side by side, as c_attn
-    makes them) -> [B, T, C], heads merged."""
-    return _ops.causal_attention_forward(qkv, n_head)[0]
+    makes them) -> [B, T, C], heads merged; the probabilities dropped with
+    dropout_p (rng: drawn when not given)."""
+    if dropout_p > 0 and rng is None:
+        rng = dropout_rng(qkv.device)
+    return _ops.causal_attention_forward(qkv, n_head, dropout_p, rng)[0]
 
 
 def bias_gelu(x, bias=None, approximate="none"):
@@ -261,7 +281,10 @@ def bias_gelu(x, bias=None, approximate="none"):
     return _ops.gelu_forward(x, bias, approximate)
 
 
-def block(x, params, n_head, approximate="none"):
+def block(x, params, n_head, approximate="none", dropout_p=0.0, rng=None):
     """The whole Block on x [B, T, C]; params are the twelve tensors named in
-    BLOCK_PARAM_NAMES, in that order (None for absent biases)."""
-    return _ops.block_forward(x, *params, n_head, approximate)[0]
+    BLOCK_PARAM_NAMES, in that order (None for absent biases). dropout_p > 0:
+    nanoGPT's three dropouts (rng: drawn when not given)."""
+    if dropout_p > 0 and rng is None:
+        rng = dropout_rng(x.device)
+    return _ops.block_forward(x, *params, n_head, approximate, dropout_p, rng)[0]

@@ -162,12 +162,3 @@ def test_eval_mode_with_dropout_config_matches_reference():
     ref.eval()
     x = torch.randn(2, 7, 32, dtype=torch.float64)
     assert rel_err(nb(x), ref(x)) < 1e-12
-
-
-def test_dropout_in_training_is_refused_not_ignored():
-    nb, _ = block_pair(make_config(32, 2, dropout=0.1))
-    nb.train()
-    with pytest.raises(NotImplementedError, match="dropout=0.1"):
-        nb(torch.randn(1, 3, 32, dtype=torch.float64))
-    with pytest.raises(NotImplementedError, match="dropout"):
-        nb.attn(torch.randn(1, 3, 32, dtype=torch.float64))

@@ -526,3 +526,35 @@ def test_device_memory_stays_flat_over_1000_steps():
     assert torch.cuda.memory_allocated() == allocated
     shrunk = free - torch.cuda.mem_get_info()[0]
     assert shrunk < 16 * 2**20, f"free device memory shrank by {shrunk / 2**20:.1f} MiB"
+
+
+# ---------------------------------------------------------------------------
+# Dropout (issue 7): no CUDA kernels yet, so training-mode dropout is refused
+# by name; the test below it states what the kernels must do (the same
+# elements as the CPU for the same rng, kernel_api.h) and xpasses, failing
+# as strict, once they exist.
+
+def test_dropout_refused_on_cuda_naming_the_issue():
+    block = randomize(nanoblock.Block(nanoblock.GPTConfig(n_embd=32, n_head=2, dropout=0.1))).to(DEV)
+    x = torch.randn(2, 5, 32, device=DEV)
+    with pytest.raises(NotImplementedError, match="issue 7"):
+        block(x)
+    block.eval()
+    assert block(x).shape == x.shape
+
+
+@pytest.mark.xfail(raises=NotImplementedError, strict=True, reason="issue 7: no CUDA dropout yet")
+def test_dropout_block_matches_cpu_float64():
+    block = randomize(nanoblock.Block(make_config(48, 2)).double())
+    x = torch.randn(2, 37, 48, dtype=torch.float64)
+    grad = torch.randn_like(x)
+    rng = torch.tensor([123, 8])
+    results = []
+    for device in ("cpu", DEV):
+        b = block.to(device)
+        xd = x.to(device).requires_grad_(True)
+        y = nanoblock.ops.block(xd, b.block_params(), 2, "none", 0.2, rng.to(device))
+        grads = torch.autograd.grad(y, [xd] + list(b.parameters()), grad.to(device))
+        results.append([y.detach().cpu()] + [g.cpu() for g in grads])
+    for a, c in zip(*results):
+        assert rel_err(c, a) < 1e-9

@@ -143,6 +143,8 @@ def _opcheck_cases():
     out, mean, rstd = nb.layer_norm_forward(x, w, b, 1e-5)
     qkv = torch.randn(2, 9, 48, requires_grad=True)
     att, lse = nb.causal_attention_forward(qkv, 2)
+    rng = torch.tensor([11, 4])  # dropout's (seed, offset)
+    att_dropped = nb.causal_attention_forward(qkv, 2, 0.3, rng)[0]
     cases = [
         ("layer_norm_forward", (x, w, b, 1e-5)),
         ("layer_norm_forward", (x, w, None, 1e-5)),
@@ -152,6 +154,9 @@ def _opcheck_cases():
                                  torch.randn_like(x))),
         ("causal_attention_forward", (qkv, 2)),
         ("causal_attention_backward", (torch.randn_like(att), qkv.detach(), att.detach(), lse, 2)),
+        ("causal_attention_forward", (qkv, 2, 0.3, rng)),
+        ("causal_attention_backward", (torch.randn_like(att), qkv.detach(), att_dropped.detach(),
+                                       lse, 2, 0.3, rng)),
         ("gelu_forward", (x, b, "none")),
         ("gelu_forward", (x, None, "tanh")),
         ("gelu_backward", (torch.randn_like(x), x.detach(), b.detach(), "tanh")),
@@ -163,6 +168,12 @@ def _opcheck_cases():
         cases.append(("block_backward", (torch.randn_like(xb), xb.detach(),
                                           *[p.detach() if p is not None else None for p in params],
                                           *saved, n_head, "tanh")))
+    xb, params, n_head = _block_args()
+    cases.append(("block_forward", (xb, *params, n_head, "none", 0.2, rng)))
+    saved = nb.block_forward(xb, *params, n_head, "none", 0.2, rng)[1:]
+    cases.append(("block_backward", (torch.randn_like(xb), xb.detach(),
+                                      *[p.detach() for p in params], *saved, n_head, "none", 0.2,
+                                      rng)))
     return cases
 
 

@@ -12,6 +12,9 @@
 //   P = exp(S - lse), D_i = rowsum(dO_i * O_i), dS = P * (dP - D),
 //   dv = P^T dO, dP = dO v^T, dq = dS k * scale, dk = dS^T q * scale
 //   -> grad_qkv [B, T, 3C] (dq, dk, dv in place of q, k, v).
+// Dropout of the probabilities (kernel_api.h), Z the scaled mask: the forward
+// takes row sums and lse of P, then out = (P o Z) v; the backward makes Z
+// again, dv = (P o Z)^T dO and dS = P * (Z o dP - D), D unchanged.
 //
 // Queries and keys are cut into blocks; no T x T tensor ever exists. The
 // block products go through ATen's GEMM (at::mm_out / at::addmm_out) on
@@ -32,9 +35,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 
 #include "../kernels.h"
 #include "bfloat16.h"
+#include "dropout.h"
 #include "vector_math.h"
 
 namespace nanoblock::cpu {
@@ -298,9 +303,24 @@ void scale_rows(scalar_t* data, int64_t rows, int64_t cols,
   }
 }
 
+// Dropout of a block of probabilities [rows, cols] (contiguous; queries
+// query_start.., keys key_start.. of head = b * n_head + h): each query's
+// visible keys times their mask multipliers; the masked rest is never read.
+template <typename scalar_t>
+void drop_probabilities(scalar_t* data, int64_t rows, int64_t cols, int64_t head, int64_t T,
+                        int64_t query_start, int64_t key_start, const DropoutMask& mask) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t query = query_start + r;
+    mask.apply(data + r * cols, visible_keys(query, key_start, cols),
+               uint64_t((head * T + query) * T + key_start));
+  }
+}
+
+// mask: null without dropout.
 template <typename scalar_t>
 void attention_forward_kernel(const Tensor& qkv, int64_t n_head,
-                              const Tensor& out, const Tensor& lse) {
+                              const Tensor& out, const Tensor& lse,
+                              const DropoutMask* mask) {
   constexpr int64_t kQueryBlock = kForwardQueryBlock;
   constexpr int64_t kKeyBlock = kForwardKeyBlock;
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
@@ -376,6 +396,11 @@ void attention_forward_kernel(const Tensor& qkv, int64_t n_head,
           row_sum[r] =
               row_sum[r] * rescale[r] + sum_of(scores + r * cols, cols);
         }
+        // The sums above are of P; out sums P o Z.
+        if (mask) {
+          drop_probabilities(scores, rows, cols, b * n_head + h, T, query_start, key_start,
+                             *mask);
+        }
         // out_block [rows, hd] (+)= P v over the visible keys.
         if (key_start != 0) scale_rows(out_rows, rows, hd, C, rescale);
         causal_matmul<scalar_t>(out_block, s, v, query_start - key_start, false,
@@ -393,10 +418,12 @@ void attention_forward_kernel(const Tensor& qkv, int64_t n_head,
   });
 }
 
+// mask: null without dropout.
 template <typename scalar_t>
 void attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
                                const Tensor& out, const Tensor& lse,
-                               int64_t n_head, const Tensor& grad_qkv) {
+                               int64_t n_head, const DropoutMask* mask,
+                               const Tensor& grad_qkv) {
   constexpr int64_t kQueryBlock = kBackwardQueryBlock;
   constexpr int64_t kKeyBlock = kBackwardKeyBlock;
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
@@ -415,11 +442,14 @@ void attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
   // are race-free and the same run to run.
   at::parallel_for(0, B * n_head, 1, [&](int64_t begin, int64_t end) {
     // Scratch per chunk: probabilities P and dP / dS, each
-    // [kQueryBlock, kKeyBlock], then D [T].
-    Tensor scratch = at::empty({2 * kQueryBlock * kKeyBlock + T}, options);
+    // [kQueryBlock, kKeyBlock], then D [T], then with dropout the mask's
+    // multipliers Z [kQueryBlock, kKeyBlock].
+    const int64_t tile = kQueryBlock * kKeyBlock;
+    Tensor scratch = at::empty({(mask ? 3 : 2) * tile + T}, options);
     scalar_t* probs = scratch.mutable_data_ptr<scalar_t>();
-    scalar_t* grad_scores = probs + kQueryBlock * kKeyBlock;
-    scalar_t* row_dot = grad_scores + kQueryBlock * kKeyBlock;
+    scalar_t* grad_scores = probs + tile;
+    scalar_t* row_dot = grad_scores + tile;
+    scalar_t* keep = row_dot + T;
 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_head;
@@ -476,17 +506,30 @@ void attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
                                 lse_rows[query_start + r]);
           }
           exp_and_mask(probs, rows, cols, query_start, key_start);
+          // With dropout: Z [rows, cols] (1 where masked), and P o Z, the
+          // probabilities out was made of, in dP's buffer until dP comes.
+          if (mask) {
+            std::fill(keep, keep + rows * cols, scalar_t(1));
+            drop_probabilities(keep, rows, cols, b * n_head + h, T, query_start, key_start,
+                               *mask);
+            for (int64_t i = 0; i < rows * cols; ++i) grad_scores[i] = probs[i] * keep[i];
+          }
 
-          // dv_j += P^T dO_i [cols, hd]; the first query block overwrites.
+          // dv_j += (P o Z)^T dO_i [cols, hd]; the first query block overwrites.
           const int64_t diag = query_start - key_start;
           const bool first_for_key = query_start == key_start;
-          causal_matmul<scalar_t>(grad_v, p, grad_out_block, diag, true, !first_for_key);
+          causal_matmul<scalar_t>(grad_v, mask ? dp : p, grad_out_block, diag, true,
+                                  !first_for_key);
 
-          // dP = dO_i v_j^T, then dS = P * (dP - D) * scale [rows, cols];
+          // dP = dO_i v_j^T (times Z with dropout: the gradient reaching P),
+          // then dS = P * (dP - D) * scale [rows, cols];
           // the softmax scale is folded in here for both dq and dk. Masked
           // entries are set to exactly 0, not P * (dP - D): dP is NaN there
           // where a masked v or dO is (causal_matmul says why that matters).
           tile_matmul<scalar_t>(dp, grad_out_block, v.t(), false);
+          if (mask) {
+            for (int64_t i = 0; i < rows * cols; ++i) grad_scores[i] *= keep[i];
+          }
           for (int64_t r = 0; r < rows; ++r) {
             scalar_t* ds = grad_scores + r * cols;
             const scalar_t* pr = probs + r * cols;
@@ -511,9 +554,10 @@ void attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
 }  // namespace
 
 std::tuple<Tensor, Tensor> causal_attention_forward(const Tensor& qkv,
-                                                    int64_t n_head) {
+                                                    int64_t n_head,
+                                                    const Dropout& dropout) {
   if (is_bf16(qkv)) {
-    auto [out, lse] = causal_attention_forward(to_float(qkv), n_head);
+    auto [out, lse] = causal_attention_forward(to_float(qkv), n_head, dropout);
     return {to_bf16(out), lse};
   }
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
@@ -524,27 +568,31 @@ std::tuple<Tensor, Tensor> causal_attention_forward(const Tensor& qkv,
     return {out, lse};
   }
   const auto dtype = qkv.scalar_type();
+  const std::optional<DropoutMask> mask =
+      dropout.active() ? std::optional<DropoutMask>(dropout) : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES(dtype, "causal_attention_forward", [&] {
-    attention_forward_kernel<scalar_t>(qkv, n_head, out, lse);
+    attention_forward_kernel<scalar_t>(qkv, n_head, out, lse, mask ? &*mask : nullptr);
   });
   return {out, lse};
 }
 
 Tensor causal_attention_backward(const Tensor& grad_out, const Tensor& qkv,
                                  const Tensor& out, const Tensor& lse,
-                                 int64_t n_head) {
+                                 int64_t n_head, const Dropout& dropout) {
   if (is_bf16(qkv)) {
     return to_bf16(causal_attention_backward(to_float(grad_out), to_float(qkv), to_float(out),
-                                             lse, n_head));
+                                             lse, n_head, dropout));
   }
   Tensor grad_qkv = at::empty_like(qkv);
   if (grad_qkv.numel() == 0) {
     return grad_qkv;
   }
   const auto dtype = qkv.scalar_type();
+  const std::optional<DropoutMask> mask =
+      dropout.active() ? std::optional<DropoutMask>(dropout) : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES(dtype, "causal_attention_backward", [&] {
     attention_backward_kernel<scalar_t>(grad_out, qkv, out, lse, n_head,
-                                        grad_qkv);
+                                        mask ? &*mask : nullptr, grad_qkv);
   });
   return grad_qkv;
 }

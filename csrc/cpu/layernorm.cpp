@@ -3,7 +3,8 @@
 //
 //   forward:      out = (x - mean) * rstd * weight + bias
 //                 mean, rstd = mean and 1 / sqrt(var + eps) of each row
-//   add forward:  sum = x + residual, then the forward above on sum
+//   add forward:  sum = x + dropout(residual), then the forward above on sum
+//                 (no dropout when the mask is null)
 //   backward:     xhat = (x - mean) * rstd, g = grad_out * weight
 //                 grad_x = rstd * (g - mean(g) - xhat * mean(g * xhat))
 //                          (+ grad_residual, the gradient that reaches x
@@ -17,6 +18,7 @@
 // gradients are reduced in a fixed order (row_blocks.h).
 #include "../kernels.h"
 #include "bfloat16.h"
+#include "dropout.h"
 #include "row_blocks.h"
 #include "vector_math.h"
 
@@ -24,6 +26,7 @@
 #include <ATen/OpMathType.h>
 
 #include <cmath>
+#include <optional>
 #include <vector>
 
 namespace nanoblock::cpu {
@@ -49,9 +52,11 @@ NANOBLOCK_INLINE void normalize_row(const scalar_t* x, const scalar_t* weight,
 }
 
 // Rows [begin, end): sum = x + residual when residual is given (and then
-// normalized), else x normalized directly. bias is zeros when absent.
+// normalized), else x normalized directly; residual dropped by mask when
+// mask is given. bias is zeros when absent.
 template <typename scalar_t, typename acc_t>
-NANOBLOCK_INLINE void layer_norm_rows(const scalar_t* x, const scalar_t* residual, scalar_t* sum,
+NANOBLOCK_INLINE void layer_norm_rows(const scalar_t* x, const scalar_t* residual,
+                                      const DropoutMask* mask, scalar_t* sum,
                                       const scalar_t* weight, const scalar_t* bias,
                                       int64_t begin, int64_t end, int64_t C, double eps,
                                       scalar_t* out, acc_t* mean, acc_t* rstd) {
@@ -60,7 +65,12 @@ NANOBLOCK_INLINE void layer_norm_rows(const scalar_t* x, const scalar_t* residua
     if (residual) {
       scalar_t* s = sum + row * C;
       const scalar_t* r = residual + row * C;
-      for (int64_t c = 0; c < C; c++) s[c] = in[c] + r[c];
+      if (mask) {
+        mask->for_each<scalar_t>(C, uint64_t(row * C),
+                                 [&](int64_t c, scalar_t z) { s[c] = in[c] + r[c] * z; });
+      } else {
+        for (int64_t c = 0; c < C; c++) s[c] = in[c] + r[c];
+      }
       in = s;
     }
     normalize_row(in, weight, bias, C, eps, out + row * C, mean + row, rstd + row);
@@ -68,27 +78,29 @@ NANOBLOCK_INLINE void layer_norm_rows(const scalar_t* x, const scalar_t* residua
 }
 
 // One entry per dtype; the float one is compiled for AVX2 too (vector_math.h).
-NANOBLOCK_VECTORIZE void layer_norm_rows(const float* x, const float* residual, float* sum,
+NANOBLOCK_VECTORIZE void layer_norm_rows(const float* x, const float* residual,
+                                         const DropoutMask* mask, float* sum,
                                          const float* weight, const float* bias, int64_t begin,
                                          int64_t end, int64_t C, double eps, float* out,
                                          float* mean, float* rstd) {
-  layer_norm_rows<float, float>(x, residual, sum, weight, bias, begin, end, C, eps, out, mean,
-                                rstd);
+  layer_norm_rows<float, float>(x, residual, mask, sum, weight, bias, begin, end, C, eps, out,
+                                mean, rstd);
 }
 
-void layer_norm_rows(const double* x, const double* residual, double* sum, const double* weight,
-                     const double* bias, int64_t begin, int64_t end, int64_t C, double eps,
-                     double* out, double* mean, double* rstd) {
-  layer_norm_rows<double, double>(x, residual, sum, weight, bias, begin, end, C, eps, out, mean,
-                                  rstd);
+void layer_norm_rows(const double* x, const double* residual, const DropoutMask* mask,
+                     double* sum, const double* weight, const double* bias, int64_t begin,
+                     int64_t end, int64_t C, double eps, double* out, double* mean,
+                     double* rstd) {
+  layer_norm_rows<double, double>(x, residual, mask, sum, weight, bias, begin, end, C, eps, out,
+                                  mean, rstd);
 }
 
 // Runs the rows of x [N, C] in parallel; residual and sum are undefined for
-// the plain LayerNorm.
+// the plain LayerNorm, mask null without dropout.
 template <typename scalar_t>
-void layer_norm_all_rows(const Tensor& x, const Tensor& residual, const Tensor& weight,
-                         const Tensor& bias, double eps, Tensor& sum, Tensor& out, Tensor& mean,
-                         Tensor& rstd) {
+void layer_norm_all_rows(const Tensor& x, const Tensor& residual, const DropoutMask* mask,
+                         const Tensor& weight, const Tensor& bias, double eps, Tensor& sum,
+                         Tensor& out, Tensor& mean, Tensor& rstd) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = x.size(-1), N = C == 0 ? 0 : x.numel() / C;
   const Tensor b = bias.defined() ? bias : at::zeros({C}, x.options());
@@ -101,8 +113,8 @@ void layer_norm_all_rows(const Tensor& x, const Tensor& residual, const Tensor& 
   acc_t* mean_ptr = mean.mutable_data_ptr<acc_t>();
   acc_t* rstd_ptr = rstd.mutable_data_ptr<acc_t>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    layer_norm_rows(x_ptr, res_ptr, sum_ptr, w_ptr, b_ptr, begin, end, C, eps, out_ptr, mean_ptr,
-                    rstd_ptr);
+    layer_norm_rows(x_ptr, res_ptr, mask, sum_ptr, w_ptr, b_ptr, begin, end, C, eps, out_ptr,
+                    mean_ptr, rstd_ptr);
   });
 }
 
@@ -173,7 +185,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& x, const Ten
   Tensor out = at::empty_like(x), mean = at::empty(rows, stats), rstd = at::empty(rows, stats);
   Tensor no_sum;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "layer_norm_forward", [&] {
-    layer_norm_all_rows<scalar_t>(x, Tensor(), weight, bias, eps, no_sum, out, mean, rstd);
+    layer_norm_all_rows<scalar_t>(x, Tensor(), nullptr, weight, bias, eps, no_sum, out, mean,
+                                  rstd);
   });
   return {out, mean, rstd};
 }
@@ -181,10 +194,11 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& x, const Ten
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_forward(const Tensor& x,
                                                                   const Tensor& residual,
                                                                   const Tensor& weight,
-                                                                  const Tensor& bias, double eps) {
+                                                                  const Tensor& bias, double eps,
+                                                                  const Dropout& dropout) {
   if (is_bf16(x)) {
     // Normalize the rounded sum, the one the backward will see.
-    Tensor sum = x + residual;
+    Tensor sum = dropout.active() ? dropout_add(residual, x, dropout) : x + residual;
     auto [out, mean, rstd] = layer_norm_forward(sum, weight, bias, eps);
     return {sum, out, mean, rstd};
   }
@@ -192,8 +206,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_forward(const Tensor& 
   auto stats = x.options().dtype(stats_dtype(x.scalar_type()));
   Tensor sum = at::empty_like(x), out = at::empty_like(x);
   Tensor mean = at::empty(rows, stats), rstd = at::empty(rows, stats);
+  const std::optional<DropoutMask> mask =
+      dropout.active() ? std::optional<DropoutMask>(dropout) : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "add_layer_norm_forward", [&] {
-    layer_norm_all_rows<scalar_t>(x, residual, weight, bias, eps, sum, out, mean, rstd);
+    layer_norm_all_rows<scalar_t>(x, residual, mask ? &*mask : nullptr, weight, bias, eps, sum,
+                                  out, mean, rstd);
   });
   return {sum, out, mean, rstd};
 }
