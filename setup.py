@@ -69,11 +69,17 @@ def extension():
     # -fno-trapping-math: lets the compiler turn float selects into vector
     # blends (nanoblock reads no floating-point exception flags).
     cxx = ["-O3", "-fopenmp", "-g0", "-fno-trapping-math"]
+    # NANOBLOCK_EXTRA_FLAGS: more flags for the C++ compiles and the link, e.g.
+    # the sanitizers of scripts/sanitize_cpu.sh (given here they reach every
+    # compile and the link, whatever build path torch takes).
+    extra = os.environ.get("NANOBLOCK_EXTRA_FLAGS", "").split()
+    cxx += extra
+    link = ["-fopenmp"] + extra
     use_cuda, why = want_cuda()
     if not use_cuda:
         print(f"nanoblock: building the CPU extension ({why})", flush=True)
         return CppExtension("nanoblock._C", sources, extra_compile_args={"cxx": cxx},
-                            extra_link_args=["-fopenmp"]), "cpu", why
+                            extra_link_args=link), "cpu", why
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     print(f"nanoblock: building the CUDA extension ({why}) for archs "
           f"{os.environ['TORCH_CUDA_ARCH_LIST']}", flush=True)
@@ -83,7 +89,7 @@ def extension():
             "-DNANOBLOCK_WITH_CUDA"]
     return CUDAExtension("nanoblock._C", sources,
                          extra_compile_args={"cxx": cxx + ["-DNANOBLOCK_WITH_CUDA"], "nvcc": nvcc},
-                         extra_link_args=["-fopenmp"], libraries=["cublasLt"]), "cuda", why
+                         extra_link_args=link, libraries=["cublasLt"]), "cuda", why
 
 
 ext, backend, why = extension()

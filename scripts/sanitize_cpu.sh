@@ -45,13 +45,16 @@ rm -f "$WORK"/nanoblock/_C*.so
 SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
 echo "sanitize_cpu: building the CPU extension with $SAN in $WORK"
 start=$SECONDS
-(cd "$WORK" && CFLAGS="$SAN" LDFLAGS="$SAN" NANOBLOCK_CPU_ONLY=1 MAX_JOBS="${MAX_JOBS:-2}" \
+(cd "$WORK" && NANOBLOCK_EXTRA_FLAGS="$SAN" NANOBLOCK_CPU_ONLY=1 MAX_JOBS="${MAX_JOBS:-2}" \
    python setup.py build_ext --inplace >"$WORK/build.log" 2>&1) || {
   tail -n 40 "$WORK/build.log"; echo "sanitize_cpu: BUILD FAILED"; exit 1; }
 echo "sanitize_cpu: built in $((SECONDS - start)) s"
+# (nm's output is read whole first: `nm | grep -q` fails under pipefail when
+# grep stops early and nm gets SIGPIPE.)
+symbols="$(nm -D "$WORK"/nanoblock/_C*.so)"
 for check in __asan_report __ubsan_handle; do
-  nm -D "$WORK"/nanoblock/_C*.so | grep -q "$check" || {
-    echo "sanitize_cpu: the extension has no $check calls (CFLAGS ignored?)"; exit 1; }
+  grep -q "$check" <<<"$symbols" || {
+    echo "sanitize_cpu: the extension has no $check calls (flags ignored?)"; exit 1; }
 done
 
 export LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libubsan.so)"
