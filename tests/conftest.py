@@ -31,6 +31,20 @@ def block_pair(config, dtype=torch.float64, device="cpu", seed=0):
     return nb, ref
 
 
+def block_op_of(block, dropout_p=0.0, rng=None):
+    """The Block op of `block` as a function of (x, *its present parameters),
+    for gradcheck (absent biases stay None), and those parameters."""
+    present = [p is not None for p in block.block_params()]
+    params = [p for p in block.block_params() if p is not None]
+
+    def block_op(x, *ps):
+        it = iter(ps)
+        full = [next(it) if has else None for has in present]
+        return nanoblock.ops.block(x, full, block.n_head, block.approximate, dropout_p, rng)
+
+    return block_op, params
+
+
 def sdpa_attention(qkv, n_head):
     """PyTorch's causal attention (SDPA) of qkv [B, T, 3C] -> [B, T, C], heads merged."""
     B, T, C3 = qkv.shape

@@ -5,7 +5,7 @@ import torch
 import nanoblock
 from nanoblock.reference import ReferenceBlock
 
-from conftest import block_pair, forward_backward, make_config, rel_err
+from conftest import block_op_of, block_pair, forward_backward, make_config, rel_err
 
 # (B, T, C, n_head): T = 1, 7, 97, 1025; head dims 16..128; C not a power of two.
 SHAPES = [
@@ -54,15 +54,8 @@ def test_block_gradcheck(bias, gelu):
     """gradcheck of the Block op in x and all twelve parameters (or six)."""
     nb, _ = block_pair(make_config(24, 3, bias=bias, gelu=gelu))
     x = torch.randn(2, 9, 24, dtype=torch.float64, requires_grad=True)
-    present = [p is not None for p in nb.block_params()]
-    params = [p for p in nb.block_params() if p is not None]
-
-    def block_of(x, *ps):
-        it = iter(ps)
-        full = [next(it) if has else None for has in present]
-        return nanoblock.ops.block(x, full, nb.n_head, nb.approximate)
-
-    assert torch.autograd.gradcheck(block_of, (x, *params))
+    block_op, params = block_op_of(nb)
+    assert torch.autograd.gradcheck(block_op, (x, *params))
 
 
 def test_non_contiguous_input():

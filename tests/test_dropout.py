@@ -16,7 +16,7 @@ from nanoblock import ops
 from nanoblock.demo import sorting_batch
 from nanoblock.reference import ReferenceGPT
 
-from conftest import block_pair, forward_backward, make_config, rel_err
+from conftest import block_op_of, block_pair, forward_backward, make_config, rel_err
 
 nb_ops = torch.ops.nanoblock
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,18 +181,10 @@ def test_attention_gradcheck_with_the_mask_held_fixed():
 def test_block_gradcheck_with_the_mask_held_fixed(bias, gelu):
     nb, _ = block_pair(make_config(24, 3, bias=bias, gelu=gelu))
     x = torch.randn(2, 9, 24, dtype=torch.float64, requires_grad=True)
-    present = [p is not None for p in nb.block_params()]
-    params = [p for p in nb.block_params() if p is not None]
-    rng = rng_of(31337, 8)
-
-    def block_of(x, *ps):
-        it = iter(ps)
-        full = [next(it) if has else None for has in present]
-        return ops.block(x, full, 3, "tanh" if gelu == "tanh" else "none", 0.3, rng)
-
+    block_op, params = block_op_of(nb, 0.3, rng_of(31337, 8))
     # fast mode (random directions): a full Jacobian took minutes on 2 cores;
     # test_block_equals_reference_with_the_same_masks checks every gradient.
-    assert torch.autograd.gradcheck(block_of, (x, *params), fast_mode=True)
+    assert torch.autograd.gradcheck(block_op, (x, *params), fast_mode=True)
 
 
 def test_block_equals_reference_with_the_same_masks():

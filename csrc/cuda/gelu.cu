@@ -173,16 +173,16 @@ struct GeluBackwardRecomputeRowOp {
 
 // Runs rows_with_column_sums_kernel over [N, F] with the row op that
 // make_op(std::integral_constant<int, VEC>) returns, and sums the partials
-// into column_sums [F] (when defined).
+// into column_sums [F].
 template <typename scalar_t, typename MakeOp>
 void launch_rows_with_column_sums(int64_t N, int64_t F, int vec, const MakeOp& make_op,
-                                  const Tensor& column_sums, const at::TensorOptions& options) {
+                                  const Tensor& column_sums) {
   using acc_t = acc_type<scalar_t>;
   const cudaStream_t stream = current_stream();
   const int64_t groups = row_groups_for(N);
   const int64_t rows_per_group = ceil_div(N, groups);
-  Tensor partials =
-      at::empty({groups, F}, options.dtype(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat));
+  Tensor partials = at::empty(
+      {groups, F}, column_sums.options().dtype(stats_dtype(column_sums.scalar_type())));
   acc_t* partials_ptr = partials.mutable_data_ptr<acc_t>();
   with_vector_width<scalar_t>(vec, [&](auto vec_constant) {
     constexpr int VEC = decltype(vec_constant)::value;
@@ -191,10 +191,8 @@ void launch_rows_with_column_sums(int64_t N, int64_t F, int vec, const MakeOp& m
         N, F, rows_per_group, make_op(vec_constant), partials_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  if (column_sums.defined()) {
-    launch_sum_partials<scalar_t, acc_t>(partials_ptr, groups, F,
-                                         column_sums.mutable_data_ptr<scalar_t>(), stream);
-  }
+  launch_sum_partials<scalar_t, acc_t>(partials_ptr, groups, F,
+                                       column_sums.mutable_data_ptr<scalar_t>(), stream);
 }
 
 // Grid for an elementwise pass over `vectors` vectors: enough blocks to fill
@@ -275,7 +273,7 @@ Tensor bias_grad(const Tensor& grad) {
         [&](auto vec_constant) {
           return SumRowOp<scalar_t, decltype(vec_constant)::value>{grad_ptr};
         },
-        out, grad.options());
+        out);
   });
   return out;
 }
@@ -299,10 +297,10 @@ std::tuple<Tensor, Tensor> gelu_backward_recompute(const Tensor& grad_out, const
     };
     if (tanh) {
       launch_rows_with_column_sums<scalar_t>(
-          N, F, vec, [&](auto v) { return make_op(v, std::true_type{}); }, grad_bias, x.options());
+          N, F, vec, [&](auto v) { return make_op(v, std::true_type{}); }, grad_bias);
     } else {
       launch_rows_with_column_sums<scalar_t>(
-          N, F, vec, [&](auto v) { return make_op(v, std::false_type{}); }, grad_bias, x.options());
+          N, F, vec, [&](auto v) { return make_op(v, std::false_type{}); }, grad_bias);
     }
   });
   return {out, grad_bias};
