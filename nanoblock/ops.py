@@ -227,24 +227,8 @@ torch.library.register_autograd("nanoblock::block_forward", _block_backward,
 # The backward ops have no derivative of their own. Without an autograd
 # formula PyTorch would backpropagate zeros through them (with a warning), so
 # a second derivative (create_graph=True, then backward again) would be
-# silently wrong; it raises instead.
-
-def _no_setup(ctx, inputs, output):
-    pass
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "nanoblock: second derivatives (backward through a gradient computed with "
-        "create_graph=True) are not implemented by nanoblock's ops. Use the reference Block "
-        "(nanoblock.reference.ReferenceBlock) where you need them.")
-
-
-for _name in ("layer_norm_backward", "causal_attention_backward", "gelu_backward",
-              "block_backward"):
-    torch.library.register_autograd(f"nanoblock::{_name}", _no_double_backward,
-                                    setup_context=_no_setup)
-
+# silently wrong; it raises instead (csrc/ops.cpp, backward_op_autograd: in
+# C++, so that the ordinary call costs no Python).
 
 # ---------------------------------------------------------------------------
 # Public functions.
