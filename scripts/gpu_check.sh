@@ -13,6 +13,8 @@
 #   PYTEST_TARGETS         what pytest runs (default: tests/)
 #   PYTEST_FLAGS           default: -x -q
 #   SKIP_SANITIZER=1, SKIP_LONG_RUN=1, SKIP_BENCH=1   leave those steps out
+#   SANITIZER_TIMEOUT      seconds each sanitizer run may take (default: no limit;
+#                          one cut off counts as failed)
 # Exit status: non-zero if the build, the tests or a sanitizer check failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,7 +60,8 @@ $PY -m pytest ${PYTEST_FLAGS:--x -q} ${PYTEST_TARGETS:-tests/} 2>&1 | tee "$OUT/
 sanitize() {
   local tool="$1" log="$2" k="$3"
   shift 3
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --print-limit 20 "$@" \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZER_TIMEOUT:-0}" \
+      compute-sanitizer --tool "$tool" --print-limit 20 "$@" \
       $PY -m pytest -x -q -p no:cacheprovider tests/test_cuda.py -k "$k" >"$log" 2>&1
 }
 
