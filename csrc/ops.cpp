@@ -407,6 +407,7 @@ void autocast_kernel(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 // for create_graph=True. Then their outputs get a node that raises when a
 // second derivative is taken, rather than silently giving zeros. In C++, so
 // that the ordinary (grad mode off) call costs no Python.
+
 // An autograd node that raises `msg` when reached. Its pointer type is
 // std::shared_ptr in older torch and c10::intrusive_ptr in newer.
 using NodePtr = decltype(torch::autograd::Edge::function);
@@ -434,10 +435,10 @@ void backward_op_autograd(const c10::OperatorHandle& op, torch::jit::Stack* stac
   }
   if (need_grad.empty()) return;
   const NodePtr no_second_derivative = make_error_node<NodePtr>(
-          "nanoblock: second derivatives (backward through a gradient computed with "
-          "create_graph=True) are not implemented by nanoblock's ops (" + op.schema().name() +
+      "nanoblock: second derivatives (backward through a gradient computed with "
+      "create_graph=True) are not implemented by nanoblock's ops (" + op.schema().name() +
           "). Use the reference Block (nanoblock.reference.ReferenceBlock) where you need them.",
-          torch::autograd::collect_next_edges(need_grad));
+      torch::autograd::collect_next_edges(need_grad));
   const size_t n_outputs = op.schema().returns().size();
   for (const c10::IValue& out : torch::jit::last(*stack, n_outputs)) {
     if (out.isTensor() && at::isFloatingType(out.toTensor().scalar_type())) {

@@ -56,20 +56,21 @@ $PY -m pytest ${PYTEST_FLAGS:--x -q} ${PYTEST_TARGETS:-tests/} 2>&1 | tee "$OUT/
 # out-of-bounds accesses inside its pools, and memory it hands out again looks
 # initialized. The three tools run at once (each is bound by its own process's
 # host work, and the card has room), each into its own log.
-#   sanitize TOOL LOG PYTEST_K [more compute-sanitizer flags]
+#   sanitize TOOL LOG PYTEST_K [compute-sanitizer flags]
 sanitize() {
   local tool="$1" log="$2" k="$3"
   shift 3
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZER_TIMEOUT:-0}" \
-      compute-sanitizer --tool "$tool" --print-limit 20 "$@" \
+      compute-sanitizer --tool "$tool" "$@" \
       $PY -m pytest -x -q -p no:cacheprovider tests/test_cuda.py -k "$k" >"$log" 2>&1
 }
 
 if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
-  step "compute-sanitizer memcheck, racecheck (attention), initcheck (nanoblock's kernels)"
-  sanitize memcheck "$OUT/memcheck.log" "small and not gradcheck" &
+  step "compute-sanitizer memcheck, racecheck (attention), initcheck"
+  sanitize memcheck "$OUT/memcheck.log" "small and not gradcheck" --print-limit 20 &
   sanitize racecheck "$OUT/racecheck.log" \
-      "ops_backward_deterministic_small or attention_float32_vs_sdpa_small or dropout and small" &
+      "ops_backward_deterministic_small or attention_float32_vs_sdpa_small or dropout and small" \
+      --print-limit 20 &
   # initcheck: reads of memory nothing wrote. Every kernel is checked (with
   # --kernel-name the writes of unchecked kernels, torch.randn's say, go
   # unseen and every input read is reported: seen 2026-11-28); the tests'
