@@ -83,8 +83,7 @@ def extension():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     print(f"nanoblock: building the CUDA extension ({why}) for archs "
           f"{os.environ['TORCH_CUDA_ARCH_LIST']}", flush=True)
-    # cuda_without_dropout.cpp: until csrc/cuda/*.cu take dropout (issue 7).
-    sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda_without_dropout.cpp"]
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
             "-DNANOBLOCK_WITH_CUDA"]
     return CUDAExtension("nanoblock._C", sources,

@@ -37,14 +37,6 @@ template <typename... Parts>
   TORCH_CHECK(false, message);
 }
 
-// The same, raising c10::NotImplementedError (a Python NotImplementedError).
-template <typename... Parts>
-[[noreturn]] void fail_not_implemented(const Parts&... parts) {
-  std::string message;
-  ((message += to_text(parts)), ...);
-  TORCH_CHECK_NOT_IMPLEMENTED(false, message);
-}
-
 }  // namespace nanoblock
 
 #define NANOBLOCK_CHECK(cond, ...)                        \

@@ -144,11 +144,6 @@ struct Checker {
   Tensor dropout_rng(double p, const OptTensor& rng, const Tensor& ref) const {
     NANOBLOCK_CHECK(p >= 0 && p < 1, op, ": dropout_p must be in [0, 1), got ", p);
     if (p == 0) return Tensor();
-    if (!ref.device().is_cpu()) {
-      fail_not_implemented(op, ": dropout_p = ", p, " (dropout in training) has no CUDA kernels "
-                           "yet (issue 7: Dropout in training, as nanoGPT does it); use "
-                           "dropout 0 or eval mode on ", ref.device(), ", or run on the CPU");
-    }
     NANOBLOCK_CHECK(rng.has_value(), op, ": dropout_p = ", p,
                     " needs rng, an int64 tensor [2] = (seed, offset), got None");
     NANOBLOCK_CHECK(rng->scalar_type() == at::kLong, op, ": rng must have dtype torch.int64, got ",

@@ -1,6 +1,7 @@
 """nanoblock's CUDA kernels: gradients, agreement with the CPU kernels in
-float64, low-precision accuracy against the plain PyTorch Block, determinism
-and empty sizes. Every test is marked `cuda` and skipped without a GPU.
+float64, low-precision accuracy against the plain PyTorch Block, determinism,
+empty sizes and dropout (the same masks as the CPU's). Every test is marked
+`cuda` and skipped without a GPU.
 
 Accuracy rule for float16 / bfloat16 (FlashAttention's): measured against a
 float64 reference, nanoblock's error must be at most twice the error that the
@@ -18,7 +19,12 @@ import nanoblock
 from nanoblock import ops
 from nanoblock.reference import ReferenceBlock
 
-from conftest import block_pair, check_attention_causal, check_block_causal, sdpa_attention
+from conftest import (block_op_of, block_pair, check_attention_causal, check_block_causal,
+                      sdpa_attention)
+from test_dropout import (attention_mask, block_masks, check_attention_statistics,
+                          check_eval_and_p0_bit_for_bit, check_manual_seed_reproducible,
+                          check_masks_differ, check_residual_statistics, reference_attention,
+                          reference_block_with_masks, rng_of)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -68,6 +74,17 @@ def randomize(block, seed=0):
             elif name.endswith("bias"):
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
     return block
+
+
+def check_within_2x(name, ours, ref, exact, floor):
+    """FlashAttention's rule: ours (low precision) is at most 2x as far from
+    exact (float64) as ref (PyTorch in the same dtype), plus a floor; max
+    absolute errors."""
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    err_ours = (ours.double() - exact).abs().max().item()
+    err_ref = (ref.double() - exact).abs().max().item()
+    assert err_ours <= 2 * err_ref + floor, (
+        f"{name}: max error {err_ours:.3e} > 2 x reference's {err_ref:.3e} + {floor:.1e}")
 
 
 def run_block(block, x, grad_out):
@@ -213,10 +230,13 @@ def test_layer_norm_backward_paths_match_cpu_float64(N, C):
         assert_close_rel(a, c, what=f"add_layer_norm N={N} C={C}")
 
 
-@pytest.mark.parametrize("B,T,n_head,hd", [
+ATTENTION_SHAPES = [  # B, T, n_head, hd
     (2, 1, 2, 16), (2, 7, 3, 24), (1, 97, 2, 40), (1, 65, 1, 128), (2, 33, 2, 100),
     (1, 70, 2, 8), (1, 130, 3, 72),
-])
+]
+
+
+@pytest.mark.parametrize("B,T,n_head,hd", ATTENTION_SHAPES)
 def test_attention_matches_cpu_float64(B, T, n_head, hd):
     torch.manual_seed(7)
     qkv = torch.randn(B, T, 3 * n_head * hd, dtype=torch.float64, requires_grad=True)
@@ -340,13 +360,9 @@ def test_block_low_precision_vs_reference(B, T, n_head, hd, dtype, gelu):
     y_ref, g_ref = run_block(ref, x.to(dtype), gy.to(dtype))
 
     def check(name, a, r, exact):
-        assert torch.isfinite(a).all(), f"{name}: non-finite values"
-        err_ours = (a.double() - exact).abs().max().item()
-        err_ref = (r.double() - exact).abs().max().item()
         # float32's own rounding is 1e-7: a floor of 1e-4 would hide a real defect
         floor = (1e-6 if dtype == torch.float32 else 1e-4) * exact.abs().max().item() + 1e-6
-        assert err_ours <= 2 * err_ref + floor, (
-            f"{name}: max error {err_ours:.3e} > 2 x reference's {err_ref:.3e} + {floor:.1e}")
+        check_within_2x(name, a, r, exact, floor)
 
     check("out", y_ours, y_ref, y64)
     for name in g64:
@@ -448,6 +464,14 @@ def test_attention_float32_vs_sdpa_small():
 _sdpa_heads = sdpa_attention
 
 
+def attention_fwd_bwd(fn, qkv, gy):
+    """fn(qkv) and the gradient of qkv for the output gradient gy."""
+    qkv = qkv.detach().requires_grad_(True)
+    out = fn(qkv)
+    (g,) = torch.autograd.grad(out, qkv, gy)
+    return out.detach(), g
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hd", [32, 64, 80, 96, 128, 48])
 @pytest.mark.parametrize("T", [1, 17, 64, 65, 200])
@@ -464,23 +488,11 @@ def test_attention_low_precision_small(dtype, hd, T, misaligned=False):
     else:
         qkv_low = qkv64.to(dtype)
     gy_low = gy64.to(dtype)
-
-    def fwd_bwd(fn, qkv, gy):
-        qkv = qkv.detach().requires_grad_(True)
-        out = fn(qkv)
-        (g,) = torch.autograd.grad(out, qkv, gy)
-        return out.detach(), g
-
-    out64, g64 = fwd_bwd(lambda t: _sdpa_heads(t, nh), qkv64, gy64)
-    out_ours, g_ours = fwd_bwd(lambda t: ops.causal_attention(t, nh), qkv_low, gy_low)
-    out_ref, g_ref = fwd_bwd(lambda t: _sdpa_heads(t, nh), qkv_low.contiguous(), gy_low)
+    out64, g64 = attention_fwd_bwd(lambda t: _sdpa_heads(t, nh), qkv64, gy64)
+    out_ours, g_ours = attention_fwd_bwd(lambda t: ops.causal_attention(t, nh), qkv_low, gy_low)
+    out_ref, g_ref = attention_fwd_bwd(lambda t: _sdpa_heads(t, nh), qkv_low.contiguous(), gy_low)
     for name, a, r, exact in [("out", out_ours, out_ref, out64), ("grad_qkv", g_ours, g_ref, g64)]:
-        assert torch.isfinite(a).all(), f"{name}: non-finite values"
-        err_ours = (a.double() - exact).abs().max().item()
-        err_ref = (r.double() - exact).abs().max().item()
-        floor = 1e-3 * exact.abs().max().item()
-        assert err_ours <= 2 * err_ref + floor, (
-            f"{name}: max error {err_ours:.3e} > 2 x SDPA's {err_ref:.3e} + {floor:.1e}")
+        check_within_2x(name, a, r, exact, 1e-3 * exact.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -579,33 +591,239 @@ def test_device_memory_stays_flat_over_1000_steps():
     assert shrunk < 16 * 2**20, f"free device memory shrank by {shrunk / 2**20:.1f} MiB"
 
 
+
 # ---------------------------------------------------------------------------
-# Dropout (issue 7): no CUDA kernels yet, so training-mode dropout is refused
-# by name; the test below it states what the kernels must do (the same
-# elements as the CPU for the same rng, kernel_api.h) and xpasses, failing
-# as strict, once they exist.
+# Dropout (issue 7). For the same rng the CUDA kernels drop exactly the
+# elements the CPU kernels drop (the mask is a function of rng and the
+# element's index, kernel_api.h): float64 agrees with the CPU to rounding,
+# the masks read off each attention kernel equal the CPU's bit for bit in
+# every dtype and path, and float16 / bfloat16 are within 2x of PyTorch's
+# error in the same dtype given the same masks. The mask-reading helpers are
+# tests/test_dropout.py's, run on the GPU.
 
-def test_dropout_refused_on_cuda_naming_the_issue():
-    block = randomize(nanoblock.Block(nanoblock.GPTConfig(n_embd=32, n_head=2, dropout=0.1))).to(DEV)
-    x = torch.randn(2, 5, 32, device=DEV)
-    with pytest.raises(NotImplementedError, match="issue 7"):
-        block(x)
-    block.eval()
-    assert block(x).shape == x.shape
+P_DROP = 0.2
 
 
-@pytest.mark.xfail(raises=NotImplementedError, strict=True, reason="issue 7: no CUDA dropout yet")
-def test_dropout_block_matches_cpu_float64():
-    block = randomize(nanoblock.Block(make_config(48, 2)).double())
-    x = torch.randn(2, 37, 48, dtype=torch.float64)
-    grad = torch.randn_like(x)
-    rng = torch.tensor([123, 8])
-    results = []
-    for device in ("cpu", DEV):
-        b = block.to(device)
-        xd = x.to(device).requires_grad_(True)
-        y = nanoblock.ops.block(xd, b.block_params(), 2, "none", 0.2, rng.to(device))
-        grads = torch.autograd.grad(y, [xd] + list(b.parameters()), grad.to(device))
-        results.append([y.detach().cpu()] + [g.cpu() for g in grads])
-    for a, c in zip(*results):
-        assert rel_err(c, a) < 1e-9
+@pytest.mark.parametrize("B,T,n_head,hd", ATTENTION_SHAPES)
+def test_dropout_attention_matches_cpu_float64(B, T, n_head, hd):
+    """The generic kernels (float64), forward and backward, on the CPU's
+    float64 result with the same rng."""
+    torch.manual_seed(7)
+    qkv = torch.randn(B, T, 3 * n_head * hd, dtype=torch.float64, requires_grad=True)
+    (cpu_out, cpu_g), (gpu_out, gpu_g) = both_devices(
+        lambda t, rng: ops.causal_attention(t, n_head, 0.3, rng), qkv, rng_of(2024, 12))
+    for a, c in zip(gpu_out + gpu_g, cpu_out + cpu_g):
+        assert_close_rel(a, c, what=f"attention with dropout T={T} hd={hd}")
+
+
+def attention_masks_read_off(B, T, n_head, hd, p, rng, dtype):
+    """Which attention probabilities [B, n_head, T (query), T (key)] the
+    attention op keeps, read off exactly (kept <=> nonzero) from each of its
+    kernels, on rng's device in `dtype` (T <= hd): q = 0, so every visible
+    key has probability P_ij = 1 / (i + 1), and k_j = e_j (unit vectors);
+      forward: v_j = e_j, so out_i = sum_j P_ij Z_ij e_j;
+      backward: v_j = ones, dO_i = e_i, out = 0 (so D = 0), so
+        dS_ij = P_ij Z_ij dP_ij = P_ij Z_ij, dq_i = scale sum_j dS_ij e_j,
+        and dv_j = sum_i P_ij Z_ij e_i.
+    -> (forward, grad_kv (from dv), grad_q (from dq)) boolean masks."""
+    C = n_head * hd
+    eye = torch.eye(T, hd, dtype=dtype, device=rng.device)  # row j: e_j
+    qkv = torch.zeros(B, T, 3 * C, dtype=dtype, device=rng.device)
+    qkv[:, :, C:] = eye.repeat(1, 2 * n_head)  # k_j = v_j = e_j in every head
+    out, lse = _ops.causal_attention_forward(qkv, n_head, p, rng)
+
+    def heads(t):  # [B, T, C] -> [B, n_head, T, T (the first T of the head dims)]
+        return t.view(B, T, n_head, hd).transpose(1, 2)[..., :T]
+
+    forward = heads(out) != 0
+    qkv[:, :, 2 * C:] = 1
+    grad_out = eye.repeat(1, n_head).expand(B, T, C).contiguous()
+    grad = _ops.causal_attention_backward(grad_out, qkv, torch.zeros_like(out), lse, n_head, p,
+                                          rng)
+    grad_q = heads(grad[..., :C]) != 0
+    grad_kv = heads(grad[..., 2 * C:]).transpose(-1, -2) != 0
+    return forward, grad_kv, grad_q
+
+
+@pytest.mark.parametrize("dtype,T,hd", [
+    # tensor-core kernels: several query and key tiles, odd T (mask pairs that
+    # straddle Philox's groups of four), every head dim
+    (torch.bfloat16, 128, 128), (torch.bfloat16, 97, 128), (torch.float16, 64, 64),
+    (torch.bfloat16, 61, 64), (torch.float16, 80, 80), (torch.bfloat16, 95, 96),
+    (torch.float16, 31, 32),
+    # generic kernels
+    (torch.float64, 97, 100), (torch.float32, 48, 48), (torch.bfloat16, 40, 48),
+])
+def test_dropout_masks_of_every_attention_kernel_equal_the_cpus(dtype, T, hd):
+    """The forward, grad_kv and grad_q kernels keep exactly the probabilities
+    the CPU keeps (same rng); on a mismatch, the first (b, h, query, key)."""
+    B, n_head, p = 2, 2, 0.5
+    rng = rng_of(99, 8)
+    cpu = attention_masks_read_off(B, T, n_head, hd, p, rng, torch.float64)
+    assert torch.equal(cpu[1], cpu[0]) and torch.equal(cpu[2], cpu[0])
+    gpu = attention_masks_read_off(B, T, n_head, hd, p, rng.to(DEV), dtype)
+    for kernel, mask in zip(("forward", "grad_kv", "grad_q"), gpu):
+        wrong = mask.cpu() != cpu[0]
+        assert not wrong.any(), (
+            f"{kernel}: {int(wrong.sum())} of {wrong.numel()} mask elements differ from the "
+            f"CPU's, the first at (b, h, query, key) = {wrong.nonzero()[0].tolist()}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hd", [32, 64, 80, 96, 128, 48])
+@pytest.mark.parametrize("T", [17, 65, 200])
+def test_dropout_attention_low_precision_small(dtype, hd, T):
+    """The tensor-core kernels (the generic ones for head dim 48) with
+    dropout, against float64 attention with the same mask (read off on the
+    CPU): at most 2x the error of PyTorch's attention in the same dtype with
+    that mask, for out and for dq, dk, dv."""
+    torch.manual_seed(15)
+    B, nh = 2, 2
+    C = nh * hd
+    rng = rng_of(31, 4)
+    Z = attention_mask(B, T, nh, P_DROP, rng).to(DEV)
+    qkv64 = torch.randn(B, T, 3 * C, device=DEV, dtype=torch.float64)
+    gy64 = torch.randn(B, T, C, device=DEV, dtype=torch.float64)
+    qkv_low, gy_low = qkv64.to(dtype), gy64.to(dtype)
+    out64, g64 = attention_fwd_bwd(lambda t: reference_attention(t, nh, Z), qkv64, gy64)
+    out_ours, g_ours = attention_fwd_bwd(
+        lambda t: ops.causal_attention(t, nh, P_DROP, rng.to(DEV)), qkv_low, gy_low)
+    out_ref, g_ref = attention_fwd_bwd(lambda t: reference_attention(t, nh, Z.to(dtype)),
+                                       qkv_low, gy_low)
+    check_within_2x("out", out_ours, out_ref, out64, 1e-3 * out64.abs().max().item())
+    for part, name in enumerate(("dq", "dk", "dv")):
+        cols = slice(part * C, (part + 1) * C)
+        exact = g64[..., cols]
+        check_within_2x(name, g_ours[..., cols], g_ref[..., cols], exact,
+                        1e-3 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("B,T,C,n_head,bias,gelu", [
+    (2, 9, 32, 2, True, "exact"),
+    (2, 97, 120, 3, False, "tanh"),
+    (1, 70, 45, 3, True, "exact"),  # odd C: the residual masks' rows straddle groups of four
+])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_dropout_block_matches_cpu_float64(B, T, C, n_head, bias, gelu, dtype, tol):
+    """The whole Block op with dropout (the attention kernels, the
+    add + LayerNorm and dropout_add), forward and every gradient, on the
+    CPU's float64 result with the same rng. In float32 (16-byte vectors of 4
+    in the elementwise kernels) a single element dropped differently would
+    still show: it moves the relative error by about 1 / sqrt(B T C), 1e-2."""
+    torch.manual_seed(9)
+    block = randomize(nanoblock.Block(make_config(C, n_head, bias, gelu))).double()
+    x = torch.randn(B, T, C, dtype=torch.float64, requires_grad=True)
+
+    def block_op(x, rng, *params):  # float64 on the CPU, dtype on the GPU; float64 out
+        work = dtype if x.is_cuda else torch.float64
+        y = ops.block(x.to(work), [q if q is None else q.to(work) for q in params], n_head,
+                      block.approximate, P_DROP, rng)
+        return y.double()
+
+    params = [q.detach().requires_grad_(True) if q is not None else None
+              for q in block.block_params()]
+    (cpu_out, cpu_g), (gpu_out, gpu_g) = both_devices(block_op, x, rng_of(123, 8), *params)
+    names = ["out", "grad x"] + [f"grad {n}" for n, q in zip(nanoblock.ops.BLOCK_PARAM_NAMES,
+                                                              params) if q is not None]
+    for name, a, c in zip(names, gpu_out + gpu_g, cpu_out + cpu_g):
+        assert_close_rel(a, c, tol, what=f"block with dropout, {dtype}: {name}")
+
+
+@pytest.mark.parametrize("B,T,n_head,hd,dtype", [
+    (2, 97, 3, 64, torch.bfloat16),
+    (2, 65, 2, 80, torch.float16),
+    (1, 200, 2, 128, torch.bfloat16),
+])
+def test_dropout_block_low_precision_vs_reference(B, T, n_head, hd, dtype):
+    """The Block op with dropout in float16 / bfloat16 (tensor-core attention,
+    16-byte vectors of 8 in the elementwise kernels), against the Block in
+    float64 with the op's masks (read off on the CPU): at most 2x the error
+    of the same computation in PyTorch in the same dtype."""
+    torch.manual_seed(11)
+    C = n_head * hd
+    rng = rng_of(4321, 16)
+    masks = block_masks(B, T, C, n_head, P_DROP, rng)
+    ours = randomize(nanoblock.Block(make_config(C, n_head))).to(DEV, dtype)
+    exact = copy.deepcopy(ours).double()
+    x = torch.randn(B, T, C, device=DEV)
+    gy = torch.randn(B, T, C, device=DEV)
+
+    def run(block, fn, dtype):
+        xd = x.to(dtype).requires_grad_(True)
+        params = [q for q in block.block_params() if q is not None]
+        y = fn(block, xd)
+        return [y.detach()] + list(torch.autograd.grad(y, [xd] + params, gy.to(dtype)))
+
+    def nanoblock_op(block, xd):
+        return ops.block(xd, block.block_params(), n_head, block.approximate, P_DROP, rng.to(DEV))
+
+    def reference(block, xd):
+        return reference_block_with_masks(block, xd, masks)
+
+    results = zip(run(ours, nanoblock_op, dtype), run(ours, reference, dtype),
+                  run(exact, reference, torch.float64))
+    names = ["out", "grad x"] + [n for n, q in zip(nanoblock.ops.BLOCK_PARAM_NAMES,
+                                                   ours.block_params()) if q is not None]
+    for name, (a, r, e) in zip(names, results):
+        check_within_2x(name, a, r, e, 1e-4 * e.abs().max().item() + 1e-6)
+
+
+@pytest.mark.parametrize("B,T,C,n_head", [(2, 9, 32, 2), (1, 35, 24, 2), (2, 4, 12, 1)])
+def test_dropout_gradcheck_attention_small(B, T, C, n_head):
+    torch.manual_seed(2)
+    qkv = f64(B, T, 3 * C)
+    rng = rng_of(77, 4, DEV)
+    assert torch.autograd.gradcheck(lambda t: ops.causal_attention(t, n_head, 0.4, rng), (qkv,))
+
+
+@pytest.mark.parametrize("bias,gelu", [(True, "exact"), (False, "tanh")])
+def test_dropout_gradcheck_block_small(bias, gelu):
+    torch.manual_seed(4)
+    block = randomize(nanoblock.Block(make_config(32, 2, bias, gelu))).double().to(DEV)
+    block_op, params = block_op_of(block, 0.3, rng_of(31337, 8, DEV))
+    x = f64(2, 9, 32)
+    assert torch.autograd.gradcheck(block_op, (x, *params), fast_mode=True)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_statistics_small(p):
+    """Kept fraction 1 - p within 5 sigma and kept elements scaled by
+    1 / (1 - p): the attention probabilities of the tensor-core (bfloat16)
+    and the generic (float64) forward, ~1M each; the Block's two residual
+    dropouts."""
+    rng = rng_of(1234, 8, DEV)
+    check_attention_statistics(attention_mask(64, 128, 2, p, rng, torch.float64, hd=128), p)
+    # bfloat16 rounds P_ij = 1 / (i + 1), so the read-off scale by up to 2^-8
+    check_attention_statistics(attention_mask(64, 128, 2, p, rng, torch.bfloat16, hd=128), p,
+                               rtol=1e-2, atol=0)
+    check_residual_statistics(p, rng)
+
+
+def test_dropout_masks_differ_between_calls_small():
+    """Another seed or offset gives an independent mask, the same rng the
+    same mask; fresh draws (ops without rng, a Block in training) differ."""
+    for dtype in (torch.float64, torch.bfloat16):
+        check_masks_differ(DEV, dtype)
+    qkv = torch.randn(2, 65, 3 * 128, device=DEV, dtype=torch.bfloat16)
+    assert not torch.equal(ops.causal_attention(qkv, 2, 0.3), ops.causal_attention(qkv, 2, 0.3))
+    rng = rng_of(5, 0, DEV)
+    assert torch.equal(ops.causal_attention(qkv, 2, 0.3, rng),
+                       ops.causal_attention(qkv, 2, 0.3, rng))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_manual_seed_makes_training_reproducible(dtype):
+    check_manual_seed_reproducible(DEV, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_eval_mode_and_p0_are_the_no_dropout_path(dtype):
+    """Bit for bit the kernels without dropout, and nothing drawn from the
+    CUDA generator."""
+    check_eval_and_p0_bit_for_bit(DEV, dtype)
+
+
+def test_dropout_rng_must_be_on_the_gpu():
+    qkv = torch.randn(1, 4, 24, device=DEV)
+    with pytest.raises(RuntimeError, match="rng must be on cuda"):
+        _ops.causal_attention_forward(qkv, 2, 0.1, rng_of(1))

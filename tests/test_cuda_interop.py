@@ -4,6 +4,7 @@ skipped without a GPU (the GPU machine's scripts/gpu_check.sh runs them).
 Autocast on CUDA is in tests/test_autocast.py; FSDP2 and DDP over gloo on the
 CPU in tests/test_distributed.py."""
 import copy
+import math
 
 import pytest
 import torch
@@ -20,9 +21,10 @@ pytestmark = [
 ]
 
 
-def small_gpt(dtype=torch.float32):
+def small_gpt(dtype=torch.float32, dropout=0.0):
     torch.manual_seed(0)
-    cfg = nanoblock.GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=4, n_embd=128)
+    cfg = nanoblock.GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=4, n_embd=128,
+                              dropout=dropout)
     return nanoblock.GPT(cfg).to(device="cuda", dtype=dtype)
 
 
@@ -40,41 +42,55 @@ def train_step(model, opt, idx, targets):
     return loss
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_training_step_matches_eager(dtype):
+class GraphedStep:
+    """train_step(model, opt, ...) captured once in a CUDA graph: warmed up on
+    a side stream (allocations and lazy initialization happen there, not in
+    the capture), captured, and the weights put back to what they were.
+    step(idx, targets) copies a batch into the captured inputs, replays and
+    returns the loss."""
+
+    def __init__(self, model, opt, idx, targets):
+        start = copy.deepcopy(model.state_dict())
+        self.idx, self.targets = idx.clone(), targets.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                train_step(model, opt, self.idx, self.targets)
+        torch.cuda.current_stream().wait_stream(side)
+        model.load_state_dict(start)  # copies in place: the graph's tensors stay
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = train_step(model, opt, self.idx, self.targets)
+        model.load_state_dict(start)  # capture does not run the step, but be sure
+
+    def step(self, idx, targets):
+        self.idx.copy_(idx)
+        self.targets.copy_(targets)
+        self.graph.replay()
+        return self.loss.item()
+
+
+@pytest.mark.parametrize("dtype,dropout", [(torch.float32, 0.0), (torch.bfloat16, 0.0),
+                                           (torch.float32, 0.1)])
+def test_cuda_graph_training_step_matches_eager(dtype, dropout):
     """Forward, backward and an optimizer step captured once, replayed on
     new batches (copied into the captured inputs): the same losses and
-    weights as running the steps eagerly."""
+    weights as running the steps eagerly. With dropout the masks come from
+    rng drawn by torch.randint inside the graph from the CUDA generator,
+    and the kernels read it on the device: replays from the same
+    torch.manual_seed draw what the eager steps draw, so drop the same."""
     data = batches(6)
-    eager = small_gpt(dtype)
+    eager = small_gpt(dtype, dropout)
     graphed = copy.deepcopy(eager)
     eager_opt = torch.optim.SGD(eager.parameters(), lr=0.1)
     graphed_opt = torch.optim.SGD(graphed.parameters(), lr=0.1)
+    torch.manual_seed(5)
     eager_losses = [train_step(eager, eager_opt, *b).item() for b in data[1:]]
 
-    # Warm up on a side stream (allocations and lazy initialization happen
-    # there, not in the capture), then put the weights back.
-    start = copy.deepcopy(graphed.state_dict())
-    static_idx, static_targets = (t.clone() for t in data[0])
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            train_step(graphed, graphed_opt, static_idx, static_targets)
-    torch.cuda.current_stream().wait_stream(side)
-    graphed.load_state_dict(start)  # copies in place: the graph's tensors stay
-
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = train_step(graphed, graphed_opt, static_idx, static_targets)
-    graphed.load_state_dict(start)  # capture does not run the step, but be sure
-
-    graphed_losses = []
-    for idx, targets in data[1:]:
-        static_idx.copy_(idx)
-        static_targets.copy_(targets)
-        graph.replay()
-        graphed_losses.append(static_loss.item())
+    captured = GraphedStep(graphed, graphed_opt, *data[0])
+    torch.manual_seed(5)
+    graphed_losses = [captured.step(*b) for b in data[1:]]
     # Same kernels on the same data; cuBLAS may pick other algorithms inside
     # a capture, so allow their rounding, amplified by 5 steps.
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
@@ -97,6 +113,25 @@ def test_torch_compile_gpt_on_cuda(dynamic):
         assert_compiled_matches_eager(model, compiled, idx, targets,
                                       loss_tol=dict(rtol=1e-5, atol=1e-5),
                                       grad_tol=dict(rtol=1e-4, atol=1e-5))
+
+
+def test_cuda_graph_replays_draw_new_dropout_masks():
+    """A captured step with dropout 0.1 and lr 0 (the weights stay): each
+    replay on the same batch drops differently, so the losses differ; the
+    replays after the same torch.manual_seed give the same losses, bit for
+    bit; all finite."""
+    data = batches(1)
+    model = small_gpt(dropout=0.1)
+    captured = GraphedStep(model, torch.optim.SGD(model.parameters(), lr=0.0), *data[0])
+
+    def replays():
+        torch.manual_seed(11)
+        return [captured.step(*data[0]) for _ in range(4)]
+
+    losses = replays()
+    assert all(math.isfinite(v) for v in losses), losses
+    assert len(set(losses)) == len(losses), f"replays repeated a loss: {losses}"
+    assert replays() == losses
 
 
 def nccl_worker(rank, world, init_file, out_file):

@@ -22,24 +22,26 @@ nb_ops = torch.ops.nanoblock
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def rng_of(seed, offset=0):
-    return torch.tensor([seed, offset], dtype=torch.int64)
+def rng_of(seed, offset=0, device="cpu"):
+    return torch.tensor([seed, offset], dtype=torch.int64, device=device)
 
 
-def attention_mask(B, T, n_head, p, rng):
+def attention_mask(B, T, n_head, p, rng, dtype=torch.float64, hd=None):
     """The attention-probability multipliers Z [B, n_head, T, T] (0 or
-    1 / (1 - p) on and below the diagonal, 0 above) that the attention op
-    uses for this shape and rng, read off its output: with q = 0 every visible
-    key gets probability 1 / (i + 1), and v_j = the j-th unit vector (head dim
-    T) puts P_ij Z_ij in column j of query i's output."""
-    hd = T
+    1 / (1 - p) on and below the diagonal, 0 above; float64) that the
+    attention op uses for this shape and rng, read off its output on rng's
+    device in `dtype`: with q = 0 every visible key gets probability
+    1 / (i + 1), and v_j = the j-th unit vector (head dim hd >= T, default T)
+    puts P_ij Z_ij in column j of query i's output."""
+    hd = hd or T
     C = n_head * hd
-    qkv = torch.zeros(B, T, 3 * C, dtype=torch.float64)
+    qkv = torch.zeros(B, T, 3 * C, dtype=dtype, device=rng.device)
     for h in range(n_head):
-        qkv[:, :, 2 * C + h * hd:2 * C + (h + 1) * hd] = torch.eye(T, dtype=torch.float64)
+        qkv[:, :, 2 * C + h * hd:2 * C + h * hd + T] = torch.eye(T, dtype=dtype)
     out, _ = nb_ops.causal_attention_forward(qkv, n_head, p, rng)
-    probs = out.view(B, T, n_head, hd).transpose(1, 2)  # [B, n_head, T (query), T (key)]
-    return probs * torch.arange(1, T + 1, dtype=torch.float64).view(T, 1)
+    # [B, n_head, T (query), T (key)]
+    probs = out.view(B, T, n_head, hd).transpose(1, 2)[..., :T].double()
+    return probs * torch.arange(1, T + 1, dtype=torch.float64, device=rng.device).view(T, 1)
 
 
 def reference_attention(qkv, n_head, Z):
@@ -48,7 +50,7 @@ def reference_attention(qkv, n_head, Z):
     C = C3 // 3
     q, k, v = (t.reshape(B, T, n_head, C // n_head).transpose(1, 2) for t in qkv.split(C, dim=2))
     s = q @ k.transpose(-1, -2) / math.sqrt(C // n_head)
-    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=s.device).tril(), float("-inf"))
     y = (torch.softmax(s, dim=-1) * Z) @ v
     return y.transpose(1, 2).reshape(B, T, C)
 
@@ -84,27 +86,45 @@ def kept_fraction_bound(p, n):
     return 5 * math.sqrt(p * (1 - p) / n)
 
 
+def visible_of(Z):
+    """The causal pairs (key <= query) of attention multipliers Z [..., T, T]."""
+    T = Z.shape[-1]
+    return torch.ones(T, T, dtype=torch.bool, device=Z.device).tril().expand_as(Z)
+
+
+def check_kept_and_scaled(z, kept, p, **close):
+    """Of the multipliers z (kept: which were kept), a fraction 1 - p within
+    5 sigma is kept, each scaled by 1 / (1 - p) (assert_close's tolerances,
+    or `close`)."""
+    assert abs(kept.double().mean().item() - (1 - p)) < kept_fraction_bound(p, z.numel())
+    torch.testing.assert_close(z[kept], torch.full_like(z[kept], 1 / (1 - p)), **close)
+
+
+def check_attention_statistics(Z, p, **close):
+    """Attention multipliers Z (attention_mask): nothing above the diagonal,
+    check_kept_and_scaled on and below it."""
+    visible = visible_of(Z)
+    assert (Z[~visible] == 0).all()
+    z = Z[visible]
+    check_kept_and_scaled(z, z != 0, p, **close)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_attention_dropout_statistics(p):
     """Kept fraction 1 - p within 5 sigma over ~100k probabilities, kept ones
     scaled by exactly 1 / (1 - p), nothing above the diagonal; T = 300 spans
     several key and query blocks of the kernels."""
     for B, T, n_head in [(40, 64, 2), (1, 300, 1)]:
-        Z = attention_mask(B, T, n_head, p, rng_of(1234, 8))
-        visible = torch.ones(T, T, dtype=torch.bool).tril().expand_as(Z)
-        assert (Z[~visible] == 0).all()
-        z = Z[visible]
-        kept = z != 0
-        assert abs(kept.double().mean().item() - (1 - p)) < kept_fraction_bound(p, z.numel())
-        torch.testing.assert_close(z[kept], torch.full_like(z[kept], 1 / (1 - p)))
+        check_attention_statistics(attention_mask(B, T, n_head, p, rng_of(1234, 8)), p)
 
 
 def residual_masks(p, rng, seed=0, shape=(4, 50, 96), n_head=3):
     """The Block op's two residual multipliers Z1, Z2 [B, T, C], read off its
-    outputs: x1 = x + Z1 o proj and out = x1 + Z2 o mlp, with proj and mlp
-    recomputed in PyTorch from the saved attention output and c_fc output."""
-    nb, _ = block_pair(make_config(shape[-1], n_head), seed=seed)
-    x = torch.randn(shape, dtype=torch.float64)
+    outputs in float64 on rng's device: x1 = x + Z1 o proj and
+    out = x1 + Z2 o mlp, with proj and mlp recomputed in PyTorch from the
+    saved attention output and c_fc output."""
+    nb, _ = block_pair(make_config(shape[-1], n_head), seed=seed, device=rng.device)
+    x = torch.randn(shape, dtype=torch.float64).to(rng.device)
     out, qkv, attn, lse, x1, fc = nb_ops.block_forward(x, *nb.block_params(), n_head, "none", p,
                                                        rng)
     proj = F.linear(attn, nb.attn.c_proj.weight, nb.attn.c_proj.bias)
@@ -112,36 +132,46 @@ def residual_masks(p, rng, seed=0, shape=(4, 50, 96), n_head=3):
     return ((x1 - x) / proj).detach(), ((out - x1) / mlp).detach()
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5])
-def test_residual_dropout_statistics(p):
+def check_residual_statistics(p, rng):
     """Both residual dropouts of the Block op: kept fraction within 5 sigma,
     kept values scaled by 1 / (1 - p), and the two masks independent."""
-    Z1, Z2 = residual_masks(p, rng_of(99, 4))
+    Z1, Z2 = residual_masks(p, rng)
     for z in (Z1, Z2):
         kept = z.abs() > 0.5
-        assert abs(kept.double().mean().item() - (1 - p)) < kept_fraction_bound(p, z.numel())
-        torch.testing.assert_close(z[kept], torch.full_like(z[kept], 1 / (1 - p)))
+        check_kept_and_scaled(z, kept, p)
         torch.testing.assert_close(z[~kept], torch.zeros_like(z[~kept]), atol=1e-9, rtol=0)
     both = ((Z1.abs() > 0.5) & (Z2.abs() > 0.5)).double().mean().item()
     assert abs(both - (1 - p) ** 2) < kept_fraction_bound((1 - p) ** 2, Z1.numel())
 
 
-def test_masks_differ_between_rngs_and_calls():
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_residual_dropout_statistics(p):
+    check_residual_statistics(p, rng_of(99, 4))
+
+
+def check_masks_differ(device, dtype=torch.float64):
     """Another seed or another call's offset (advanced by 4, kernel_api.h)
     gives an independent mask; the same rng the same one; a Block in training
     mode drops differently on every call."""
     p, B, T = 0.5, 8, 64
-    base = attention_mask(B, T, 1, p, rng_of(5, 0)) != 0
-    visible = torch.ones(T, T, dtype=torch.bool).tril().expand_as(base)
-    assert torch.equal(attention_mask(B, T, 1, p, rng_of(5, 0)) != 0, base)
-    for other in (rng_of(6, 0), rng_of(5, 4)):
-        same = ((attention_mask(B, T, 1, p, other) != 0) == base)[visible]
+
+    def mask(seed, offset):
+        return attention_mask(B, T, 1, p, rng_of(seed, offset, device), dtype) != 0
+
+    base = mask(5, 0)
+    assert torch.equal(mask(5, 0), base)
+    for other in (mask(6, 0), mask(5, 4)):
+        same = (other == base)[visible_of(base)]
         # independent masks agree on p^2 + (1 - p)^2 = 1/2 of the elements
         assert abs(same.double().mean().item() - 0.5) < kept_fraction_bound(0.5, same.numel())
 
-    nb, _ = block_pair(make_config(48, 2, dropout=0.2))
-    x = torch.randn(2, 20, 48, dtype=torch.float64)
+    nb, _ = block_pair(make_config(48, 2, dropout=0.2), dtype=dtype, device=device)
+    x = torch.randn(2, 20, 48, dtype=dtype, device=device)
     assert not torch.equal(nb(x), nb(x))
+
+
+def test_masks_differ_between_rngs_and_calls():
+    check_masks_differ("cpu")
 
 
 @pytest.mark.parametrize("B,T,C,n_head", [(2, 16, 32, 2), (1, 97, 120, 5), (1, 300, 128, 2)])
@@ -187,41 +217,54 @@ def test_block_gradcheck_with_the_mask_held_fixed(bias, gelu):
     assert torch.autograd.gradcheck(block_op, (x, *params), fast_mode=True)
 
 
+def block_masks(B, T, C, n_head, p, rng):
+    """The Block op's three multipliers for this shape and rng, float64 on
+    the CPU: Z0 [B, n_head, T, T] (attention probabilities), Z1, Z2 [B, T, C]
+    (the attn.c_proj and mlp.c_proj outputs)."""
+    rng = rng.cpu()
+    Z0 = attention_mask(B, T, n_head, p, rng)
+    Z1, Z2 = residual_masks(p, rng, shape=(B, T, C), n_head=n_head)
+    return [Z0] + [(z.abs() > 0.5) / (1 - p) for z in (Z1, Z2)]
+
+
+def reference_block_with_masks(block, x, masks):
+    """The Block in PyTorch with the given multipliers (block_masks), in x's
+    dtype and on its device."""
+    Z0, Z1, Z2 = (z.to(x.device, x.dtype) for z in masks)
+    C, n_head = x.shape[-1], block.n_head
+    h = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, 1e-5)
+    a = reference_attention(block.attn.c_attn(h), n_head, Z0)
+    x1 = x + Z1 * block.attn.c_proj(a)
+    h = F.layer_norm(x1, (C,), block.ln_2.weight, block.ln_2.bias, 1e-5)
+    h = F.gelu(block.mlp.c_fc(h), approximate=block.approximate)
+    return x1 + Z2 * block.mlp.c_proj(h)
+
+
 def test_block_equals_reference_with_the_same_masks():
     """The Block op with dropout equals the reference computation (PyTorch,
     float64) given the op's three masks, forward and every gradient."""
     p, rng, C, n_head, B, T = 0.2, rng_of(4321, 16), 64, 2, 3, 32
     nb, _ = block_pair(make_config(C, n_head))
-    Z0 = attention_mask(B, T, n_head, p, rng)
-    Z1, Z2 = residual_masks(p, rng, shape=(B, T, C), n_head=n_head)
-    Z1, Z2 = [(z.abs() > 0.5) / (1 - p) for z in (Z1, Z2)]
-
-    def reference(x):
-        h = F.layer_norm(x, (C,), nb.ln_1.weight, nb.ln_1.bias, 1e-5)
-        a = reference_attention(nb.attn.c_attn(h), n_head, Z0)
-        x1 = x + Z1 * nb.attn.c_proj(a)
-        h = F.gelu(nb.mlp.c_fc(F.layer_norm(x1, (C,), nb.ln_2.weight, nb.ln_2.bias, 1e-5)))
-        return x1 + Z2 * nb.mlp.c_proj(h)
-
+    masks = block_masks(B, T, C, n_head, p, rng)
     x = torch.randn(B, T, C, dtype=torch.float64)
     grad = torch.randn(B, T, C, dtype=torch.float64)
     params = [q for q in nb.block_params() if q is not None]
     xr = x.clone().requires_grad_(True)
     y = ops.block(xr, nb.block_params(), n_head, "none", p, rng)
     g = torch.autograd.grad(y, [xr] + params, grad)
-    y_ref = reference(xr)
+    y_ref = reference_block_with_masks(nb, xr, masks)
     g_ref = torch.autograd.grad(y_ref, [xr] + params, grad)
     assert rel_err(y, y_ref) < 1e-10
     for a, b in zip(g, g_ref):
         assert rel_err(a, b) < 1e-9
 
 
-def test_manual_seed_makes_training_reproducible():
+def check_manual_seed_reproducible(device, dtype=torch.float32):
     """torch.manual_seed fixes every mask: two runs give identical outputs and
     gradients; another seed gives others."""
-    nb, _ = block_pair(make_config(48, 2, dropout=0.1), dtype=torch.float32)
-    x = torch.randn(2, 33, 48)
-    grad = torch.randn(2, 33, 48)
+    nb, _ = block_pair(make_config(48, 2, dropout=0.1), dtype=dtype, device=device)
+    x = torch.randn(2, 33, 48, dtype=dtype, device=device)
+    grad = torch.randn(2, 33, 48, dtype=dtype, device=device)
 
     def run(seed):
         torch.manual_seed(seed)
@@ -235,27 +278,37 @@ def test_manual_seed_makes_training_reproducible():
     assert not torch.equal(first[0][0], other[0][0])
 
 
-def test_eval_mode_and_p0_are_the_no_dropout_path_bit_for_bit():
+def test_manual_seed_makes_training_reproducible():
+    check_manual_seed_reproducible("cpu")
+
+
+def check_eval_and_p0_bit_for_bit(device, dtype=torch.float32):
     """eval mode with dropout configured, and dropout 0 in training, give the
     exact outputs and gradients of the op called without dropout arguments,
-    and draw nothing from the generator."""
+    and draw nothing from the device's generator."""
     cfg = make_config(48, 2, dropout=0.1)
-    nb, _ = block_pair(cfg, dtype=torch.float32)
-    nb0 = nanoblock.Block(make_config(48, 2, dropout=0.0))
+    nb, _ = block_pair(cfg, dtype=dtype, device=device)
+    nb0 = nanoblock.Block(make_config(48, 2, dropout=0.0)).to(device, dtype)
     nb0.load_state_dict(nb.state_dict())
-    x = torch.randn(2, 33, 48)
-    grad = torch.randn(2, 33, 48)
+    x = torch.randn(2, 33, 48, dtype=dtype, device=device)
+    grad = torch.randn(2, 33, 48, dtype=dtype, device=device)
     xr = x.clone().requires_grad_(True)
     y_plain = nb_ops.block_forward(xr, *nb.block_params(), 2, "none")[0]
     g_plain = torch.autograd.grad(y_plain, [xr] + list(nb.parameters()), grad)
-    state = torch.get_rng_state()
+    cuda = torch.device(device).type == "cuda"
+    get_state = torch.cuda.get_rng_state if cuda else torch.get_rng_state
+    state = get_state()
     for block in (nb.eval(), nb0.train()):
         y, g = forward_backward(block, x, grad)
         assert torch.equal(y, y_plain.detach())
         assert all(torch.equal(a, b) for a, b in zip(g, g_plain))
-    assert torch.equal(torch.get_rng_state(), state)
-    qkv = torch.randn(2, 33, 3 * 48)
+    assert torch.equal(get_state(), state)
+    qkv = torch.randn(2, 33, 3 * 48, dtype=dtype, device=device)
     assert torch.equal(ops.causal_attention(qkv, 2, 0.0), nb_ops.causal_attention_forward(qkv, 2)[0])
+
+
+def test_eval_mode_and_p0_are_the_no_dropout_path_bit_for_bit():
+    check_eval_and_p0_bit_for_bit("cpu")
 
 
 def test_bad_dropout_arguments_are_named():

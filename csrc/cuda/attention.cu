@@ -14,6 +14,15 @@
 //   D_i = rowsum(dO_i * O_i)                               -> [B, n_head, T]
 //   P = exp(S - lse), dP = dO v^T, dS = P * (dP - D) * scale
 //   dv = P^T dO, dk = dS^T q, dq = dS k     -> grad_qkv [B, T, 3C]
+// Dropout of the probabilities (kernel_api.h), Z the multipliers (0 or
+// 1 / (1 - p)) of probability (query i, key j), made from rng where the
+// causal mask is applied (DeviceMask, common.cuh; mask index
+// ((b * n_head + h) * T + i) * T + j, the same elements as on the CPU):
+//   forward:  out = (P o Z) v; the row sums, so lse, are those of P
+//   backward: dv = (P o Z)^T dO, dS = P * (Z o dP - D) * scale, D unchanged
+//             (sum_j P_ij Z_ij (dO_i . v_j) = dO_i . O_i)
+// Each kernel has a DROPOUT flag: the DROPOUT = false instantiation is the
+// plain kernel, and never reads rng.
 //
 // The backward is deterministic without atomics: one kernel runs over key
 // tiles and owns dk, dv of its keys (walking the query tiles in order), a
@@ -64,14 +73,23 @@ __device__ __forceinline__ void load_tile(acc_t* tile, int stride, const scalar_
   }
 }
 
+// The dropout multiplier of probability (query, key) of head bh: keep_scale
+// = 1 / (1 - p) when it is visible and kept, else 0.
+template <typename acc_t>
+__device__ __forceinline__ acc_t probability_multiplier(const DeviceMask& mask, acc_t keep_scale,
+                                                        bool visible, int bh, int T, int query,
+                                                        int key) {
+  return visible && mask.kept(probability_index(bh, T, query, key)) ? keep_scale : acc_t(0);
+}
+
 // ---------------------------------------------------------------------------
 // Forward. One block per (batch, head, query tile); the longest rows (last
 // query tiles) are scheduled first.
-template <typename scalar_t, int DPL>
+template <typename scalar_t, int DPL, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads)
     attention_forward_kernel(const scalar_t* __restrict__ qkv, scalar_t* __restrict__ out,
                              acc_type<scalar_t>* __restrict__ lse, int T, int n_head, int hd,
-                             int64_t C, acc_type<scalar_t> scale) {
+                             int64_t C, acc_type<scalar_t> scale, DropoutArgs dropout) {
   using acc_t = acc_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* q_s = reinterpret_cast<acc_t*>(smem_raw);  // [kTile][hd]
@@ -92,6 +110,8 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t* q_w = q_s + warp * kRowsPerWarp * hd;  // this warp's rows
   acc_t* p_w = p_s + warp * kRowsPerWarp * kTile;
   const int row0 = q0 + warp * kRowsPerWarp;          // this warp's first query
+  const DeviceMask mask(dropout, DROPOUT);
+  const acc_t keep_scale = static_cast<acc_t>(dropout.scale);
 
   acc_t m[kRowsPerWarp], l[kRowsPerWarp], o[kRowsPerWarp][DPL];
 #pragma unroll
@@ -136,7 +156,12 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int c = 0; c < DPL; c++) o[r][c] *= correction;
       m[r] = m_new;
-      p_w[r * kTile + lane] = p;
+      if constexpr (DROPOUT) {  // o sums (P o Z) v; l stays the sum of P
+        p_w[r * kTile + lane] =
+            p * probability_multiplier(mask, keep_scale, visible, bh, T, query, key);
+      } else {
+        p_w[r * kTile + lane] = p;
+      }
     }
     __syncwarp();
 
@@ -216,14 +241,14 @@ __global__ void attention_row_dot_kernel(const scalar_t* __restrict__ grad_out,
 // ---------------------------------------------------------------------------
 // Backward, dk and dv. One block per (batch, head, key tile), which walks the
 // query tiles from its diagonal to the end; a warp owns 8 keys.
-template <typename scalar_t, int DPL>
+template <typename scalar_t, int DPL, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads)
     attention_grad_kv_kernel(const scalar_t* __restrict__ qkv,
                              const scalar_t* __restrict__ grad_out,
                              const acc_type<scalar_t>* __restrict__ lse,
                              const acc_type<scalar_t>* __restrict__ row_dot,
                              scalar_t* __restrict__ grad_qkv, int T, int n_head, int hd,
-                             int64_t C, acc_type<scalar_t> scale) {
+                             int64_t C, acc_type<scalar_t> scale, DropoutArgs dropout) {
   using acc_t = acc_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* k_s = reinterpret_cast<acc_t*>(smem_raw);  // [kTile][hd]
@@ -254,6 +279,8 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* p_w = p_s + warp * kRowsPerWarp * kTile;
   acc_t* ds_w = ds_s + warp * kRowsPerWarp * kTile;
   const int key0 = k0 + warp * kRowsPerWarp;  // this warp's first key
+  const DeviceMask mask(dropout, DROPOUT);
+  const acc_t keep_scale = static_cast<acc_t>(dropout.scale);
 
   acc_t dk[kRowsPerWarp][DPL], dv[kRowsPerWarp][DPL];
 #pragma unroll
@@ -294,8 +321,14 @@ __global__ void __launch_bounds__(kThreads)
     for (int r = 0; r < kRowsPerWarp; r++) {
       const bool visible = key0 + r <= query && query < T;
       const acc_t p = visible ? exp_acc(s[r] * scale - lse_q) : acc_t(0);
-      p_w[r * kTile + lane] = p;
-      ds_w[r * kTile + lane] = p * (dp[r] - dot_q) * scale;
+      if constexpr (DROPOUT) {  // (P o Z)^T and (P o (Z o dP - D))^T
+        const acc_t z = probability_multiplier(mask, keep_scale, visible, bh, T, query, key0 + r);
+        p_w[r * kTile + lane] = p * z;
+        ds_w[r * kTile + lane] = p * (z * dp[r] - dot_q) * scale;
+      } else {
+        p_w[r * kTile + lane] = p;
+        ds_w[r * kTile + lane] = p * (dp[r] - dot_q) * scale;
+      }
     }
     __syncwarp();
 
@@ -342,14 +375,14 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------
 // Backward, dq. One block per (batch, head, query tile), which walks the key
 // tiles from 0 to its diagonal; a warp owns 8 queries.
-template <typename scalar_t, int DPL>
+template <typename scalar_t, int DPL, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads)
     attention_grad_q_kernel(const scalar_t* __restrict__ qkv,
                             const scalar_t* __restrict__ grad_out,
                             const acc_type<scalar_t>* __restrict__ lse,
                             const acc_type<scalar_t>* __restrict__ row_dot,
                             scalar_t* __restrict__ grad_qkv, int T, int n_head, int hd,
-                            int64_t C, acc_type<scalar_t> scale) {
+                            int64_t C, acc_type<scalar_t> scale, DropoutArgs dropout) {
   using acc_t = acc_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* q_s = reinterpret_cast<acc_t*>(smem_raw);  // [kTile][hd]
@@ -374,6 +407,8 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t* do_w = do_s + warp * kRowsPerWarp * hd;
   acc_t* ds_w = ds_s + warp * kRowsPerWarp * kTile;
   const int row0 = q0 + warp * kRowsPerWarp;
+  const DeviceMask mask(dropout, DROPOUT);
+  const acc_t keep_scale = static_cast<acc_t>(dropout.scale);
 
   acc_t lse_r[kRowsPerWarp], dot_r[kRowsPerWarp], dq[kRowsPerWarp][DPL];
 #pragma unroll
@@ -412,7 +447,12 @@ __global__ void __launch_bounds__(kThreads)
       const int query = row0 + r;
       const bool visible = key <= query && query < T;
       const acc_t p = visible ? exp_acc(s[r] * scale - lse_r[r]) : acc_t(0);
-      ds_w[r * kTile + lane] = p * (dp[r] - dot_r[r]) * scale;
+      if constexpr (DROPOUT) {  // P o (Z o dP - D)
+        const acc_t z = probability_multiplier(mask, keep_scale, visible, bh, T, query, key);
+        ds_w[r * kTile + lane] = p * (z * dp[r] - dot_r[r]) * scale;
+      } else {
+        ds_w[r * kTile + lane] = p * (dp[r] - dot_r[r]) * scale;
+      }
     }
     __syncwarp();
 
@@ -486,15 +526,17 @@ size_t grad_q_shared_bytes(int64_t hd) {
 
 }  // namespace
 
-std::tuple<Tensor, Tensor> causal_attention_forward(const Tensor& qkv, int64_t n_head) {
+std::tuple<Tensor, Tensor> causal_attention_forward(const Tensor& qkv, int64_t n_head,
+                                                    const Dropout& dropout) {
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
   Tensor out = at::empty({B, T, C}, qkv.options());
   Tensor lse = at::empty({B, n_head, T}, qkv.options().dtype(stats_dtype(qkv.scalar_type())));
   if (out.numel() == 0) return {out, lse};
   const int64_t hd = C / n_head;
   check_head_dim("nanoblock.causal_attention_forward", hd);
+  const DropoutArgs drop = dropout_args(dropout);
   if (mma_attention_supported(qkv, hd, Tensor())) {
-    mma_attention_forward(qkv, n_head, out, lse);
+    mma_attention_forward(qkv, n_head, out, lse, drop);
     return {out, lse};
   }
   const cudaStream_t stream = current_stream();
@@ -505,25 +547,29 @@ std::tuple<Tensor, Tensor> causal_attention_forward(const Tensor& qkv, int64_t n
     const size_t smem = forward_shared_bytes<acc_t>(hd);
     with_dims_per_lane(hd, [&](auto dpl_constant) {
       constexpr int DPL = decltype(dpl_constant)::value;
-      auto kernel = attention_forward_kernel<scalar_t, DPL>;
-      allow_shared_memory(kernel, smem);
-      kernel<<<blocks, kThreads, smem, stream>>>(
-          qkv.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-          lse.mutable_data_ptr<acc_t>(), static_cast<int>(T), static_cast<int>(n_head),
-          static_cast<int>(hd), C, scale);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_dropout(drop, [&](auto dropout_constant) {
+        constexpr bool DROPOUT = decltype(dropout_constant)::value;
+        auto kernel = attention_forward_kernel<scalar_t, DPL, DROPOUT>;
+        allow_shared_memory(kernel, smem);
+        kernel<<<blocks, kThreads, smem, stream>>>(
+            qkv.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+            lse.mutable_data_ptr<acc_t>(), static_cast<int>(T), static_cast<int>(n_head),
+            static_cast<int>(hd), C, scale, drop);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return {out, lse};
 }
 
 Tensor causal_attention_backward(const Tensor& grad_out, const Tensor& qkv, const Tensor& out,
-                                 const Tensor& lse, int64_t n_head) {
+                                 const Tensor& lse, int64_t n_head, const Dropout& dropout) {
   Tensor grad_qkv = at::empty_like(qkv);
   if (grad_qkv.numel() == 0) return grad_qkv;
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
   const int64_t hd = C / n_head;
   check_head_dim("nanoblock.causal_attention_backward", hd);
+  const DropoutArgs drop = dropout_args(dropout);
   const cudaStream_t stream = current_stream();
   NANOBLOCK_DISPATCH(qkv.scalar_type(), "causal_attention_backward", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -548,28 +594,31 @@ Tensor causal_attention_backward(const Tensor& grad_out, const Tensor& qkv, cons
     });
     const acc_t* dot_ptr = row_dot.const_data_ptr<acc_t>();
     if (mma_attention_supported(qkv, hd, grad_out)) {
-      mma_attention_backward(grad_out, qkv, lse, row_dot, n_head, grad_qkv);
+      mma_attention_backward(grad_out, qkv, lse, row_dot, n_head, grad_qkv, drop);
       return;
     }
 
     const int64_t blocks = B * n_head * ceil_div(T, kTile);
     with_dims_per_lane(hd, [&](auto dpl_constant) {
       constexpr int DPL = decltype(dpl_constant)::value;
-      auto kv_kernel = attention_grad_kv_kernel<scalar_t, DPL>;
-      const size_t kv_smem = grad_kv_shared_bytes<acc_t>(hd);
-      allow_shared_memory(kv_kernel, kv_smem);
-      kv_kernel<<<blocks, kThreads, kv_smem, stream>>>(
-          qkv_ptr, grad_out_ptr, lse_ptr, dot_ptr, grad_ptr, static_cast<int>(T),
-          static_cast<int>(n_head), static_cast<int>(hd), C, scale);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_dropout(drop, [&](auto dropout_constant) {
+        constexpr bool DROPOUT = decltype(dropout_constant)::value;
+        auto kv_kernel = attention_grad_kv_kernel<scalar_t, DPL, DROPOUT>;
+        const size_t kv_smem = grad_kv_shared_bytes<acc_t>(hd);
+        allow_shared_memory(kv_kernel, kv_smem);
+        kv_kernel<<<blocks, kThreads, kv_smem, stream>>>(
+            qkv_ptr, grad_out_ptr, lse_ptr, dot_ptr, grad_ptr, static_cast<int>(T),
+            static_cast<int>(n_head), static_cast<int>(hd), C, scale, drop);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-      auto q_kernel = attention_grad_q_kernel<scalar_t, DPL>;
-      const size_t q_smem = grad_q_shared_bytes<acc_t>(hd);
-      allow_shared_memory(q_kernel, q_smem);
-      q_kernel<<<blocks, kThreads, q_smem, stream>>>(
-          qkv_ptr, grad_out_ptr, lse_ptr, dot_ptr, grad_ptr, static_cast<int>(T),
-          static_cast<int>(n_head), static_cast<int>(hd), C, scale);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+        auto q_kernel = attention_grad_q_kernel<scalar_t, DPL, DROPOUT>;
+        const size_t q_smem = grad_q_shared_bytes<acc_t>(hd);
+        allow_shared_memory(q_kernel, q_smem);
+        q_kernel<<<blocks, kThreads, q_smem, stream>>>(
+            qkv_ptr, grad_out_ptr, lse_ptr, dot_ptr, grad_ptr, static_cast<int>(T),
+            static_cast<int>(n_head), static_cast<int>(hd), C, scale, drop);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return grad_qkv;

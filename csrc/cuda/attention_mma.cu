@@ -35,6 +35,17 @@
 //
 // Scores are kept in the log2 domain (scaled by scale * log2 e) and
 // exponentiated with exp2f; lse is written and read in natural log units.
+//
+// Dropout (each kernel's DROPOUT flag; attention.cu's header has the math):
+// every probability a thread holds is multiplied by its multiplier Z (0 or
+// 1 / (1 - p)), made from its (query, key) (DeviceMask, common.cuh): the
+// same (query, key) as the causal mask's. A thread makes the keep bits of
+// its fragments of a tile before the tile's products (fragment_keep_bits:
+// fewer registers are live there) and applies them where the causal mask is
+// applied. In the forward and grad_q a fragment holds keys key, key + 1 of
+// a query, neighbours in the mask, so a pair takes one Philox call (two
+// where it straddles a group of four); grad_kv's transposed fragments hold
+// queries q, q + 1 of a key, T apart in the mask, one Philox call each.
 #include "../check.h"
 #include "attention_mma.cuh"
 
@@ -242,6 +253,46 @@ __device__ __forceinline__ void accumulate_product(float (&acc)[M][HD / 8][4],
   }
 }
 
+// Dropout of the probabilities of head bh that a thread holds as the C
+// fragments of one warp's M slices of 16 rows by TILES 8-wide n tiles:
+// element e of tile nt of slice mi is at row row0 + 16 mi + 8 (e >> 1),
+// column col0 + 8 nt + (e & 1) (row0 = the warp's first row + g, col0 = the
+// tile's first column + 2 t). Rows are queries and columns keys (forward,
+// grad_q), or the transpose (grad_kv). Sets bit 4 nt + e of bits[mi] when
+// that element is kept.
+template <int M, int TILES, bool ROWS_ARE_QUERIES>
+__device__ __forceinline__ void fragment_keep_bits(uint32_t (&bits)[M], const DeviceMask& mask,
+                                                   int bh, int T, int row0, int col0) {
+  static_assert(TILES * 4 <= 32, "one bit per element in a 32-bit word");
+#pragma unroll
+  for (int mi = 0; mi < M; mi++) {
+    bits[mi] = 0;
+#pragma unroll 1
+    for (int nt = 0; nt < TILES; nt++) {
+#pragma unroll
+      for (int half = 0; half < 2; half++) {
+        const int row = row0 + 16 * mi + 8 * half, col = col0 + 8 * nt;
+        bool keep[2];
+        if constexpr (ROWS_ARE_QUERIES) {  // keys col, col + 1: neighbours in the mask
+          mask.kept(probability_index(bh, T, row, col), keep);
+        } else {  // queries col, col + 1 of key row: T apart in the mask
+          keep[0] = mask.kept(probability_index(bh, T, col, row));
+          keep[1] = mask.kept(probability_index(bh, T, col + 1, row));
+        }
+        bits[mi] |= (static_cast<uint32_t>(keep[0]) | static_cast<uint32_t>(keep[1]) << 1)
+                    << (4 * nt + 2 * half);
+      }
+    }
+  }
+}
+
+// The multiplier of element e of n tile nt under fragment_keep_bits' bits:
+// keep_scale = 1 / (1 - p) when kept, else 0.
+__device__ __forceinline__ float fragment_multiplier(uint32_t bits, int nt, int e,
+                                                     float keep_scale) {
+  return (bits >> (4 * nt + e)) & 1u ? keep_scale : 0.f;
+}
+
 // ---------------------------------------------------------------------------
 // Forward. A warp owns SLICES x 16 queries; key tiles of 64.
 template <int HD, int SLICES>
@@ -254,10 +305,11 @@ struct ForwardShape {
   static constexpr int kSharedElements = kStride * (kQueries + 4 * kKeys);
 };
 
-template <typename scalar_t, int HD, typename Shape>
+template <typename scalar_t, int HD, typename Shape, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads)
     mma_forward_kernel(const scalar_t* __restrict__ qkv, scalar_t* __restrict__ out,
-                       float* __restrict__ lse, int T, int n_head, int64_t C, float scale_log2) {
+                       float* __restrict__ lse, int T, int n_head, int64_t C, float scale_log2,
+                       DropoutArgs dropout) {
   constexpr int M = Shape::kSlices, BQ = Shape::kQueries, BK = Shape::kKeys, S = Shape::kStride;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   scalar_t* q_s = reinterpret_cast<scalar_t*>(smem_raw);  // [BQ][S]
@@ -276,6 +328,8 @@ __global__ void __launch_bounds__(kThreads)
   const int q0 = qt * BQ;
   const int warp_q0 = q0 + warp * 16 * M;  // this warp's first query
   const int key_tiles = (min(q0 + BQ, T) - 1) / BK + 1;
+  const DeviceMask mask(dropout, DROPOUT);
+  const float keep_scale = static_cast<float>(dropout.scale);
 
   copy_tile_async<BQ, HD>(q_s, head, row_stride, q0, T);
   copy_key_tile_async<BK, HD>(k_s, v_s, head, row_stride, C, 0, T);
@@ -301,6 +355,10 @@ __global__ void __launch_bounds__(kThreads)
     if (k0 > warp_q0 + 16 * M - 1) continue;  // the whole tile is after this warp's queries
     const scalar_t* kb = k_s + (kt % 2) * BK * S;
     const scalar_t* vb = v_s + (kt % 2) * BK * S;
+    uint32_t keep[M];  // dropout: made before the products, while fewer registers are live
+    if constexpr (DROPOUT) {
+      fragment_keep_bits<M, BK / 8, true>(keep, mask, bh, T, warp_q0 + g, k0 + 2 * t);
+    }
 
     float s[M][BK / 8][4] = {};
 #pragma unroll
@@ -351,6 +409,15 @@ __global__ void __launch_bounds__(kThreads)
         for (int e = 0; e < 4; e++) {
           s[mi][nt][e] = exp2f(fmaf(s[mi][nt][e], scale_log2, -m_scaled[e >> 1]));
           l[mi][e >> 1] += s[mi][nt][e];
+        }
+      }
+      if constexpr (DROPOUT) {  // o sums (P o Z) v; l (so lse) stays the sum of P
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++) {
+#pragma unroll
+          for (int e = 0; e < 4; e++) {  // x 0 keeps a NaN, as on the CPU
+            s[mi][nt][e] *= fragment_multiplier(keep[mi], nt, e, keep_scale);
+          }
         }
       }
 #pragma unroll
@@ -431,12 +498,12 @@ struct GradKvShape {
   static constexpr int kSharedFloats = 4 * kQueries;
 };
 
-template <typename scalar_t, int HD, typename Shape>
+template <typename scalar_t, int HD, typename Shape, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads)
     mma_grad_kv_kernel(const scalar_t* __restrict__ qkv, const scalar_t* __restrict__ grad_out,
                        const float* __restrict__ lse, const float* __restrict__ row_dot,
                        scalar_t* __restrict__ grad_qkv, int T, int n_head, int64_t C,
-                       float scale_log2, float scale) {
+                       float scale_log2, float scale, DropoutArgs dropout) {
   constexpr int M = Shape::kSlices, BK = Shape::kKeys, BQ = Shape::kQueries, S = Shape::kStride;
   static_assert(BK % BQ == 0, "a key tile starts at a query tile");
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -462,6 +529,8 @@ __global__ void __launch_bounds__(kThreads)
   const int k0 = kt * BK;
   const int warp_k0 = k0 + warp * 16 * M;  // this warp's first key
   const int first_tile = k0 / BQ, query_tiles = (T + BQ - 1) / BQ;
+  const DeviceMask mask(dropout, DROPOUT);
+  const float keep_scale = static_cast<float>(dropout.scale);
   const auto copy_query_tile = [&](int qt, int buffer) {
     copy_tile_async<BQ, HD>(q_s + buffer * BQ * S, head, row_stride, qt * BQ, T);
     copy_tile_async<BQ, HD>(do_s + buffer * BQ * S, grad_head, C, qt * BQ, T);
@@ -485,11 +554,16 @@ __global__ void __launch_bounds__(kThreads)
     const scalar_t* dob = do_s + buffer * BQ * S;
     const float* lse_b = lse_s + buffer * BQ;
     const float* d_b = d_s + buffer * BQ;
+    uint32_t keep[M];  // dropout: made before the products, while fewer registers are live
+    if constexpr (DROPOUT) {
+      fragment_keep_bits<M, BQ / 8, false>(keep, mask, bh, T, warp_k0 + g, q0 + 2 * t);
+    }
 
     float st[M][BQ / 8][4] = {}, dpt[M][BQ / 8][4] = {};
     two_products<M, BQ, HD, S>(st, dpt, k_s, v_s, warp * M * 16, qb, dob);
     // P^T and dS^T in place of S^T and dP^T; only the tiles on the diagonal
-    // or past T need the mask (query rows past T have lse 0, not -inf).
+    // or past T need the mask (query rows past T have lse 0, not -inf). With
+    // dropout, (P o Z)^T and (P o (Z o dP - D))^T.
     const bool needs_mask = q0 < warp_k0 + 16 * M - 1 || q0 + BQ > T;
 #pragma unroll
     for (int nt = 0; nt < BQ / 8; nt++) {
@@ -507,8 +581,14 @@ __global__ void __launch_bounds__(kThreads)
             const int key = warp_k0 + mi * 16 + g + 8 * (e >> 1);
             if (query < key || query >= T) p = 0.f;
           }
-          st[mi][nt][e] = p;
-          dpt[mi][nt][e] = p * (dpt[mi][nt][e] - row_d) * scale;
+          if constexpr (DROPOUT) {
+            const float z = fragment_multiplier(keep[mi], nt, e, keep_scale);
+            st[mi][nt][e] = p * z;
+            dpt[mi][nt][e] = p * (z * dpt[mi][nt][e] - row_d) * scale;
+          } else {
+            st[mi][nt][e] = p;
+            dpt[mi][nt][e] = p * (dpt[mi][nt][e] - row_d) * scale;
+          }
         }
       }
     }
@@ -537,12 +617,12 @@ struct GradQShape {
   static constexpr int kSharedElements = kStride * (2 * kQueries + 4 * kKeys);
 };
 
-template <typename scalar_t, int HD, typename Shape>
+template <typename scalar_t, int HD, typename Shape, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads)
     mma_grad_q_kernel(const scalar_t* __restrict__ qkv, const scalar_t* __restrict__ grad_out,
                       const float* __restrict__ lse, const float* __restrict__ row_dot,
                       scalar_t* __restrict__ grad_qkv, int T, int n_head, int64_t C,
-                      float scale_log2, float scale) {
+                      float scale_log2, float scale, DropoutArgs dropout) {
   constexpr int M = Shape::kSlices, BQ = Shape::kQueries, BK = Shape::kKeys, S = Shape::kStride;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   scalar_t* q_s = reinterpret_cast<scalar_t*>(smem_raw);  // [BQ][S]
@@ -563,6 +643,8 @@ __global__ void __launch_bounds__(kThreads)
   const int q0 = qt * BQ;
   const int warp_q0 = q0 + warp * 16 * M;  // this warp's first query
   const int key_tiles = (min(q0 + BQ, T) - 1) / BK + 1;
+  const DeviceMask mask(dropout, DROPOUT);
+  const float keep_scale = static_cast<float>(dropout.scale);
   copy_tile_async<BQ, HD>(q_s, head, row_stride, q0, T);
   copy_tile_async<BQ, HD>(do_s, grad_head, C, q0, T);
   copy_key_tile_async<BK, HD>(k_s, v_s, head, row_stride, C, 0, T);
@@ -588,10 +670,14 @@ __global__ void __launch_bounds__(kThreads)
     if (k0 > warp_q0 + 16 * M - 1) continue;  // the whole tile is after this warp's queries
     const scalar_t* kb = k_s + (kt % 2) * BK * S;
     const scalar_t* vb = v_s + (kt % 2) * BK * S;
+    uint32_t keep[M];  // dropout: made before the products, while fewer registers are live
+    if constexpr (DROPOUT) {
+      fragment_keep_bits<M, BK / 8, true>(keep, mask, bh, T, warp_q0 + g, k0 + 2 * t);
+    }
 
     float s[M][BK / 8][4] = {}, dp[M][BK / 8][4] = {};
     two_products<M, BK, HD, S>(s, dp, q_s, do_s, warp * M * 16, kb, vb);
-    // dS in place of S.
+    // dS in place of S; with dropout P o (Z o dP - D).
     const bool needs_mask = k0 + BK - 1 > warp_q0 || warp_q0 + 16 * M > T;
 #pragma unroll
     for (int mi = 0; mi < M; mi++) {
@@ -606,7 +692,12 @@ __global__ void __launch_bounds__(kThreads)
             const int row = warp_q0 + mi * 16 + g + 8 * i;
             if (key > row || row >= T) p = 0.f;
           }
-          s[mi][nt][e] = p * (dp[mi][nt][e] - dot_row[mi][i]) * scale;
+          if constexpr (DROPOUT) {
+            const float z = fragment_multiplier(keep[mi], nt, e, keep_scale);
+            s[mi][nt][e] = p * (z * dp[mi][nt][e] - dot_row[mi][i]) * scale;
+          } else {
+            s[mi][nt][e] = p * (dp[mi][nt][e] - dot_row[mi][i]) * scale;
+          }
         }
       }
     }
@@ -661,17 +752,17 @@ using GradKvTiles = GradKvShape<HD, 1, 32>;
 template <int HD>
 using GradQTiles = GradQShape<HD, 1, HD <= 64 ? 64 : 32>;
 
-template <typename scalar_t, int HD, typename Shape>
+template <typename scalar_t, int HD, typename Shape, bool DROPOUT>
 void launch_forward(const Tensor& qkv, int64_t n_head, const Tensor& out, const Tensor& lse,
-                    float scale_log2) {
+                    float scale_log2, const DropoutArgs& dropout) {
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
   const size_t smem = sizeof(scalar_t) * Shape::kSharedElements;
-  auto kernel = mma_forward_kernel<scalar_t, HD, Shape>;
+  auto kernel = mma_forward_kernel<scalar_t, HD, Shape, DROPOUT>;
   allow_shared_memory(kernel, smem);
   kernel<<<B * n_head * ceil_div(T, Shape::kQueries), kThreads, smem, current_stream()>>>(
       qkv.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
       lse.mutable_data_ptr<float>(), static_cast<int>(T), static_cast<int>(n_head), C,
-      scale_log2);
+      scale_log2, dropout);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -684,6 +775,7 @@ struct BackwardArgs {
   int64_t n_head;
   const Tensor& grad_qkv;
   float scale_log2, scale;
+  DropoutArgs dropout;
 };
 
 template <typename scalar_t, typename Kernel>
@@ -695,21 +787,22 @@ void launch_backward_kernel(Kernel kernel, const BackwardArgs& a, int64_t rows_p
       a.qkv.const_data_ptr<scalar_t>(), a.grad_out.const_data_ptr<scalar_t>(),
       a.lse.const_data_ptr<float>(), a.row_dot.const_data_ptr<float>(),
       a.grad_qkv.mutable_data_ptr<scalar_t>(), static_cast<int>(T), static_cast<int>(a.n_head),
-      C, a.scale_log2, a.scale);
+      C, a.scale_log2, a.scale, a.dropout);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t, int HD, typename Shape>
+template <typename scalar_t, int HD, typename Shape, bool DROPOUT>
 void launch_grad_kv(const BackwardArgs& a) {
-  launch_backward_kernel<scalar_t>(mma_grad_kv_kernel<scalar_t, HD, Shape>, a, Shape::kKeys,
+  launch_backward_kernel<scalar_t>(mma_grad_kv_kernel<scalar_t, HD, Shape, DROPOUT>, a,
+                                   Shape::kKeys,
                                    sizeof(scalar_t) * Shape::kSharedElements +
                                        sizeof(float) * Shape::kSharedFloats);
 }
 
-template <typename scalar_t, int HD, typename Shape>
+template <typename scalar_t, int HD, typename Shape, bool DROPOUT>
 void launch_grad_q(const BackwardArgs& a) {
-  launch_backward_kernel<scalar_t>(mma_grad_q_kernel<scalar_t, HD, Shape>, a, Shape::kQueries,
-                                   sizeof(scalar_t) * Shape::kSharedElements);
+  launch_backward_kernel<scalar_t>(mma_grad_q_kernel<scalar_t, HD, Shape, DROPOUT>, a,
+                                   Shape::kQueries, sizeof(scalar_t) * Shape::kSharedElements);
 }
 
 }  // namespace
@@ -727,29 +820,38 @@ bool mma_attention_supported(const Tensor& qkv, int64_t hd, const Tensor& other)
 }
 
 void mma_attention_forward(const Tensor& qkv, int64_t n_head, const Tensor& out,
-                           const Tensor& lse) {
+                           const Tensor& lse, const DropoutArgs& dropout) {
   const int64_t hd = qkv.size(2) / 3 / n_head;
   const float scale_log2 = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd))) * kLog2e;
   dispatch_half_types(qkv.scalar_type(), [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
     with_head_dim(hd, [&](auto hd_constant) {
       constexpr int HD = decltype(hd_constant)::value;
-      launch_forward<scalar_t, HD, ForwardTiles<HD>>(qkv, n_head, out, lse, scale_log2);
+      with_dropout(dropout, [&](auto dropout_constant) {
+        constexpr bool DROPOUT = decltype(dropout_constant)::value;
+        launch_forward<scalar_t, HD, ForwardTiles<HD>, DROPOUT>(qkv, n_head, out, lse,
+                                                                scale_log2, dropout);
+      });
     });
   });
 }
 
 void mma_attention_backward(const Tensor& grad_out, const Tensor& qkv, const Tensor& lse,
-                            const Tensor& row_dot, int64_t n_head, const Tensor& grad_qkv) {
+                            const Tensor& row_dot, int64_t n_head, const Tensor& grad_qkv,
+                            const DropoutArgs& dropout) {
   const int64_t hd = qkv.size(2) / 3 / n_head;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-  const BackwardArgs args{grad_out, qkv, lse, row_dot, n_head, grad_qkv, scale * kLog2e, scale};
+  const BackwardArgs args{grad_out, qkv, lse, row_dot, n_head, grad_qkv,
+                          scale * kLog2e, scale, dropout};
   dispatch_half_types(qkv.scalar_type(), [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
     with_head_dim(hd, [&](auto hd_constant) {
       constexpr int HD = decltype(hd_constant)::value;
-      launch_grad_kv<scalar_t, HD, GradKvTiles<HD>>(args);
-      launch_grad_q<scalar_t, HD, GradQTiles<HD>>(args);
+      with_dropout(dropout, [&](auto dropout_constant) {
+        constexpr bool DROPOUT = decltype(dropout_constant)::value;
+        launch_grad_kv<scalar_t, HD, GradKvTiles<HD>, DROPOUT>(args);
+        launch_grad_q<scalar_t, HD, GradQTiles<HD>, DROPOUT>(args);
+      });
     });
   });
 }

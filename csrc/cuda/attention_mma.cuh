@@ -11,12 +11,15 @@ namespace nanoblock::cuda {
 // float16 or bfloat16, hd in {32, 64, 80, 96, 128}, 16-byte aligned rows.
 bool mma_attention_supported(const Tensor& qkv, int64_t hd, const Tensor& other);
 
-// out [B, T, C], lse [B, n_head, T] (float32), both preallocated.
+// out [B, T, C], lse [B, n_head, T] (float32), both preallocated; dropout
+// of the probabilities as in attention.cu.
 void mma_attention_forward(const Tensor& qkv, int64_t n_head, const Tensor& out,
-                           const Tensor& lse);
+                           const Tensor& lse, const DropoutArgs& dropout);
 
-// grad_qkv [B, T, 3C] preallocated; row_dot = rowsum(dO * O) [B, n_head, T].
+// grad_qkv [B, T, 3C] preallocated; row_dot = rowsum(dO * O) [B, n_head, T];
+// dropout: the forward's.
 void mma_attention_backward(const Tensor& grad_out, const Tensor& qkv, const Tensor& lse,
-                            const Tensor& row_dot, int64_t n_head, const Tensor& grad_qkv);
+                            const Tensor& row_dot, int64_t n_head, const Tensor& grad_qkv,
+                            const DropoutArgs& dropout);
 
 }  // namespace nanoblock::cuda

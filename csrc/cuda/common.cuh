@@ -1,7 +1,7 @@
 // Helpers shared by nanoblock's CUDA kernels: accumulation types, accurate
 // math in the accumulation type, warp and block reductions, 16-byte vector
-// access, and the fixed-order sum of per-block column partials that makes
-// every parameter gradient deterministic.
+// access, the fixed-order sum of per-block column partials that makes
+// every parameter gradient deterministic, and dropout masks in device code.
 //
 // Conventions every .cu file follows:
 //   - kernels run on the current stream (current_stream()) and allocate only through
@@ -21,8 +21,10 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../kernels.h"
+#include "../philox.h"
 
 namespace nanoblock::cuda {
 
@@ -151,6 +153,16 @@ void with_vector_width(int vec, const Fn& fn) {
   fn(std::integral_constant<int, 1>{});
 }
 
+// Grid for an elementwise pass over `vectors` vectors: enough blocks to fill
+// the GPU several times over, the loop inside covers the rest.
+inline dim3 elementwise_grid(int64_t vectors, int threads) {
+  const int64_t max_blocks =
+      static_cast<int64_t>(multiprocessor_count()) * 16;
+  return dim3(static_cast<unsigned>(std::min(ceil_div(vectors, threads), max_blocks)));
+}
+
+constexpr int kElementwiseThreads = 256;
+
 // ---------------------------------------------------------------------------
 // Deterministic column sums over rows.
 //
@@ -247,6 +259,88 @@ void launch_sum_partials(const acc_t* partials, int64_t groups, int64_t C, scala
   sum_partials_kernel<scalar_t, acc_t>
       <<<grid, dim3(32, kSumRows), 0, stream>>>(partials, groups, C, out, second_out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---------------------------------------------------------------------------
+// Dropout (kernel_api.h has the contract). A launcher turns the kernel's
+// Dropout into DropoutArgs, passed to the kernel by value as its last
+// argument, and picks the kernel's compile-time DROPOUT flag with
+// with_dropout: the DROPOUT = false instantiation is the plain kernel, which
+// never reads the arguments. With DROPOUT, the kernel makes a DeviceMask,
+// which reads rng = (seed, offset) from device memory (never from the host,
+// so a CUDA graph replay reads that replay's draw), and asks it which
+// elements are kept.
+
+struct DropoutArgs {
+  const int64_t* rng = nullptr;  // (seed, offset), on the device; null without dropout
+  uint64_t which = 0;            // kDropout* (kernels.h)
+  double p = 0;
+  double scale = 1;  // 1 / (1 - p), the kept elements' multiplier
+};
+
+inline DropoutArgs dropout_args(const Dropout& d) {
+  if (!d.active()) return DropoutArgs{};
+  return DropoutArgs{d.rng.const_data_ptr<int64_t>(), static_cast<uint64_t>(d.which), d.p,
+                     1.0 / (1.0 - d.p)};
+}
+
+// Calls fn(std::bool_constant<DROPOUT>), DROPOUT = whether d drops anything.
+template <typename Fn>
+void with_dropout(const DropoutArgs& d, const Fn& fn) {
+  if (d.rng != nullptr) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
+// One dropout's mask inside a kernel: philox.h's DropoutBits under the
+// (seed, offset) read from rng, for `which`.
+class DeviceMask {
+ public:
+  // Reads rng when `active` (a kernel passes its DROPOUT flag); an inactive
+  // mask reads nothing and must not be asked.
+  __device__ DeviceMask(const DropoutArgs& d, bool active)
+      : bits_(active ? static_cast<uint64_t>(d.rng[0]) : 0,
+              active ? static_cast<uint64_t>(d.rng[1]) : 0, d.which, d.p) {}
+
+  // Whether elements index .. index + N - 1 are kept: one Philox call per
+  // group of four elements that they touch (philox.h, DropoutBits).
+  template <int N>
+  __device__ __forceinline__ void kept(uint64_t index, bool (&keep)[N]) const {
+    uint64_t group = index / 4;
+    Philox4 words = bits_.group(group);
+#pragma unroll
+    for (int k = 0; k < N; k++) {
+      const uint64_t i = index + k;
+      if (i / 4 != group) {
+        group = i / 4;
+        words = bits_.group(group);
+      }
+      const uint32_t lane = static_cast<uint32_t>(i % 4);  // a select, not an indexed load
+      const uint32_t word = lane == 0 ? words.w[0]
+                            : lane == 1 ? words.w[1]
+                            : lane == 2 ? words.w[2]
+                                        : words.w[3];
+      keep[k] = bits_.keep(word);
+    }
+  }
+
+  __device__ __forceinline__ bool kept(uint64_t index) const {
+    bool keep[1];
+    kept(index, keep);
+    return keep[0];
+  }
+
+ private:
+  DropoutBits bits_;
+};
+
+// The mask index of attention probability (query, key) of head bh = b *
+// n_head + h (kernel_api.h): ((b * n_head + h) * T + query) * T + key.
+__device__ __forceinline__ uint64_t probability_index(int bh, int T, int query, int key) {
+  return (static_cast<uint64_t>(bh) * T + static_cast<uint64_t>(query)) * T +
+         static_cast<uint64_t>(key);
 }
 
 // Dynamic shared memory above the default 48 KB must be asked for per kernel.

@@ -189,16 +189,6 @@ void launch_rows_with_column_sums(int64_t N, int64_t F, int vec, const MakeOp& m
                                        column_sums.mutable_data_ptr<scalar_t>(), nullptr, stream);
 }
 
-// Grid for an elementwise pass over `vectors` vectors: enough blocks to fill
-// the GPU several times over, the loop inside covers the rest.
-dim3 elementwise_grid(int64_t vectors, int threads) {
-  const int64_t max_blocks =
-      static_cast<int64_t>(multiprocessor_count()) * 16;
-  return dim3(static_cast<unsigned>(std::min(ceil_div(vectors, threads), max_blocks)));
-}
-
-constexpr int kElementwiseThreads = 256;
-
 }  // namespace
 
 Tensor gelu_forward(const Tensor& x, const Tensor& bias, bool tanh) {

@@ -5,8 +5,9 @@
 //   forward:      out = (x - mean) * rstd * weight + bias         -> out [N, C]
 //                 mean, rstd = mean and 1 / sqrt(var + eps) of each row
 //                                                       -> mean, rstd [N] (acc_t)
-//   add forward:  sum = x + residual (rounded to the input dtype), then the
-//                 forward above on sum                             -> sum [N, C]
+//   add forward:  sum = x + dropout(residual) (rounded to the input dtype),
+//                 then the forward above on sum                    -> sum [N, C]
+//                 (dropout: residual element (row, c) has mask index row * C + c)
 //   backward:     xhat = (x - mean) * rstd, g = grad_out * weight
 //                 grad_x = rstd * (g - mean(g) - xhat * mean(g * xhat))
 //                          (+ grad_residual)                       -> [N, C]
@@ -39,9 +40,10 @@ int row_threads(int64_t C, int vec) {
 
 // ---------------------------------------------------------------------------
 // Forward. One block per row. With residual != nullptr the row normalized is
-// sum = x + residual, which is written to sum_out first (each thread re-reads
-// only the elements it wrote itself, so no barrier is needed in between).
-template <typename scalar_t, int VEC>
+// sum = x + residual (x + dropout(residual) with DROPOUT), which is written
+// to sum_out first (each thread re-reads only the elements it wrote itself,
+// so no barrier is needed in between).
+template <typename scalar_t, int VEC, bool DROPOUT>
 __global__ void layer_norm_forward_kernel(const scalar_t* __restrict__ x,
                                           const scalar_t* __restrict__ residual,
                                           const scalar_t* __restrict__ weight,
@@ -50,13 +52,14 @@ __global__ void layer_norm_forward_kernel(const scalar_t* __restrict__ x,
                                           scalar_t* __restrict__ out,
                                           acc_type<scalar_t>* __restrict__ mean_out,
                                           acc_type<scalar_t>* __restrict__ rstd_out, int64_t C,
-                                          acc_type<scalar_t> eps) {
+                                          acc_type<scalar_t> eps, DropoutArgs dropout) {
   using acc_t = acc_type<scalar_t>;
   using V = Vec<scalar_t, VEC>;
   __shared__ acc_t scratch[32];
   const int64_t row = blockIdx.x;
   const int64_t vectors = C / VEC;
   const scalar_t* in = x + row * C;
+  const DeviceMask mask(dropout, DROPOUT);
 
   // Pass 1: the residual add and the row sum.
   acc_t sum = 0;
@@ -66,10 +69,22 @@ __global__ void layer_norm_forward_kernel(const scalar_t* __restrict__ x,
     for (int64_t i = threadIdx.x; i < vectors; i += blockDim.x) {
       V a = load_vec<scalar_t, VEC>(in + i * VEC);
       const V b = load_vec<scalar_t, VEC>(res + i * VEC);
+      if constexpr (DROPOUT) {
+        bool keep[VEC];
+        mask.kept(static_cast<uint64_t>(row * C + i * VEC), keep);
+        const acc_t scale = static_cast<acc_t>(dropout.scale);
 #pragma unroll
-      for (int k = 0; k < VEC; k++) {
-        a.v[k] = static_cast<scalar_t>(static_cast<acc_t>(a.v[k]) + static_cast<acc_t>(b.v[k]));
-        sum += static_cast<acc_t>(a.v[k]);
+        for (int k = 0; k < VEC; k++) {
+          const acc_t r = static_cast<acc_t>(b.v[k]) * (keep[k] ? scale : acc_t(0));
+          a.v[k] = static_cast<scalar_t>(static_cast<acc_t>(a.v[k]) + r);
+          sum += static_cast<acc_t>(a.v[k]);
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; k++) {
+          a.v[k] = static_cast<scalar_t>(static_cast<acc_t>(a.v[k]) + static_cast<acc_t>(b.v[k]));
+          sum += static_cast<acc_t>(a.v[k]);
+        }
       }
       store_vec<scalar_t, VEC>(s + i * VEC, a);
     }
@@ -432,8 +447,9 @@ __global__ void __launch_bounds__(kBackwardMaxThreads)
 
 template <typename scalar_t>
 void launch_forward(const Tensor& x, const Tensor& residual, const Tensor& weight,
-                    const Tensor& bias, double eps, const Tensor& sum, const Tensor& out,
-                    const Tensor& mean, const Tensor& rstd, int64_t N, int64_t C) {
+                    const Tensor& bias, double eps, const DropoutArgs& dropout,
+                    const Tensor& sum, const Tensor& out, const Tensor& mean, const Tensor& rstd,
+                    int64_t N, int64_t C) {
   using acc_t = acc_type<scalar_t>;
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   const scalar_t* res_ptr = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
@@ -445,10 +461,13 @@ void launch_forward(const Tensor& x, const Tensor& residual, const Tensor& weigh
   const cudaStream_t stream = current_stream();
   with_vector_width<scalar_t>(vec, [&](auto vec_constant) {
     constexpr int VEC = decltype(vec_constant)::value;
-    layer_norm_forward_kernel<scalar_t, VEC><<<N, row_threads(C, VEC), 0, stream>>>(
-        x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, out_ptr, mean.mutable_data_ptr<acc_t>(),
-        rstd.mutable_data_ptr<acc_t>(), C, static_cast<acc_t>(eps));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_dropout(dropout, [&](auto dropout_constant) {
+      constexpr bool DROPOUT = decltype(dropout_constant)::value;
+      layer_norm_forward_kernel<scalar_t, VEC, DROPOUT><<<N, row_threads(C, VEC), 0, stream>>>(
+          x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, out_ptr, mean.mutable_data_ptr<acc_t>(),
+          rstd.mutable_data_ptr<acc_t>(), C, static_cast<acc_t>(eps), dropout);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
@@ -504,7 +523,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& x, const Ten
   const int64_t C = x.size(-1), N = C == 0 ? 0 : x.numel() / C;
   if (N == 0) return {out, mean, rstd};
   NANOBLOCK_DISPATCH(x.scalar_type(), "layer_norm_forward", [&] {
-    launch_forward<scalar_t>(x, Tensor(), weight, bias, eps, Tensor(), out, mean, rstd, N, C);
+    launch_forward<scalar_t>(x, Tensor(), weight, bias, eps, DropoutArgs{}, Tensor(), out, mean,
+                             rstd, N, C);
   });
   return {out, mean, rstd};
 }
@@ -512,7 +532,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& x, const Ten
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_forward(const Tensor& x,
                                                                   const Tensor& residual,
                                                                   const Tensor& weight,
-                                                                  const Tensor& bias, double eps) {
+                                                                  const Tensor& bias, double eps,
+                                                                  const Dropout& dropout) {
   const auto rows = x.sizes().slice(0, x.dim() - 1);
   const auto stats = x.options().dtype(stats_dtype(x.scalar_type()));
   Tensor sum = at::empty_like(x), out = at::empty_like(x);
@@ -520,7 +541,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_forward(const Tensor& 
   const int64_t C = x.size(-1), N = C == 0 ? 0 : x.numel() / C;
   if (N == 0) return {sum, out, mean, rstd};
   NANOBLOCK_DISPATCH(x.scalar_type(), "add_layer_norm_forward", [&] {
-    launch_forward<scalar_t>(x, residual, weight, bias, eps, sum, out, mean, rstd, N, C);
+    launch_forward<scalar_t>(x, residual, weight, bias, eps, dropout_args(dropout), sum, out,
+                             mean, rstd, N, C);
   });
   return {sum, out, mean, rstd};
 }
