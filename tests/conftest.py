@@ -1,11 +1,23 @@
 """Shared helpers: a nanoblock Block and the reference Block with the same
 random weights, and relative-error measures."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import nanoblock
 from nanoblock.reference import ReferenceBlock
+
+# Under compute-sanitizer's initcheck (scripts/gpu_check.sh sets
+# NANOBLOCK_SDPA_MATH=1) the references' attention runs on PyTorch's math
+# backend: cuDNN's SDPA backward reads memory it never wrote (reports in its
+# compute_dot_do_o kernel, seen 2026-11-28), and those reports would bury
+# any in nanoblock's kernels.
+if os.environ.get("NANOBLOCK_SDPA_MATH") == "1":
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
 
 
 def make_config(C, n_head, bias=True, gelu="exact", dropout=0.0):
