@@ -17,14 +17,14 @@ import torch.nn.functional as F
 
 import nanoblock
 from nanoblock import ops
-from nanoblock.reference import ReferenceBlock
+from nanoblock.reference import ReferenceBlock, ReferenceGPT
 
 from conftest import (block_op_of, block_pair, check_attention_causal, check_block_causal,
                       sdpa_attention)
 from test_dropout import (attention_mask, block_masks, check_attention_statistics,
                           check_eval_and_p0_bit_for_bit, check_manual_seed_reproducible,
                           check_masks_differ, check_residual_statistics, reference_attention,
-                          reference_block_with_masks, rng_of)
+                          reference_block_with_masks, rng_of, validation_loss_after_training)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -814,6 +814,17 @@ def test_dropout_masks_differ_between_calls_small():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dropout_manual_seed_makes_training_reproducible(dtype):
     check_manual_seed_reproducible(DEV, dtype)
+
+
+def test_dropout_training_reaches_the_reference_validation_loss():
+    """test_dropout's training run on the GPU: nanoblock's GPT and the
+    reference GPT with dropout 0.1 end at the same validation loss within
+    0.05 (the tolerance's reasoning is in test_dropout), and well below
+    where no training would leave them."""
+    ref = validation_loss_after_training(ReferenceGPT, device=DEV)
+    nb = validation_loss_after_training(nanoblock.GPT, device=DEV)
+    assert abs(nb - ref) < 0.05, (nb, ref)
+    assert nb < 1.0, nb
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

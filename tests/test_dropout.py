@@ -361,26 +361,28 @@ def test_torch_compile_fullgraph_with_dropout():
     assert not torch.equal(compiled(idx, targets)[1], loss)
 
 
-def validation_loss_after_training(model_class, steps=150):
+def validation_loss_after_training(model_class, steps=150, device="cpu"):
     """Trains a small GPT with dropout 0.1 on the demo's sorting task (same
-    initial weights, batches and torch seed for every model_class) and
-    returns its loss on held-out sequences in eval mode."""
+    initial weights, batches and torch seed for every model_class) on
+    `device` in float32 and returns its loss on held-out sequences in eval
+    mode."""
     cfg = nanoblock.GPTConfig(block_size=24, vocab_size=11, n_layer=2, n_head=2, n_embd=32,
                               dropout=0.1, bias=True)
     torch.manual_seed(0)
     init = ReferenceGPT(cfg)
     model = model_class(cfg)
     model.load_state_dict(init.state_dict())
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.99), weight_decay=0.0)
     batches = torch.Generator().manual_seed(1)
-    cpu = torch.device("cpu")
+    device = torch.device(device)
     for _ in range(steps):
-        _, loss = model(*sorting_batch(32, batches, cpu))
+        _, loss = model(*sorting_batch(32, batches, device))
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        _, loss = model.eval()(*sorting_batch(256, torch.Generator().manual_seed(2), cpu))
+        _, loss = model.eval()(*sorting_batch(256, torch.Generator().manual_seed(2), device))
     return loss.item()
 
 
