@@ -14,8 +14,11 @@ Ops (nanoblock's against PyTorch's, same inputs):
   mlp             nanoblock's MLP (GEMM, bias_gelu, GEMM) vs nn.Linear, nn.GELU, nn.Linear
 
 Each is timed forward (under no_grad) and forward+backward (gradients of every
-input). Speed is given as achieved throughput and as a fraction of a ceiling
-measured in the same run (common.ceilings):
+input), and on the GPU also forward+backward replayed from a CUDA graph
+(mode forward_backward_graph): the kernels' time without the host's launch
+and autograd work, which decides the plain timing of the small ops. Speed is
+given as achieved throughput and as a fraction of a ceiling measured in the
+same run (common.ceilings):
   GB/s     layer_norm, add_layer_norm, bias_gelu: the bytes an ideal kernel
            must move (each activation read or written once; parameters and
            per-row statistics left out) over the time; ceiling: copy bandwidth
@@ -139,12 +142,17 @@ def time_case(op, shape, case, dtype, device, ceil, rep_ms):
             torch.autograd.grad(y if isinstance(y, tuple) else (y,), xs, grads)
         return forward_backward
 
+    forward_backward = {k: forward_backward_of(f, inputs[k]) for k, f in impls.items()}
+    timings = [("forward", common.time_ms({k: forward_of(f) for k, f in impls.items()}, device,
+                                          rep_ms=rep_ms)),
+               ("forward_backward", common.time_ms(forward_backward, device, rep_ms=rep_ms))]
+    if device.type == "cuda":
+        timings.append(("forward_backward_graph",
+                        common.graph_replay_ms(forward_backward, rep_ms=rep_ms)))
     rows = []
-    for mode, fns in (("forward", {k: forward_of(f) for k, f in impls.items()}),
-                      ("forward_backward", {k: forward_backward_of(f, inputs[k])
-                                            for k, f in impls.items()})):
+    for mode, times in timings:
         work_units = work["fwd" if mode == "forward" else "fb"]
-        for impl, ms in common.time_ms(fns, device, rep_ms=rep_ms).items():
+        for impl, ms in times.items():
             if bandwidth:
                 achieved, unit = work_units * elt / ms / 1e6, "GB/s"
                 fraction = achieved / ceil["copy_gbs"]
@@ -153,7 +161,7 @@ def time_case(op, shape, case, dtype, device, ceil, rep_ms):
                 fraction = achieved / ceil["matmul_tflops"]
             rows.append(dict(op=op, dtype=common.dtype_name(dtype), impl=impl, mode=mode, ms=ms,
                              achieved=achieved, unit=unit, fraction_of_ceiling=fraction, **shape))
-            print(f"  {op:15s} {str(tuple(shape.values())):24s} {mode:17s} {impl:10s} "
+            print(f"  {op:15s} {str(tuple(shape.values())):24s} {mode:22s} {impl:10s} "
                   f"{ms:9.3f} ms {achieved:9.4g} {unit:8s} {100 * fraction:5.1f}% of ceiling",
                   flush=True)
     return rows
