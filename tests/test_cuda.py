@@ -702,6 +702,9 @@ def test_dropout_attention_low_precision_small(dtype, hd, T):
     (2, 9, 32, 2, True, "exact"),
     (2, 97, 120, 3, False, "tanh"),
     (1, 70, 45, 3, True, "exact"),  # odd C: the residual masks' rows straddle groups of four
+    # wide rows: float64's (2052 vectors of 2) take the add + LayerNorm
+    # forward's long-row kernel, float32's its widest register teams
+    (1, 3, 4104, 36, True, "tanh"),
 ])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 def test_dropout_block_matches_cpu_float64(B, T, C, n_head, bias, gelu, dtype, tol):

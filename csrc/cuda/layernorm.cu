@@ -14,9 +14,11 @@
 //                 grad_weight = sum over rows of grad_out * xhat    -> [C]
 //                 grad_bias   = sum over rows of grad_out           -> [C]
 //
-// Forward: one thread block per row; the row is read with 16-byte vector
-// loads where the row length and pointers allow, the mean and the variance
-// take two passes over the row (the second pass hits L1/L2) for accuracy.
+// Forward: a team of warps per row (one warp up to 1024 bfloat16 elements,
+// several rows a block) reads the row once with 16-byte vector loads where
+// the row length and pointers allow, into registers, where the mean and the
+// variance take two passes for accuracy; rows too long for the registers
+// take a block each and three passes over memory.
 // Backward: one sweep over the rows that reads grad_out and x once, keeping a
 // row in registers while it is reduced, writes grad_x and gives each group
 // of rows its own [C] partial of grad_weight and grad_bias, summed in
@@ -31,28 +33,213 @@ namespace nanoblock::cuda {
 
 namespace {
 
-// Threads per row block: enough for one vector per thread across the row,
-// a multiple of 32, between 32 and 512.
-int row_threads(int64_t C, int vec) {
+// ---------------------------------------------------------------------------
+// Forward. The two kernels share the residual add and the normalization.
+
+// a = x + residual (x + dropout(residual) with DROPOUT), each element rounded
+// to scalar_t as `x + residual` would be; index = the mask index of a's first
+// element (row * C + column).
+template <typename scalar_t, int VEC, bool DROPOUT>
+__device__ __forceinline__ void add_residual(Vec<scalar_t, VEC>& a, const Vec<scalar_t, VEC>& b,
+                                             const DeviceMask& mask, const DropoutArgs& dropout,
+                                             uint64_t index) {
+  using acc_t = acc_type<scalar_t>;
+  if constexpr (DROPOUT) {
+    bool keep[VEC];
+    mask.kept(index, keep);
+    const acc_t scale = static_cast<acc_t>(dropout.scale);
+#pragma unroll
+    for (int k = 0; k < VEC; k++) {
+      const acc_t r = static_cast<acc_t>(b.v[k]) * (keep[k] ? scale : acc_t(0));
+      a.v[k] = static_cast<scalar_t>(static_cast<acc_t>(a.v[k]) + r);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; k++) {
+      a.v[k] = static_cast<scalar_t>(static_cast<acc_t>(a.v[k]) + static_cast<acc_t>(b.v[k]));
+    }
+  }
+}
+
+// (a - mean) * rstd * weight (+ bias) of one vector; bias may be null.
+template <typename scalar_t, int VEC, typename acc_t = acc_type<scalar_t>>
+__device__ __forceinline__ Vec<scalar_t, VEC> normalize(const Vec<scalar_t, VEC>& a,
+                                                        const scalar_t* weight,
+                                                        const scalar_t* bias, acc_t mean,
+                                                        acc_t rstd) {
+  const Vec<scalar_t, VEC> w = load_vec<scalar_t, VEC>(weight);
+  Vec<scalar_t, VEC> b;
+  if (bias != nullptr) b = load_vec<scalar_t, VEC>(bias);
+  Vec<scalar_t, VEC> y;
+#pragma unroll
+  for (int k = 0; k < VEC; k++) {
+    acc_t v = (static_cast<acc_t>(a.v[k]) - mean) * rstd * static_cast<acc_t>(w.v[k]);
+    if (bias != nullptr) v += static_cast<acc_t>(b.v[k]);
+    y.v[k] = static_cast<scalar_t>(v);
+  }
+  return y;
+}
+
+// Rows that fit in registers (all but the longest): a team of warps_per_row
+// warps takes one row, teams per block. Thread t of a team loads the vectors
+// t + s * team_threads (s < SLOTS) of its row once, into registers: the
+// mean, the variance around it (two passes, for accuracy) and the output
+// come from there, so the row is read from memory once and no block-wide
+// barrier is needed when a warp holds the row (rows up to 1024 bfloat16
+// elements). With residual != nullptr the row normalized is sum = x +
+// residual (x + dropout(residual) with DROPOUT), written to sum_out as it is
+// formed.
+constexpr int kForwardMaxSlots = 4;
+constexpr int kForwardMaxWarpsPerRow = 16;
+constexpr int kForwardThreads = 256;  // per block, unless one row takes more
+
+struct ForwardShape {
+  int warps_per_row;  // a team; 0: the row does not fit, take the long-row kernel
+  int slots;          // vectors per thread, 1 to kForwardMaxSlots
+  int teams;          // rows per block
+};
+
+// The fewest warps (at most kForwardMaxWarpsPerRow) whose threads hold the row
+// in at most kForwardMaxSlots vectors each, then the fewest slots for them.
+// Depends only on the row's vector count, never on the device.
+inline ForwardShape forward_shape(int64_t vectors) {
+  const int64_t warps = std::max<int64_t>(1, ceil_div(vectors, 32 * kForwardMaxSlots));
+  if (warps > kForwardMaxWarpsPerRow) return {0, 0, 0};
+  const int w = static_cast<int>(warps);
+  return {w, static_cast<int>(ceil_div(vectors, 32 * warps)),
+          std::max(1, kForwardThreads / (32 * w))};
+}
+
+// Calls fn(std::integral_constant<int, SLOTS>{}) for slots in 1..kForwardMaxSlots.
+template <typename Fn>
+void with_forward_slots(int slots, const Fn& fn) {
+  switch (slots) {
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    default: return fn(std::integral_constant<int, 4>{});
+  }
+}
+
+// The sum of v over the threads of a team, the same value for each: warp
+// shuffles, then the team's warps in order through scratch (one slot per
+// warp of the block). With teams of several warps every thread of the block
+// must call it (it has barriers).
+template <typename acc_t>
+__device__ __forceinline__ acc_t team_sum(acc_t v, acc_t* scratch, int warps_per_row) {
+  v = warp_sum(v);
+  if (warps_per_row == 1) return v;
+  const int warp = threadIdx.x / 32, first = warp - warp % warps_per_row;
+  if (threadIdx.x % 32 == 0) scratch[warp] = v;
+  __syncthreads();
+  acc_t total = 0;
+  for (int i = 0; i < warps_per_row; i++) total += scratch[first + i];
+  __syncthreads();  // scratch is written again by the next sum
+  return total;
+}
+
+template <typename scalar_t, int VEC, int SLOTS, bool DROPOUT>
+__global__ void __launch_bounds__(32 * kForwardMaxWarpsPerRow)
+    layer_norm_forward_kernel(const scalar_t* __restrict__ x,         // [N, C]
+                              const scalar_t* __restrict__ residual,  // [N, C] or null
+                              const scalar_t* __restrict__ weight,    // [C]
+                              const scalar_t* __restrict__ bias,      // [C] or null
+                              scalar_t* __restrict__ sum_out,         // [N, C] with residual
+                              scalar_t* __restrict__ out,             // [N, C]
+                              acc_type<scalar_t>* __restrict__ mean_out,  // [N]
+                              acc_type<scalar_t>* __restrict__ rstd_out,  // [N]
+                              int64_t N, int64_t C, acc_type<scalar_t> eps, int warps_per_row,
+                              DropoutArgs dropout) {
+  using acc_t = acc_type<scalar_t>;
+  using V = Vec<scalar_t, VEC>;
+  __shared__ acc_t scratch[kForwardMaxWarpsPerRow];  // one per warp: a block has at most that many
+  const int team_threads = 32 * warps_per_row;
+  const int teams = blockDim.x / team_threads;
+  const int team = threadIdx.x / team_threads, t = threadIdx.x % team_threads;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * teams + team;
+  const int vectors = static_cast<int>(C / VEC);  // at most 32 * 16 * 4 (forward_shape)
+  // Slot s holds the vector at column(s), when in_row(s); a team past the
+  // last row holds nothing but still takes part in team_sum's barriers.
+  const auto column = [&](int s) { return (t + s * team_threads) * VEC; };
+  const auto in_row = [&](int s) { return row < N && t + s * team_threads < vectors; };
+  const DeviceMask mask(dropout, DROPOUT);
+
+  V a[SLOTS];
+  acc_t sum = 0;
+#pragma unroll
+  for (int s = 0; s < SLOTS; s++) {
+    if (in_row(s)) a[s] = load_vec<scalar_t, VEC>(x + row * C + column(s));
+  }
+  if (residual != nullptr) {
+#pragma unroll
+    for (int s = 0; s < SLOTS; s++) {
+      if (in_row(s)) {
+        add_residual<scalar_t, VEC, DROPOUT>(
+            a[s], load_vec<scalar_t, VEC>(residual + row * C + column(s)), mask, dropout,
+            static_cast<uint64_t>(row * C + column(s)));
+        store_vec<scalar_t, VEC>(sum_out + row * C + column(s), a[s]);
+      }
+    }
+  }
+#pragma unroll
+  for (int s = 0; s < SLOTS; s++) {
+    if (in_row(s)) {
+#pragma unroll
+      for (int k = 0; k < VEC; k++) sum += static_cast<acc_t>(a[s].v[k]);
+    }
+  }
+  const acc_t mean = team_sum(sum, scratch, warps_per_row) / static_cast<acc_t>(C);
+
+  acc_t sq = 0;
+#pragma unroll
+  for (int s = 0; s < SLOTS; s++) {
+    if (in_row(s)) {
+#pragma unroll
+      for (int k = 0; k < VEC; k++) {
+        const acc_t d = static_cast<acc_t>(a[s].v[k]) - mean;
+        sq += d * d;
+      }
+    }
+  }
+  const acc_t rstd =
+      rsqrt_acc(team_sum(sq, scratch, warps_per_row) / static_cast<acc_t>(C) + eps);
+
+#pragma unroll
+  for (int s = 0; s < SLOTS; s++) {
+    if (in_row(s)) {
+      store_vec<scalar_t, VEC>(out + row * C + column(s),
+                               normalize<scalar_t, VEC>(a[s], weight + column(s),
+                                                        bias == nullptr ? nullptr : bias + column(s),
+                                                        mean, rstd));
+    }
+  }
+  if (t == 0 && row < N) {
+    mean_out[row] = mean;
+    rstd_out[row] = rstd;
+  }
+}
+
+// The longest rows (more vectors than kForwardMaxWarpsPerRow warps hold in
+// kForwardMaxSlots each): one block per row, three passes over the row in
+// memory (the later two mostly hit L1/L2). With residual the sum is written
+// to sum_out in the first pass; each thread re-reads only the elements it
+// wrote itself, so no barrier is needed in between.
+int long_row_threads(int64_t C, int vec) {
   const int64_t vectors = ceil_div(C, vec);
   return static_cast<int>(std::min<int64_t>(512, std::max<int64_t>(32, ceil_div(vectors, 32) * 32)));
 }
 
-// ---------------------------------------------------------------------------
-// Forward. One block per row. With residual != nullptr the row normalized is
-// sum = x + residual (x + dropout(residual) with DROPOUT), which is written
-// to sum_out first (each thread re-reads only the elements it wrote itself,
-// so no barrier is needed in between).
 template <typename scalar_t, int VEC, bool DROPOUT>
-__global__ void layer_norm_forward_kernel(const scalar_t* __restrict__ x,
-                                          const scalar_t* __restrict__ residual,
-                                          const scalar_t* __restrict__ weight,
-                                          const scalar_t* __restrict__ bias,
-                                          scalar_t* __restrict__ sum_out,
-                                          scalar_t* __restrict__ out,
-                                          acc_type<scalar_t>* __restrict__ mean_out,
-                                          acc_type<scalar_t>* __restrict__ rstd_out, int64_t C,
-                                          acc_type<scalar_t> eps, DropoutArgs dropout) {
+__global__ void layer_norm_forward_long_row_kernel(const scalar_t* __restrict__ x,
+                                                   const scalar_t* __restrict__ residual,
+                                                   const scalar_t* __restrict__ weight,
+                                                   const scalar_t* __restrict__ bias,
+                                                   scalar_t* __restrict__ sum_out,
+                                                   scalar_t* __restrict__ out,
+                                                   acc_type<scalar_t>* __restrict__ mean_out,
+                                                   acc_type<scalar_t>* __restrict__ rstd_out,
+                                                   int64_t C, acc_type<scalar_t> eps,
+                                                   DropoutArgs dropout) {
   using acc_t = acc_type<scalar_t>;
   using V = Vec<scalar_t, VEC>;
   __shared__ acc_t scratch[32];
@@ -64,28 +251,13 @@ __global__ void layer_norm_forward_kernel(const scalar_t* __restrict__ x,
   // Pass 1: the residual add and the row sum.
   acc_t sum = 0;
   if (residual != nullptr) {
-    const scalar_t* res = residual + row * C;
     scalar_t* s = sum_out + row * C;
     for (int64_t i = threadIdx.x; i < vectors; i += blockDim.x) {
       V a = load_vec<scalar_t, VEC>(in + i * VEC);
-      const V b = load_vec<scalar_t, VEC>(res + i * VEC);
-      if constexpr (DROPOUT) {
-        bool keep[VEC];
-        mask.kept(static_cast<uint64_t>(row * C + i * VEC), keep);
-        const acc_t scale = static_cast<acc_t>(dropout.scale);
+      add_residual<scalar_t, VEC, DROPOUT>(a, load_vec<scalar_t, VEC>(residual + row * C + i * VEC),
+                                           mask, dropout, static_cast<uint64_t>(row * C + i * VEC));
 #pragma unroll
-        for (int k = 0; k < VEC; k++) {
-          const acc_t r = static_cast<acc_t>(b.v[k]) * (keep[k] ? scale : acc_t(0));
-          a.v[k] = static_cast<scalar_t>(static_cast<acc_t>(a.v[k]) + r);
-          sum += static_cast<acc_t>(a.v[k]);
-        }
-      } else {
-#pragma unroll
-        for (int k = 0; k < VEC; k++) {
-          a.v[k] = static_cast<scalar_t>(static_cast<acc_t>(a.v[k]) + static_cast<acc_t>(b.v[k]));
-          sum += static_cast<acc_t>(a.v[k]);
-        }
-      }
+      for (int k = 0; k < VEC; k++) sum += static_cast<acc_t>(a.v[k]);
       store_vec<scalar_t, VEC>(s + i * VEC, a);
     }
     in = s;  // the rest normalizes the rounded sum, as x + residual then LayerNorm would
@@ -98,7 +270,7 @@ __global__ void layer_norm_forward_kernel(const scalar_t* __restrict__ x,
   }
   const acc_t mean = block_sum(sum, scratch) / static_cast<acc_t>(C);
 
-  // Pass 2: the variance around the mean (two-pass for accuracy).
+  // Pass 2: the variance around the mean.
   acc_t sq = 0;
   for (int64_t i = threadIdx.x; i < vectors; i += blockDim.x) {
     const V a = load_vec<scalar_t, VEC>(in + i * VEC);
@@ -111,27 +283,11 @@ __global__ void layer_norm_forward_kernel(const scalar_t* __restrict__ x,
   const acc_t rstd = rsqrt_acc(block_sum(sq, scratch) / static_cast<acc_t>(C) + eps);
 
   // Pass 3: normalize, scale, shift.
-  scalar_t* o = out + row * C;
   for (int64_t i = threadIdx.x; i < vectors; i += blockDim.x) {
-    const V a = load_vec<scalar_t, VEC>(in + i * VEC);
-    const V w = load_vec<scalar_t, VEC>(weight + i * VEC);
-    V y;
-    if (bias != nullptr) {
-      const V b = load_vec<scalar_t, VEC>(bias + i * VEC);
-#pragma unroll
-      for (int k = 0; k < VEC; k++) {
-        y.v[k] = static_cast<scalar_t>((static_cast<acc_t>(a.v[k]) - mean) * rstd *
-                                           static_cast<acc_t>(w.v[k]) +
-                                       static_cast<acc_t>(b.v[k]));
-      }
-    } else {
-#pragma unroll
-      for (int k = 0; k < VEC; k++) {
-        y.v[k] = static_cast<scalar_t>((static_cast<acc_t>(a.v[k]) - mean) * rstd *
-                                       static_cast<acc_t>(w.v[k]));
-      }
-    }
-    store_vec<scalar_t, VEC>(o + i * VEC, y);
+    store_vec<scalar_t, VEC>(
+        out + row * C + i * VEC,
+        normalize<scalar_t, VEC>(load_vec<scalar_t, VEC>(in + i * VEC), weight + i * VEC,
+                                 bias == nullptr ? nullptr : bias + i * VEC, mean, rstd));
   }
   if (threadIdx.x == 0) {
     mean_out[row] = mean;
@@ -461,12 +617,27 @@ void launch_forward(const Tensor& x, const Tensor& residual, const Tensor& weigh
   const cudaStream_t stream = current_stream();
   with_vector_width<scalar_t>(vec, [&](auto vec_constant) {
     constexpr int VEC = decltype(vec_constant)::value;
+    const ForwardShape shape = forward_shape(C / VEC);
     with_dropout(dropout, [&](auto dropout_constant) {
       constexpr bool DROPOUT = decltype(dropout_constant)::value;
-      layer_norm_forward_kernel<scalar_t, VEC, DROPOUT><<<N, row_threads(C, VEC), 0, stream>>>(
-          x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, out_ptr, mean.mutable_data_ptr<acc_t>(),
-          rstd.mutable_data_ptr<acc_t>(), C, static_cast<acc_t>(eps), dropout);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (shape.warps_per_row == 0) {
+        layer_norm_forward_long_row_kernel<scalar_t, VEC, DROPOUT>
+            <<<N, long_row_threads(C, VEC), 0, stream>>>(
+                x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, out_ptr, mean.mutable_data_ptr<acc_t>(),
+                rstd.mutable_data_ptr<acc_t>(), C, static_cast<acc_t>(eps), dropout);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+      with_forward_slots(shape.slots, [&](auto slots_constant) {
+        constexpr int SLOTS = decltype(slots_constant)::value;
+        layer_norm_forward_kernel<scalar_t, VEC, SLOTS, DROPOUT>
+            <<<static_cast<unsigned>(ceil_div(N, shape.teams)),
+               32 * shape.warps_per_row * shape.teams, 0, stream>>>(
+                x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, out_ptr, mean.mutable_data_ptr<acc_t>(),
+                rstd.mutable_data_ptr<acc_t>(), N, C, static_cast<acc_t>(eps),
+                shape.warps_per_row, dropout);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
 }
