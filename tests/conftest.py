@@ -104,20 +104,22 @@ def _seed():
 # depend on positions <= t only: so a non-finite input at t may reach outputs
 # at t and later, never before; and a non-finite output gradient at t may
 # reach input gradients at t and earlier, never after. Outside those cones
-# the values must be those of a clean run (`same` compares). Sequence 1 is
-# never touched and must stay clean too.
+# the values must be those of a clean run, or of the sequence cut off at t
+# (`same` compares). Sequence 1 is never touched and must stay clean too.
+
+NON_FINITE = [float("nan"), float("inf"), float("-inf")]
 
 
 def same_values(a, b):
     """a is finite and equals b up to a few roundings of its dtype: a block
-    of the attention that meets a NaN runs as loops instead of a GEMM, which
-    sums in another order (csrc/cpu/attention.cpp, causal_matmul)."""
+    of the CPU attention that meets a NaN runs as loops instead of a GEMM,
+    which sums in another order (csrc/cpu/attention.cpp, causal_matmul)."""
     if a.numel() == 0:
         return a.shape == b.shape
     tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(a.dtype, 1e-2)
     scale = max(b.abs().max().item(), 1.0)
-    return bool(torch.isfinite(a).all()) and torch.allclose(a.double(), b.double(), rtol=tol,
-                                                            atol=tol * scale)
+    return a.shape == b.shape and bool(torch.isfinite(a).all()) and torch.allclose(
+        a.double(), b.double(), rtol=tol, atol=tol * scale)
 
 
 def poisoned(t, pos, col, value):
@@ -127,53 +129,73 @@ def poisoned(t, pos, col, value):
     return t
 
 
-def check_attention_causal(qkv, grad_out, n_head, pos, part, value, same=same_values,
-                           reach=0):
-    """value at position pos of sequence 0 in q, k or v (part 0, 1, 2), then
-    in grad_out: the attention op's outputs (out, lse), query gradients (dq)
-    and, for the poisoned grad_out, every gradient are checked outside their
-    cones. Key and value gradients before pos are not checked: queries at pos
-    and later, whose outputs are non-finite, read those keys, so exact math
-    makes them non-finite too (as PyTorch does). reach > 0 widens each cone
-    by that many positions (the CUDA kernels: the masked pairs of a diagonal
-    tile enter its tensor-core products, so 0 x NaN reaches the tile)."""
+def check_attention_causal(qkv, grad_out, n_head, pos, part, value, dropout_p=0.0, rng=None):
+    """value at position pos of sequence 0, in q, k or v (part 0, 1, 2) or in
+    grad_out (part 3), through the attention op. Asserts (same_values) that
+    with the input poisoned, the outputs, lse and query gradients (dq) before
+    pos are those of the sequence cut off at pos (its first pos positions
+    alone; with dropout, whose masks depend on T, those of the clean run),
+    and with grad_out poisoned, every gradient after pos is the clean run's;
+    sequence 1 is the clean run's. Key and value gradients before pos are not
+    checked: queries at pos and later, whose outputs are non-finite, read
+    those keys, so exact math makes them non-finite too (as PyTorch does).
+    Returns where the values, though contained, differ in bits from what they
+    are compared with (the CUDA kernels promise the same bits)."""
     ops = torch.ops.nanoblock
     C = qkv.shape[-1] // 3
-    out, lse = ops.causal_attention_forward(qkv, n_head)
-    grad = ops.causal_attention_backward(grad_out, qkv, out, lse, n_head)
+    drop = (dropout_p, rng)
+    differ = []
+
+    def same(name, ours, expected):
+        where = f"{name} (pos {pos}, part {part}, value {value})"
+        assert same_values(ours, expected), f"reached: {where}"
+        if not torch.equal(ours, expected):
+            diff = (ours.double() - expected.double()).abs().max().item()
+            differ.append(f"{where}: max difference {diff:.3e}")
+
+    out, lse = ops.causal_attention_forward(qkv, n_head, *drop)
+    grad = ops.causal_attention_backward(grad_out, qkv, out, lse, n_head, *drop)
+    if part == 3:
+        bad_grad = ops.causal_attention_backward(poisoned(grad_out, pos, C // 2, value), qkv,
+                                                 out, lse, n_head, *drop)
+        assert not torch.isfinite(bad_grad[0, :pos + 1]).all()  # it did get in
+        same("gradients after pos", bad_grad[0, pos + 1:], grad[0, pos + 1:])
+        same("gradients of sequence 1", bad_grad[1], grad[1])
+        return differ
 
     bad_qkv = poisoned(qkv, pos, part * C + C // 2, value)
-    bad_out, bad_lse = ops.causal_attention_forward(bad_qkv, n_head)
-    bad_grad = ops.causal_attention_backward(grad_out, bad_qkv, bad_out, bad_lse, n_head)
-    before, after = max(0, pos - reach), pos + 1 + reach  # the cone's edges
-    assert not torch.isfinite(bad_grad[0, pos]).all()  # it did get in
-    assert same(bad_out[0, :before], out[0, :before]), "forward: reached an earlier output"
-    assert same(bad_lse[0, :, :before], lse[0, :, :before]), "forward: reached an earlier lse"
-    assert same(bad_grad[0, :before, :C], grad[0, :before, :C]), "backward: reached an earlier dq"
-    assert same(bad_out[1], out[1]) and same(bad_grad[1], grad[1]), "reached sequence 1"
+    bad_out, bad_lse = ops.causal_attention_forward(bad_qkv, n_head, *drop)
+    bad_grad = ops.causal_attention_backward(grad_out, bad_qkv, bad_out, bad_lse, n_head, *drop)
+    assert not (torch.isfinite(bad_out[0]).all() and torch.isfinite(bad_grad[0]).all())
+    if pos > 0:
+        if dropout_p == 0:  # the sequence cut off at pos
+            cut = qkv[:, :pos].contiguous()
+            ref_out, ref_lse = ops.causal_attention_forward(cut, n_head)
+            ref_grad = ops.causal_attention_backward(grad_out[:, :pos].contiguous(), cut,
+                                                     ref_out, ref_lse, n_head)
+        else:
+            ref_out, ref_lse, ref_grad = out[:, :pos], lse[:, :, :pos], grad[:, :pos]
+        same("outputs before pos", bad_out[0, :pos], ref_out[0])
+        same("lse before pos", bad_lse[0, :, :pos], ref_lse[0])
+        same("dq before pos", bad_grad[0, :pos, :C], ref_grad[0, :, :C])
+    same("outputs of sequence 1", bad_out[1], out[1])
+    same("gradients of sequence 1", bad_grad[1], grad[1])
+    return differ
 
-    bad_grad_out = poisoned(grad_out, pos, C // 2, value)
-    bad_grad = ops.causal_attention_backward(bad_grad_out, qkv, out, lse, n_head)
-    assert not torch.isfinite(bad_grad[0, pos]).all()
-    assert same(bad_grad[0, after:], grad[0, after:]), "backward: reached a later gradient"
-    assert same(bad_grad[1], grad[1]), "backward: reached sequence 1"
 
-
-def check_block_causal(block, x, grad_out, pos, value, same=same_values, reach=0):
+def check_block_causal(block, x, grad_out, pos, value, same=same_values):
     """The whole Block: value in the input at position pos of sequence 0
-    leaves the outputs before pos (pos - reach) as they were; in the output
-    gradient, it leaves the input gradients after pos (pos + reach) as they
-    were. Parameter gradients sum over every position, so they turn
-    non-finite, as in PyTorch."""
-    before, after = max(0, pos - reach), pos + 1 + reach
+    leaves the outputs before pos as they were; in the output gradient, it
+    leaves the input gradients after pos as they were. Parameter gradients
+    sum over every position, so they turn non-finite, as in PyTorch."""
     y, (dx, *_) = forward_backward(block, x, grad_out)
     bad_y, _ = forward_backward(block, poisoned(x, pos, 0, value), grad_out)
     assert not torch.isfinite(bad_y[0, pos]).all()
-    assert same(bad_y[0, :before], y[0, :before]), "forward: reached an earlier output"
+    assert same(bad_y[0, :pos], y[0, :pos]), "forward: reached an earlier output"
     assert same(bad_y[1], y[1]), "forward: reached sequence 1"
 
     _, (bad_dx, *bad_param_grads) = forward_backward(block, x, poisoned(grad_out, pos, 0, value))
     assert not torch.isfinite(bad_dx[0, pos]).all()
-    assert same(bad_dx[0, after:], dx[0, after:]), "backward: reached a later input gradient"
+    assert same(bad_dx[0, pos + 1:], dx[0, pos + 1:]), "backward: reached a later input gradient"
     assert same(bad_dx[1], dx[1]), "backward: reached sequence 1"
     assert not all(torch.isfinite(g).all() for g in bad_param_grads)

@@ -19,8 +19,8 @@ import nanoblock
 from nanoblock import ops
 from nanoblock.reference import ReferenceBlock, ReferenceGPT
 
-from conftest import (block_op_of, block_pair, check_attention_causal, check_block_causal,
-                      sdpa_attention)
+from conftest import (NON_FINITE, block_op_of, block_pair, check_attention_causal,
+                      check_block_causal, sdpa_attention)
 from test_dropout import (attention_mask, block_masks, check_attention_statistics,
                           check_eval_and_p0_bit_for_bit, check_manual_seed_reproducible,
                           check_masks_differ, check_residual_statistics, reference_attention,
@@ -503,37 +503,68 @@ def test_attention_low_precision_misaligned_small(dtype):
 # ---------------------------------------------------------------------------
 # Reliability (issue 5): NaN / Inf stay causal, two streams, flat memory
 
-# The CUDA attention kernels multiply whole tiles, masked pairs of a diagonal
-# tile included (as PyTorch's flash attention does), so 0 x NaN carries a NaN
-# to the positions of its tile: fewer than 128 (the largest tile) away.
-CUDA_TILE_REACH = 127
+# conftest.check_attention_causal, strict: a NaN or Inf reaches no earlier
+# position at all (masked pairs of a diagonal tile are skipped, or their
+# non-finite operands set to 0, csrc/cuda/attention_mma.cu), and what it
+# does not reach has the very bits of the sequence cut off before it (or of
+# the clean run). The tensor-core kernels' tiles are 16 to 128 positions, the
+# generic kernels' 32: positions sit at the start, inside and at the end of
+# the first, a middle and the last (partial) tile, T = 300 being a multiple
+# of none; T = 7 is shorter than any tile.
+NAN_POSITIONS = [0, 5, 31, 63, 64, 127, 128, 150, 191, 255, 256, 290, 299]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T,hd,positions", [(20, 16, [0, 7, 19]), (300, 64, [63, 64, 256, 299])])
-@pytest.mark.parametrize("part", [0, 1, 2])  # q, k, v
-def test_nan_is_causal_in_attention_small(dtype, T, hd, positions, part):
-    """conftest.check_attention_causal: a NaN / Inf at position t reaches no
-    output or query gradient more than CUDA_TILE_REACH positions before t,
-    and a NaN / Inf in the output gradient at t no gradient that far after
-    it; the values there equal a clean run's up to rounding
-    (conftest.same_values)."""
+def check_nan_is_causal(dtype, T, hd, part, positions, n_head=2, dropout_p=0.0):
     torch.manual_seed(16)
-    qkv = torch.randn(2, T, 3 * 2 * hd, device=DEV, dtype=dtype)
-    grad_out = torch.randn(2, T, 2 * hd, device=DEV, dtype=dtype)
+    qkv = torch.randn(2, T, 3 * n_head * hd, device=DEV, dtype=dtype)
+    grad_out = torch.randn(2, T, n_head * hd, device=DEV, dtype=dtype)
+    rng = torch.tensor([16, 0], dtype=torch.int64, device=DEV) if dropout_p else None
+    differ = []
     for pos in positions:
-        for value in [float("nan"), float("inf")]:
-            check_attention_causal(qkv, grad_out, 2, pos, part, value, reach=CUDA_TILE_REACH)
+        for value in NON_FINITE:
+            differ += check_attention_causal(qkv, grad_out, n_head, pos, part, value,
+                                             dropout_p, rng)
+    assert not differ, "contained, but not the same bits:\n" + "\n".join(differ[:20])
+
+
+# Tensor-core kernels: forward warps of 32 (head dims <= 64) or 16 queries,
+# grad_q key tiles of 64 or 32, grad_kv query tiles of 32.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hd", [32, 64, 80, 128])
+@pytest.mark.parametrize("part", [0, 1, 2, 3])  # q, k, v, grad_out
+def test_nan_is_causal_in_attention_mma(dtype, hd, part):
+    check_nan_is_causal(dtype, 300, hd, part, NAN_POSITIONS)
+    check_nan_is_causal(dtype, 7, hd, part, [0, 3, 6])
+
+
+# Generic kernels: float32 / float64, and float16 / bfloat16 at head dims the
+# tensor-core kernels do not take.
+@pytest.mark.parametrize("dtype,hd", [(torch.float32, 16), (torch.float32, 64),
+                                      (torch.float64, 40), (torch.float64, 128),
+                                      (torch.bfloat16, 16), (torch.float16, 48)])
+@pytest.mark.parametrize("part", [0, 1, 2, 3])
+def test_nan_is_causal_in_attention_generic(dtype, hd, part):
+    check_nan_is_causal(dtype, 300, hd, part, NAN_POSITIONS)
+    check_nan_is_causal(dtype, 7, hd, part, [0, 3, 6])
+
+
+@pytest.mark.parametrize("dtype,hd", [(torch.bfloat16, 64), (torch.float16, 128),
+                                      (torch.float32, 64)])
+@pytest.mark.parametrize("part", [0, 1, 2, 3])
+def test_nan_is_causal_in_attention_with_dropout(dtype, hd, part):
+    """With dropout the comparison is the clean run (same T, same rng)."""
+    check_nan_is_causal(dtype, 300, hd, part, [0, 64, 150, 299], dropout_p=0.3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nan_is_causal_in_the_block_small(dtype):
+    """conftest.check_block_causal: the whole Block on CUDA, to rounding."""
     nb, _ = block_pair(make_config(128, 2), dtype=dtype, device=DEV)
     x = torch.randn(2, 300, 128, device=DEV, dtype=dtype)
     grad_out = torch.randn_like(x)
-    for pos in [0, 100, 299]:
-        for value in [float("nan"), float("inf")]:
-            check_block_causal(nb, x, grad_out, pos, value, reach=CUDA_TILE_REACH)
+    for pos in [0, 100, 127, 128, 299]:
+        for value in NON_FINITE:
+            check_block_causal(nb, x, grad_out, pos, value)
 
 
 def test_two_streams_give_the_results_of_one():

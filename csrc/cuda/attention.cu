@@ -38,7 +38,11 @@
 // or one query), so the warp computes an 8 x 32 block of S with each
 // shared-memory load reused 8 times; for the products with v, q, k or dO a
 // lane takes head-dim columns lane, lane + 32, .. (DPL of them, "dims per
-// lane"). Key tiles above the diagonal are never loaded.
+// lane"). Key tiles above the diagonal are never loaded, and the products
+// with v, q, k or dO skip the masked pairs of a diagonal tile instead of
+// multiplying by their 0 probability, so a NaN or Inf at one position never
+// reaches an earlier position's output or a later position's gradient
+// (0 x NaN is NaN); on finite data skipping changes no bit.
 //
 // float16 / bfloat16 with head dims 32, 64, 80, 96, 128 go to the
 // tensor-core kernels of attention_mma.cu instead (same layouts, same
@@ -165,9 +169,12 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncwarp();
 
-    // o += P v; keys past the warp's last query are masked for all its rows.
+    // o += P v over the pairs each row sees: keys past the warp's last query
+    // are masked for all its rows; key k0 + j past row0 is seen by rows
+    // r >= k0 + j - row0 only, and the others skip it rather than multiply
+    // its v (a later position's, maybe NaN) by their 0.
     const int key_end = min(kTile, row0 + kRowsPerWarp - k0);
-    for (int j = 0; j < key_end; j++) {
+    const auto add_key = [&](int j, int first_row) {
       acc_t v[DPL];
 #pragma unroll
       for (int c = 0; c < DPL; c++) {
@@ -176,11 +183,15 @@ __global__ void __launch_bounds__(kThreads)
       }
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; r++) {
+        if (r < first_row) continue;
         const acc_t pj = p_w[r * kTile + j];
 #pragma unroll
         for (int c = 0; c < DPL; c++) o[r][c] += pj * v[c];
       }
-    }
+    };
+    int j = 0;
+    for (; j < min(key_end, row0 - k0 + 1); j++) add_key(j, 0);
+    for (; j < key_end; j++) add_key(j, k0 + j - row0);
     __syncwarp();
   }
 
@@ -332,10 +343,13 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncwarp();
 
-    // dv += P^T dO, dk += dS^T q over the queries that can see these keys.
+    // dv += P^T dO, dk += dS^T q over the pairs each key sees: queries before
+    // the warp's first key see none of its keys; query q0 + i before key0 + 7
+    // is seen by keys r <= q0 + i - key0 only, and the others skip it rather
+    // than multiply its dO and q (maybe NaN) by their 0.
     const int query_begin = max(0, key0 - q0);
     const int query_end = min(kTile, T - q0);
-    for (int i = query_begin; i < query_end; i++) {
+    const auto add_query = [&](int i, int last_row) {
       acc_t dov[DPL], qv[DPL];
 #pragma unroll
       for (int c = 0; c < DPL; c++) {
@@ -345,6 +359,7 @@ __global__ void __launch_bounds__(kThreads)
       }
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; r++) {
+        if (r > last_row) continue;
         const acc_t pi = p_w[r * kTile + i], dsi = ds_w[r * kTile + i];
 #pragma unroll
         for (int c = 0; c < DPL; c++) {
@@ -352,7 +367,10 @@ __global__ void __launch_bounds__(kThreads)
           dk[r][c] += dsi * qv[c];
         }
       }
-    }
+    };
+    int i = query_begin;
+    for (; i < min(query_end, key0 - q0 + kRowsPerWarp - 1); i++) add_query(i, q0 + i - key0);
+    for (; i < query_end; i++) add_query(i, kRowsPerWarp - 1);
     __syncwarp();
   }
 
@@ -456,9 +474,10 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncwarp();
 
-    // dq += dS k.
+    // dq += dS k over the pairs each query sees (as o += P v in the forward:
+    // a masked pair is skipped, its k may be a later position's NaN).
     const int key_end = min(kTile, row0 + kRowsPerWarp - k0);
-    for (int j = 0; j < key_end; j++) {
+    const auto add_key = [&](int j, int first_row) {
       acc_t kv[DPL];
 #pragma unroll
       for (int c = 0; c < DPL; c++) {
@@ -467,11 +486,15 @@ __global__ void __launch_bounds__(kThreads)
       }
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; r++) {
+        if (r < first_row) continue;
         const acc_t dsj = ds_w[r * kTile + j];
 #pragma unroll
         for (int c = 0; c < DPL; c++) dq[r][c] += dsj * kv[c];
       }
-    }
+    };
+    int j = 0;
+    for (; j < min(key_end, row0 - k0 + 1); j++) add_key(j, 0);
+    for (; j < key_end; j++) add_key(j, k0 + j - row0);
     __syncwarp();
   }
 

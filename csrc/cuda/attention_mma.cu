@@ -229,17 +229,94 @@ __device__ __forceinline__ void store_rows(scalar_t* dst, int64_t row_stride, in
   }
 }
 
+// ---------------------------------------------------------------------------
+// NaN and Inf on the diagonal. A masked probability (or dS) is an exact 0,
+// but a product that includes it still multiplies the other operand's row of
+// a later position (v, dO, q or k) inside the mma: 0 x NaN is NaN, and a
+// NaN or Inf would reach earlier positions. Only the 16 x 16 chunks on the
+// diagonal mix masked and visible pairs: the chunks past it, all masked, are
+// skipped (acc is unchanged by a zero product, so skipping changes no bit).
+// So on a diagonal tile a warp first checks the rows of b that its diagonal
+// chunks read (rows_finite, a vote); while they are finite, nothing else
+// changes. Otherwise (rare) it adds, in scalar code, the product of each
+// non-finite value with the probabilities of the rows that see it
+// (add_nonfinite_products), and runs the chunks' products with those values
+// replaced by 0: the rows that do not see them get the bits of a run where
+// they were finite, the rows that do get a non-finite sum whose kind (NaN,
+// +Inf, -Inf) is the exact one whatever the order.
+//
+// Coordinates are the tile's: chunk (slice mi, k step kk) pairs rows
+// 16 (diag + mi) .. (the warp's rows, numbered as columns of the tile) with
+// columns 16 kk ..; diag is the k step of slice 0's diagonal chunk. Row r
+// sees column c when c <= r (rows are queries: forward, grad_q), or when
+// c >= r (TRANSPOSED, rows are keys: grad_kv).
+
+// Whether rows first .. first + ROWS - 1 of a shared tile [*][S] (HD
+// columns) are all finite, voted over the warp: x * 0 + acc stays +0 for
+// finite x, and turns NaN for a NaN or an Inf.
+template <int ROWS, int HD, int S, typename scalar_t>
+__device__ __forceinline__ bool rows_finite(const scalar_t* tile, int first) {
+  constexpr int kChunks = HD / 8;  // 16 bytes each
+  const int lane = threadIdx.x % 32;
+  static_assert(ROWS * kChunks % 32 == 0, "whole loads per lane");
+  uint32_t acc = 0;
+#pragma unroll
+  for (int i = 0; i < ROWS * kChunks / 32; i++) {
+    const int idx = lane + 32 * i;
+    const uint4 w = *reinterpret_cast<const uint4*>(tile + (first + idx / kChunks) * S +
+                                                    idx % kChunks * 8);
+    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int wi = 0; wi < 4; wi++) {
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+        asm("fma.rn.bf16x2 %0, %1, %2, %0;" : "+r"(acc) : "r"(words[wi]), "r"(0u));
+      } else {
+        asm("fma.rn.f16x2 %0, %1, %2, %0;" : "+r"(acc) : "r"(words[wi]), "r"(0u));
+      }
+    }
+  }
+  return !__any_sync(0xffffffffu, acc != 0u);
+}
+
+// w's two 16-bit values with the non-finite ones replaced by 0.
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t zero_nonfinite(uint32_t w) {
+  constexpr uint32_t kExponent = std::is_same_v<scalar_t, at::BFloat16> ? 0x7f80u : 0x7c00u;
+  if ((w & kExponent) == kExponent) w &= 0xffff0000u;
+  if ((w >> 16 & kExponent) == kExponent) w &= 0x0000ffffu;
+  return w;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ float2 unpack2(uint32_t w) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
+  } else {
+    return __half22float2(*reinterpret_cast<const __half2*>(&w));
+  }
+}
+
+// Which chunks of a tile accumulate_product multiplies: all, or on a
+// diagonal tile those with a visible pair, with (the slow path) or without
+// the non-finite values of b in the diagonal k steps diag .. diag + M - 1
+// replaced by 0.
+enum class Chunks { kAll, kVisible, kVisibleSanitized };
+
 // acc += P B for one warp's M slices of 16 rows: P [16 M][K] held as score
 // accumulators (C fragments, rounded to 16 bits on the way into the A
 // operand), B a shared tile [K][S] (k along rows, read transposed), acc
 // [16 M][HD]: out += P v in the forward, dq += dS k, dv += P^T dO and
-// dk += dS^T q in the backward.
-template <int M, int K, int HD, int S, typename scalar_t>
+// dk += dS^T q in the backward. Chunk (mi, kk) has a visible pair when
+// kk <= diag + mi (TRANSPOSED: >=).
+template <int M, int K, int HD, int S, Chunks CHUNKS = Chunks::kAll, bool TRANSPOSED = false,
+          typename scalar_t>
 __device__ __forceinline__ void accumulate_product(float (&acc)[M][HD / 8][4],
                                                    const float (&p)[M][K / 8][4],
-                                                   const scalar_t* b) {
+                                                   const scalar_t* b, int diag = 0) {
+  constexpr bool kAll = CHUNKS == Chunks::kAll;
 #pragma unroll
   for (int kk = 0; kk < K / 16; kk++) {
+    if (!kAll && (TRANSPOSED ? kk < diag : kk > diag + M - 1)) continue;  // all masked
     uint32_t pa[M][4];
 #pragma unroll
     for (int mi = 0; mi < M; mi++) c_to_a<scalar_t>(pa[mi], p[mi][2 * kk], p[mi][2 * kk + 1]);
@@ -247,9 +324,78 @@ __device__ __forceinline__ void accumulate_product(float (&acc)[M][HD / 8][4],
     for (int np = 0; np < HD / 16; np++) {
       uint32_t fb[4];
       load_b_trans<S>(fb, b, kk * 16, np * 16);
+      if (CHUNKS == Chunks::kVisibleSanitized && kk >= diag && kk < diag + M) {
 #pragma unroll
-      for (int mi = 0; mi < M; mi++) mma_pair<scalar_t>(acc[mi][2 * np], acc[mi][2 * np + 1], pa[mi], fb);
+        for (int i = 0; i < 4; i++) fb[i] = zero_nonfinite<scalar_t>(fb[i]);
+      }
+#pragma unroll
+      for (int mi = 0; mi < M; mi++) {
+        if (kAll || (TRANSPOSED ? kk >= diag + mi : kk <= diag + mi)) {
+          mma_pair<scalar_t>(acc[mi][2 * np], acc[mi][2 * np + 1], pa[mi], fb);
+        }
+      }
     }
+  }
+}
+
+// The slow path's scalar part: acc[row] += p[row][c] * b[c] for each
+// non-finite b[c][d] of the diagonal k steps that row sees. p[row][c] is
+// held by lane 4 g + (c % 8) / 2 of the row's quad; the n tiles are walked
+// unrolled, so that p is only ever indexed by constants (a register array).
+template <int M, int K, int HD, int S, bool TRANSPOSED, typename scalar_t>
+__device__ __forceinline__ void add_nonfinite_products(float (&acc)[M][HD / 8][4],
+                                                       const float (&p)[M][K / 8][4],
+                                                       const scalar_t* b, int diag) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int nt = 0; nt < K / 8; nt++) {
+    if (nt / 2 < diag || nt / 2 >= diag + M) continue;
+#pragma unroll 1
+    for (int c8 = 0; c8 < 8; c8++) {
+      const int c = nt * 8 + c8;  // the column (row of b)
+      float pc[M][2];             // p of rows g, g + 8 of each slice at column c
+#pragma unroll
+      for (int mi = 0; mi < M; mi++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          const float lo = __shfl_sync(0xffffffffu, p[mi][nt][2 * h], 4 * g + c8 / 2);
+          const float hi = __shfl_sync(0xffffffffu, p[mi][nt][2 * h + 1], 4 * g + c8 / 2);
+          pc[mi][h] = (c8 & 1) ? hi : lo;
+        }
+      }
+#pragma unroll
+      for (int nd = 0; nd < HD / 8; nd++) {
+        const float2 v2 = unpack2<scalar_t>(
+            *reinterpret_cast<const uint32_t*>(b + c * S + nd * 8 + 2 * t));
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+          const float v = e == 0 ? v2.x : v2.y;
+          if (isfinite(v)) continue;
+#pragma unroll
+          for (int mi = 0; mi < M; mi++) {
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+              const int row = 16 * (diag + mi) + g + 8 * h;
+              if (TRANSPOSED ? c >= row : c <= row) acc[mi][nd][2 * h + e] += pc[mi][h] * v;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// acc += P b on a tile whose diagonal k step is diag (see above), exact for
+// non-finite values in b.
+template <int M, int K, int HD, int S, bool TRANSPOSED, typename scalar_t>
+__device__ __forceinline__ void accumulate_product_causal(float (&acc)[M][HD / 8][4],
+                                                          const float (&p)[M][K / 8][4],
+                                                          const scalar_t* b, int diag) {
+  if (rows_finite<16 * M, HD, S>(b, 16 * diag)) {
+    accumulate_product<M, K, HD, S, Chunks::kVisible, TRANSPOSED>(acc, p, b, diag);
+  } else {
+    add_nonfinite_products<M, K, HD, S, TRANSPOSED>(acc, p, b, diag);
+    accumulate_product<M, K, HD, S, Chunks::kVisibleSanitized, TRANSPOSED>(acc, p, b, diag);
   }
 }
 
@@ -429,7 +575,11 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 
-    accumulate_product<M, BK, HD, S>(o, s, vb);  // o += P v
+    if (warp_q0 < k0 + BK) {  // o += P v; this tile holds the warp's diagonal
+      accumulate_product_causal<M, BK, HD, S, false>(o, s, vb, (warp_q0 - k0) / 16);
+    } else {
+      accumulate_product<M, BK, HD, S>(o, s, vb);
+    }
   }
 
   // Normalize, write out and lse (natural log).
@@ -563,7 +713,8 @@ __global__ void __launch_bounds__(kThreads)
     two_products<M, BQ, HD, S>(st, dpt, k_s, v_s, warp * M * 16, qb, dob);
     // P^T and dS^T in place of S^T and dP^T; only the tiles on the diagonal
     // or past T need the mask (query rows past T have lse 0, not -inf). With
-    // dropout, (P o Z)^T and (P o (Z o dP - D))^T.
+    // dropout, (P o Z)^T and (P o (Z o dP - D))^T. A masked dS is set to 0,
+    // not multiplied by P's 0: dP holds a later position's NaN or Inf.
     const bool needs_mask = q0 < warp_k0 + 16 * M - 1 || q0 + BQ > T;
 #pragma unroll
     for (int nt = 0; nt < BQ / 8; nt++) {
@@ -576,10 +727,12 @@ __global__ void __launch_bounds__(kThreads)
           const float row_lse = (e & 1) ? lse2.y : lse2.x;
           const float row_d = (e & 1) ? d2.y : d2.x;
           float p = exp2f(fmaf(st[mi][nt][e], scale_log2, -row_lse * kLog2e));
+          bool masked = false;
           if (needs_mask) {
             const int query = q0 + nt * 8 + 2 * t + (e & 1);
             const int key = warp_k0 + mi * 16 + g + 8 * (e >> 1);
-            if (query < key || query >= T) p = 0.f;
+            masked = query < key || query >= T;
+            if (masked) p = 0.f;
           }
           if constexpr (DROPOUT) {
             const float z = fragment_multiplier(keep[mi], nt, e, keep_scale);
@@ -589,11 +742,18 @@ __global__ void __launch_bounds__(kThreads)
             st[mi][nt][e] = p;
             dpt[mi][nt][e] = p * (dpt[mi][nt][e] - row_d) * scale;
           }
+          if (masked) dpt[mi][nt][e] = 0.f;
         }
       }
     }
-    accumulate_product<M, BQ, HD, S>(dv, st, dob);  // dv += P^T dO
-    accumulate_product<M, BQ, HD, S>(dk, dpt, qb);  // dk += dS^T q
+    if (warp_k0 >= q0) {  // this tile holds the warp's diagonal
+      const int diag = (warp_k0 - q0) / 16;
+      accumulate_product_causal<M, BQ, HD, S, true>(dv, st, dob, diag);  // dv += P^T dO
+      accumulate_product_causal<M, BQ, HD, S, true>(dk, dpt, qb, diag);  // dk += dS^T q
+    } else {
+      accumulate_product<M, BQ, HD, S>(dv, st, dob);
+      accumulate_product<M, BQ, HD, S>(dk, dpt, qb);
+    }
   }
 
   scalar_t* grad_head_kv = grad_qkv + static_cast<int64_t>(b) * T * row_stride + h * HD;
@@ -677,7 +837,8 @@ __global__ void __launch_bounds__(kThreads)
 
     float s[M][BK / 8][4] = {}, dp[M][BK / 8][4] = {};
     two_products<M, BK, HD, S>(s, dp, q_s, do_s, warp * M * 16, kb, vb);
-    // dS in place of S; with dropout P o (Z o dP - D).
+    // dS in place of S; with dropout P o (Z o dP - D). A masked dS is set to
+    // 0, not multiplied by P's 0: dP holds a later position's NaN or Inf.
     const bool needs_mask = k0 + BK - 1 > warp_q0 || warp_q0 + 16 * M > T;
 #pragma unroll
     for (int mi = 0; mi < M; mi++) {
@@ -687,10 +848,12 @@ __global__ void __launch_bounds__(kThreads)
         for (int e = 0; e < 4; e++) {
           const int i = e >> 1;
           float p = exp2f(fmaf(s[mi][nt][e], scale_log2, -lse_row[mi][i]));
+          bool masked = false;
           if (needs_mask) {
             const int key = k0 + nt * 8 + 2 * t + (e & 1);
             const int row = warp_q0 + mi * 16 + g + 8 * i;
-            if (key > row || row >= T) p = 0.f;
+            masked = key > row || row >= T;
+            if (masked) p = 0.f;
           }
           if constexpr (DROPOUT) {
             const float z = fragment_multiplier(keep[mi], nt, e, keep_scale);
@@ -698,10 +861,15 @@ __global__ void __launch_bounds__(kThreads)
           } else {
             s[mi][nt][e] = p * (dp[mi][nt][e] - dot_row[mi][i]) * scale;
           }
+          if (masked) s[mi][nt][e] = 0.f;
         }
       }
     }
-    accumulate_product<M, BK, HD, S>(dq, s, kb);  // dq += dS k
+    if (warp_q0 < k0 + BK) {  // dq += dS k; this tile holds the warp's diagonal
+      accumulate_product_causal<M, BK, HD, S, false>(dq, s, kb, (warp_q0 - k0) / 16);
+    } else {
+      accumulate_product<M, BK, HD, S>(dq, s, kb);
+    }
   }
 
   scalar_t* grad_head_q = grad_qkv + static_cast<int64_t>(b) * T * row_stride + h * HD;
