@@ -13,6 +13,9 @@
 #   PYTEST_TARGETS         what pytest runs (default: tests/)
 #   PYTEST_FLAGS           default: -x -q
 #   SKIP_SANITIZER=1, SKIP_LONG_RUN=1, SKIP_BENCH=1   leave those steps out
+#   SANITIZERS             which compute-sanitizer tools run (default:
+#                          "memcheck racecheck initcheck")
+#   INITCHECK_K            pytest -k of initcheck's tests (default below)
 #   SANITIZER_TIMEOUT      seconds each sanitizer run may take (default: no limit;
 #                          one cut off counts as failed)
 # Exit status: non-zero if the build, the tests or a sanitizer check failed.
@@ -64,47 +67,75 @@ sanitize() {
 sanitizers=()
 if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
   step "compute-sanitizer memcheck, racecheck, initcheck (in the background)"
-  sanitize memcheck "$OUT/memcheck.log" "small and not gradcheck" --print-limit 20 &
-  sanitizers+=($!)
+  tools="${SANITIZERS:-memcheck racecheck initcheck}"
+  wants() { [[ " $tools " == *" $1 "* ]]; }
+  if wants memcheck; then
+    sanitize memcheck "$OUT/memcheck.log" "small and not gradcheck" --print-limit 20 &
+    sanitizers+=($!)
+  fi
   # racecheck (shared-memory hazards) on a test of every kernel's backward,
   # the float32 attention paths, and each attention kernel with dropout.
-  sanitize racecheck "$OUT/racecheck.log" \
-      "ops_backward_deterministic_small or attention_float32_vs_sdpa_small or dropout_masks_of_every_attention_kernel or dropout_attention_low_precision_small and 65-64" \
-      --print-limit 20 &
-  sanitizers+=($!)
+  if wants racecheck; then
+    sanitize racecheck "$OUT/racecheck.log" \
+        "ops_backward_deterministic_small or attention_float32_vs_sdpa_small or dropout_masks_of_every_attention_kernel or dropout_attention_low_precision_small and 65-64" \
+        --print-limit 20 &
+    sanitizers+=($!)
+  fi
   # initcheck: reads of memory nothing wrote. Every kernel is checked (with
   # --kernel-name the writes of unchecked kernels, torch.randn's say, go
   # unseen and every input read is reported: seen 2026-11-28). The tests'
   # reference attention runs on PyTorch's math backend (NANOBLOCK_SDPA_MATH,
   # tests/conftest.py): cuDNN's backward draws reports of its own.
   # initcheck_summary.py counts the reports per kernel; only nanoblock's fail.
-  NANOBLOCK_SDPA_MATH=1 sanitize initcheck "$OUT/initcheck.log" "small and not gradcheck" \
-      --print-limit 10000 &
-  sanitizers+=($!)
+  # The bfloat16 Block test is left out: its attention reads the qkv that a
+  # cuBLAS GEMM wrote, and initcheck does not see those writes (the probe
+  # below shows it on PyTorch's own copy kernel; seen 2026-11-28 on an H200).
+  if wants initcheck; then
+    NANOBLOCK_SDPA_MATH=1 sanitize initcheck "$OUT/initcheck.log" \
+        "${INITCHECK_K:-small and not gradcheck and not nan_is_causal_in_the_block}" \
+        --print-limit 10000 &
+    sanitizers+=($!)
+    { PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool initcheck --print-limit 10000 \
+          $PY scripts/initcheck_probe.py 2>&1 | $PY scripts/initcheck_summary.py /dev/stdin \
+          >"$OUT/initcheck_probe.txt"; } &
+    sanitizers+=($!)
+  fi
 fi
 
 step "pytest ${PYTEST_TARGETS:-tests/}"
+# The test of flat device memory reads the card's free memory, which the
+# sanitizers' processes change: it runs after them.
+flat_memory=tests/test_cuda.py::test_device_memory_stays_flat_over_1000_steps
+deselect=()
+[ ${#sanitizers[@]} -gt 0 ] && deselect=(--deselect "$flat_memory")
 # shellcheck disable=SC2086
-$PY -m pytest ${PYTEST_FLAGS:--x -q} ${PYTEST_TARGETS:-tests/} 2>&1 | tee "$OUT/pytest.log"
+$PY -m pytest ${PYTEST_FLAGS:--x -q} ${deselect[@]+"${deselect[@]}"} ${PYTEST_TARGETS:-tests/} 2>&1 | tee "$OUT/pytest.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("pytest")
 
 if [ ${#sanitizers[@]} -gt 0 ]; then
   step "waiting for the sanitizers"
   wait "${sanitizers[@]}"
-  for tool in memcheck racecheck initcheck; do
+  for tool in $tools; do
     echo "-- $tool: $(grep -E "passed|failed" "$OUT/$tool.log" | tail -n 1)"
     grep -E "(ERROR|RACECHECK) SUMMARY" "$OUT/$tool.log" | tail -n 2
     grep -qE "[0-9]+ passed" "$OUT/$tool.log" || failed+=("$tool (tests)")
     [ "$tool" = initcheck ] && continue
     tail -n 5 "$OUT/$tool.log" | grep -qE "SUMMARY: 0 (errors|hazards)" || failed+=("$tool")
   done
-  $PY scripts/initcheck_summary.py "$OUT/initcheck.log" | tee "$OUT/initcheck_summary.txt"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("initcheck")
-  # A full log can pass what the caller may fetch: keep its head and tail.
-  if [ "$(stat -c %s "$OUT/initcheck.log")" -gt 8000000 ]; then
-    { head -n 2000 "$OUT/initcheck.log"; echo "[... cut ...]"; tail -n 200 "$OUT/initcheck.log"; } \
-        >"$OUT/initcheck.cut.log" && rm "$OUT/initcheck.log"
+  if wants initcheck; then
+    $PY scripts/initcheck_summary.py "$OUT/initcheck.log" | tee "$OUT/initcheck_summary.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("initcheck")
+    echo "-- initcheck probe (cuBLAS GEMM, then a PyTorch copy of its output):"
+    cat "$OUT/initcheck_probe.txt"
+    # A full log can pass what the caller may fetch: keep its head and tail.
+    if [ "$(stat -c %s "$OUT/initcheck.log")" -gt 8000000 ]; then
+      { head -n 2000 "$OUT/initcheck.log"; echo "[... cut ...]"; tail -n 200 "$OUT/initcheck.log"; } \
+          >"$OUT/initcheck.cut.log" && rm "$OUT/initcheck.log"
+    fi
   fi
+  step "pytest $flat_memory (after the sanitizers)"
+  $PY -m pytest -q "$flat_memory" 2>&1 | tail -n 3 | tee -a "$OUT/pytest.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("pytest (flat memory)")
 fi
 
 if [ "${SKIP_LONG_RUN:-0}" != "1" ]; then
