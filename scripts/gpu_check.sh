@@ -59,7 +59,7 @@ fi
 sanitize() {
   local tool="$1" log="$2" k="$3"
   shift 3
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZER_TIMEOUT:-0}" \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "${SANITIZER_TIMEOUT:-0}" \
       compute-sanitizer --tool "$tool" "$@" \
       $PY -m pytest -x -q -p no:cacheprovider tests/test_cuda.py -k "$k" >"$log" 2>&1
 }
@@ -95,9 +95,10 @@ if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
         "${INITCHECK_K:-small and not gradcheck and not nan_is_causal_in_the_block}" \
         --print-limit 10000 &
     sanitizers+=($!)
-    { PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool initcheck --print-limit 10000 \
-          $PY scripts/initcheck_probe.py 2>&1 | $PY scripts/initcheck_summary.py /dev/stdin \
-          >"$OUT/initcheck_probe.txt"; } &
+    { PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "${SANITIZER_TIMEOUT:-0}" \
+          compute-sanitizer --tool initcheck --print-limit 100 \
+          $PY scripts/initcheck_probe.py >"$OUT/initcheck_probe.log" 2>&1
+      $PY scripts/initcheck_summary.py "$OUT/initcheck_probe.log" >"$OUT/initcheck_probe.txt"; } &
     sanitizers+=($!)
   fi
 fi
