@@ -1,5 +1,7 @@
 """Shared helpers: a nanoblock Block and the reference Block with the same
 random weights, and relative-error measures."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,3 +153,14 @@ def check_block_causal(block, x, grad_out, pos, value, same=same_values, reach=0
     assert same(bad_dx[0, after:], dx[0, after:]), "backward: reached a later input gradient"
     assert same(bad_dx[1], dx[1]), "backward: reached sequence 1"
     assert not all(torch.isfinite(g).all() for g in bad_param_grads)
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch's intra-op thread count set to n, then back."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
