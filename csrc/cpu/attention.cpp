@@ -626,8 +626,23 @@ void attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
 // pointers (product_tile) over the visible pairs only: a NaN or Inf meets no
 // masked pair, so nothing needs checking.
 
-// Sequences of at most this many positions take the short path, by
-// measurement on the 2-core machine (benchmarks/bench_attention_cpu.py).
+// Sequences of at most this many positions take the short path. Measured on
+// the 2-core machine (benchmarks/bench_attention_cpu.py --paths, float32,
+// medians; single runs vary by about 15%): the short path's time over the
+// tiled path's at 2 threads, 1 thread in brackets.
+//   B, T, C, n_head      forward       forward+backward
+//   64, 24, 96, 4        0.28 (0.17)   0.36 (0.36)    the demo's
+//   16, 24, 128, 4       0.36 (0.50)   0.36 (0.30)
+//   8, 64, 128, 4        0.55 (0.56)   0.51 (0.63)
+//   8, 64, 384, 6        0.57 (0.41)   0.74 (0.64)
+//   4, 128, 128, 4       0.70 (1.18)   0.71 (0.82)
+//   8, 128, 384, 6       0.69 (0.75)   0.86 (0.98)
+//   4, 192, 384, 6       0.80 (0.91)   0.87 (1.04)
+//   4, 256, 384, 6       0.85 (0.93)   1.02 (1.09)
+//   2, 256, 768, 12      0.98 (0.99)   0.89 (1.03)
+//   1, 512, 384, 6       1.24 (1.13)   1.07 (1.17)
+// The short path wins clearly up to T = 128, by little or not at 192 to 256,
+// and loses at 512; at 128 its T x T scratch stays small (64 KiB a buffer).
 constexpr int64_t kShortSequenceMax = 128;
 
 // The crossover in force: kShortSequenceMax, or the environment's
