@@ -157,13 +157,16 @@ def test_memory_stays_flat_over_1000_steps():
 def test_training_1000_steps_follows_the_reference():
     """python -m nanoblock.long_run: the demo's GPT of nanoblock Blocks, of
     reference Blocks, and of reference Blocks started one float32 ulp up and
-    one down, 1000 AdamW steps each on the same batches. The reference and its
-    twins show how far equally valid float32 runs' loss curves drift (window
-    means of 100 steps; the farther twin's worst gap, 16.7% in the committed
-    run, benchmarks/results/cpu-2core/long_run_cpu.json; the up twin alone
-    gave 9.9%, the lowest of any seed tried: 15-28% at seeds 1-6);
-    nanoblock's curve must stay within 3x that of the reference's, plus 1%,
-    with no NaN or Inf.
+    one down, 1000 AdamW steps each on the same batches, with no NaN or Inf.
+    Late: the twins show how far equally valid float32 runs' loss curves
+    drift (window means of 100 steps); nanoblock's worst gap must stay within
+    3x the farther twin's, plus 1% (16.7% at seed 0, so 51%; valid runs gave
+    8-42% at seeds 0-7, nanoblock's short and tiled attention paths and the
+    twins alike: benchmarks/results/cpu-2core/long_run_seeds.md). Early:
+    nanoblock's loss must stay within 0.1% of the reference's at least half
+    as many steps as the earlier twin's does (valid runs: 0.94-1.24 of it);
+    this is what catches a kernel error, e.g. one of 10% in the attention
+    backward's D term, whose late gaps are no larger than chaos.
     One thread: the model is tiny, and a second thread only adds OpenMP
     barriers, which stall for milliseconds when the machine is busy."""
     with torch_threads(1):
@@ -171,6 +174,10 @@ def test_training_1000_steps_follows_the_reference():
     assert result["finite"]
     assert result["gap"] <= result["tolerance"], (
         f"nanoblock's loss curve is {100 * result['gap']:.1f}% from the reference's; "
-        f"the one-ulp twin's is {100 * result['noise']:.1f}%")
+        f"the farther one-ulp twin's is {100 * result['noise']:.1f}%")
+    onsets = result["onsets"]
+    assert onsets["nanoblock"] >= result["onset_min"], (
+        f"nanoblock's loss left the reference's at step {onsets['nanoblock']}, the one-ulp "
+        f"twins' at steps {onsets['reference_one_ulp']} and {onsets['reference_one_ulp_down']}")
     means = result["window_means"]["nanoblock"]
     assert means[-1] < 0.1 * means[0]  # it learned
