@@ -1,5 +1,6 @@
 """Shared helpers: a nanoblock Block and the reference Block with the same
 random weights, and relative-error measures."""
+import contextlib
 import os
 
 import pytest
@@ -199,3 +200,14 @@ def check_block_causal(block, x, grad_out, pos, value, same=same_values):
     assert same(bad_dx[0, pos + 1:], dx[0, pos + 1:]), "backward: reached a later input gradient"
     assert same(bad_dx[1], dx[1]), "backward: reached sequence 1"
     assert not all(torch.isfinite(g).all() for g in bad_param_grads)
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch's intra-op thread count set to n, then back."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from nanoblock import ops
 
+from conftest import torch_threads
+
 nb = torch.ops.nanoblock
 f64 = dict(dtype=torch.float64)
 
@@ -73,6 +75,78 @@ def test_attention_is_causal():
     assert not torch.equal(out1[:, 30:], out2[:, 30:])
 
 
+# The CPU attention's two paths (csrc/cpu/attention.cpp): short sequences run
+# each head as one tile of register-blocked loops, longer ones the tiled
+# loops with ATen's GEMMs. NANOBLOCK_CPU_ATTENTION_SHORT_MAX moves the
+# crossover; these tests pick the path with it, whatever the default.
+
+@pytest.fixture(params=["short", "tiled"])
+def attention_path(request, monkeypatch):
+    monkeypatch.setenv("NANOBLOCK_CPU_ATTENTION_SHORT_MAX",
+                       str(2**40) if request.param == "short" else "0")
+    return request.param
+
+
+def attention_and_grad(qkv, n_head, grad, dropout_p=0.0, rng=None):
+    """(out, lse, grad_qkv) of the attention ops on qkv."""
+    out, lse = nb.causal_attention_forward(qkv, n_head, dropout_p, rng)
+    return out, lse, nb.causal_attention_backward(grad, qkv, out, lse, n_head, dropout_p, rng)
+
+
+# T around the short path's tiles of 4 rows and 16 (float32) or 8 (float64)
+# keys and head columns, and the tiled path's blocks of 64.
+@pytest.mark.parametrize("T", [1, 3, 4, 5, 16, 17, 33, 64, 70])
+@pytest.mark.parametrize("hd", [1, 7, 16, 24, 40])
+def test_attention_paths_match_pytorch(attention_path, T, hd):
+    torch.manual_seed(T * 100 + hd)
+    qkv = torch.randn(2, T, 3 * 2 * hd, **f64, requires_grad=True)
+    grad = torch.randn(2, T, 2 * hd, **f64)
+    out, lse, g = attention_and_grad(qkv.detach(), 2, grad)
+    ref_out, ref_lse = reference_attention(qkv, 2)
+    g_ref, = torch.autograd.grad(ref_out, qkv, grad)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("T,hd", [(5, 7), (24, 24), (33, 16), (64, 64)])
+def test_attention_paths_agree(monkeypatch, T, hd):
+    """The short path against the tiled one at the same lengths: float64 with
+    dropout to rounding (the same mask elements, kernel_api.h), float32
+    within float32 rounding, bit for bit on one and two threads."""
+    torch.manual_seed(T)
+    qkv = torch.randn(3, T, 3 * 2 * hd, **f64)
+    grad = torch.randn(3, T, 2 * hd, **f64)
+    rng = torch.tensor([99, 3])
+    results = {}
+    for path, short_max in [("short", str(T)), ("tiled", "0")]:
+        monkeypatch.setenv("NANOBLOCK_CPU_ATTENTION_SHORT_MAX", short_max)
+        results[path] = (attention_and_grad(qkv, 2, grad, 0.25, rng),
+                         attention_and_grad(qkv.float(), 2, grad.float()))
+        with torch_threads(1):
+            one = attention_and_grad(qkv.float(), 2, grad.float())
+        assert all(torch.equal(a, b) for a, b in zip(one, results[path][1])), path
+    (short64, short32), (tiled64, tiled32) = results["short"], results["tiled"]
+    for a, b in zip(short64, tiled64):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(short32, tiled32):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 24])
+def test_attention_single_key_query_gets_zero_gradient(attention_path, T):
+    """Query 0 sees key 0 only: its softmax is constant, so dq_0 is exactly 0
+    in float32 too (dP - D cancels: D is summed as dP is), and at T = 1
+    dk_0 as well."""
+    torch.manual_seed(T)
+    C = 2 * 29
+    qkv, grad = torch.randn(2, T, 3 * C), torch.randn(2, T, C)
+    _, _, g = attention_and_grad(qkv, 2, grad)
+    assert torch.equal(g[:, 0, :C], torch.zeros_like(g[:, 0, :C]))
+    if T == 1:
+        assert torch.equal(g[..., :2 * C], torch.zeros_like(g[..., :2 * C]))
+
+
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_bias_gelu_matches_pytorch(approximate, bias):
@@ -106,9 +180,9 @@ def test_gradcheck_add_layer_norm():
 
 
 @pytest.mark.parametrize("T,C,n_head", [(1, 8, 2), (9, 16, 2), (70, 6, 3)])
-def test_gradcheck_attention(T, C, n_head):
+def test_gradcheck_attention(attention_path, T, C, n_head):
     qkv = torch.randn(2, T, 3 * C, **f64, requires_grad=True)
-    # T = 70 crosses the 64-row tiles; fast mode keeps it to seconds.
+    # T = 70 crosses the tiled path's 64-row blocks; fast mode keeps it to seconds.
     assert torch.autograd.gradcheck(lambda q: ops.causal_attention(q, n_head), (qkv,),
                                     fast_mode=T > 64)
 

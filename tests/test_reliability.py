@@ -1,6 +1,5 @@
 """Reliability on the CPU: NaN containment, large activations, long
 sequences, threads, memory that stays flat."""
-import contextlib
 import threading
 
 import pytest
@@ -10,7 +9,7 @@ import nanoblock
 from nanoblock import long_run
 
 from conftest import (NON_FINITE, block_pair, check_attention_causal, check_block_causal,
-                      forward_backward, make_config, rel_err)
+                      forward_backward, make_config, rel_err, torch_threads)
 
 
 def test_nan_stays_in_its_sequence():
@@ -28,11 +27,14 @@ def test_nan_stays_in_its_sequence():
     assert torch.isfinite(g[0]).all() and torch.isfinite(g[2]).all()
 
 
-# T = 20 runs the attention's products as loops, T = 300 with head dim 64 as
-# GEMMs, until a block meets the NaN (csrc/cpu/attention.cpp, causal_matmul).
-# Positions sit at the edges of the kernel's blocks of 64 and 256.
+# T = 20 and 22 run the attention's short path (csrc/cpu/attention.cpp: a
+# head as one tile, loops over the visible pairs only; positions at the edges
+# of its 4-row tiles and 16-column panels), T = 300 with head dim 64 the tiled
+# path's GEMMs until a block meets the NaN (causal_matmul; positions at the
+# edges of its blocks of 64 and 256).
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("T,n_head,hd,positions", [(20, 2, 16, [0, 7, 19]),
+                                                   (22, 2, 24, [3, 4, 15, 16, 21]),
                                                    (300, 2, 64, [63, 64, 256, 299])])
 @pytest.mark.parametrize("part", ["q", "k", "v", "grad_out"])
 def test_nan_is_causal_in_attention(dtype, T, n_head, hd, positions, part):
@@ -107,25 +109,15 @@ def test_two_threads_give_the_results_of_one():
         assert all(torch.equal(a, b) for a, b in zip(g, g_alone))
 
 
-@contextlib.contextmanager
-def torch_threads(n):
-    """torch's intra-op thread count set to n, then back."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
-def test_same_bits_on_one_and_two_threads():
+@pytest.mark.parametrize("T", [24, 130])  # the attention's short and tiled paths
+def test_same_bits_on_one_and_two_threads(T):
     """nanoblock's own reductions are cut by shape, not by thread count
     (csrc/cpu/row_blocks.h; attention has one task per (batch, head)), so
     the thread count changes no bit here; the GEMMs are ATen's (MKL), which
     promise this for no shape, so the README states it as tested, not as a
     rule."""
     nb, _ = block_pair(make_config(96, 3), dtype=torch.float32)
-    x = torch.randn(4, 130, 96)
+    x = torch.randn(4, T, 96)
     grad = torch.randn_like(x)
     with torch_threads(1):
         y1, g1 = forward_backward(nb, x, grad)
@@ -164,12 +156,17 @@ def test_memory_stays_flat_over_1000_steps():
 
 def test_training_1000_steps_follows_the_reference():
     """python -m nanoblock.long_run: the demo's GPT of nanoblock Blocks, of
-    reference Blocks, and of reference Blocks started one float32 ulp away,
-    1000 AdamW steps each on the same batches. The reference and its twin
-    show how far two equally valid float32 runs' loss curves drift (window
-    means of 100 steps; 9.9% at worst in the committed run,
-    benchmarks/results/cpu-2core/long_run_cpu.json); nanoblock's curve must
-    stay within 3x that of the reference's, plus 1%, with no NaN or Inf.
+    reference Blocks, and of reference Blocks started one float32 ulp up and
+    one down, 1000 AdamW steps each on the same batches, with no NaN or Inf.
+    Late: the twins show how far equally valid float32 runs' loss curves
+    drift (window means of 100 steps); nanoblock's worst gap must stay within
+    3x the farther twin's, plus 1% (16.7% at seed 0, so 51%; valid runs gave
+    8-42% at seeds 0-7, nanoblock's short and tiled attention paths and the
+    twins alike: benchmarks/results/cpu-2core/long_run_seeds.md). Early:
+    nanoblock's loss must stay within 0.1% of the reference's at least half
+    as many steps as the earlier twin's does (valid runs: 0.94-1.24 of it);
+    this is what catches a kernel error, e.g. one of 10% in the attention
+    backward's D term, whose late gaps are no larger than chaos.
     One thread: the model is tiny, and a second thread only adds OpenMP
     barriers, which stall for milliseconds when the machine is busy."""
     with torch_threads(1):
@@ -177,6 +174,10 @@ def test_training_1000_steps_follows_the_reference():
     assert result["finite"]
     assert result["gap"] <= result["tolerance"], (
         f"nanoblock's loss curve is {100 * result['gap']:.1f}% from the reference's; "
-        f"the one-ulp twin's is {100 * result['noise']:.1f}%")
+        f"the farther one-ulp twin's is {100 * result['noise']:.1f}%")
+    onsets = result["onsets"]
+    assert onsets["nanoblock"] >= result["onset_min"], (
+        f"nanoblock's loss left the reference's at step {onsets['nanoblock']}, the one-ulp "
+        f"twins' at steps {onsets['reference_one_ulp']} and {onsets['reference_one_ulp_down']}")
     means = result["window_means"]["nanoblock"]
     assert means[-1] < 0.1 * means[0]  # it learned

@@ -16,25 +16,39 @@
 // takes row sums and lse of P, then out = (P o Z) v; the backward makes Z
 // again, dv = (P o Z)^T dO and dS = P * (Z o dP - D), D unchanged.
 //
-// Queries and keys are cut into blocks; no T x T tensor ever exists. The
-// block products go through ATen's GEMM (at::mm_out / at::addmm_out) on
-// from_blob views of the strided head columns, so nothing is copied; small
-// products (short sequences) run as plain loops (tile_matmul). A NaN or Inf
-// at one position reaches no earlier position's output and no later
-// position's gradient: masked probabilities and score gradients are exactly
-// 0, and where one would meet a non-finite value on the diagonal, the block
-// runs as loops that skip masked pairs (causal_matmul). The
-// elementwise work (mask, rescale, row sums) is plain loops over contiguous
-// rows, with the exp from vector_math.h (vectorized) for float32 and libm's
-// for float64, all in the input's precision. lse has the input's dtype: for float32 and float64,
-// the two dtypes dispatched here, that is stats_dtype. bfloat16 runs as
-// float32 (bfloat16.h) and keeps a float32 lse.
+// Two paths, picked by T alone (so the forward and backward of a call take
+// the same one):
+// - Tiled (T > kShortSequenceMax): queries and keys are cut into blocks; no
+//   T x T tensor ever exists. The block products go through ATen's GEMM
+//   (at::mm_out / at::addmm_out) on from_blob views of the strided head
+//   columns, so nothing is copied; small products run as plain loops
+//   (tile_matmul).
+// - Short (T <= kShortSequenceMax, the second half of this file): a task
+//   takes a whole head, its scores [T, T] in scratch, and every product runs
+//   through one register-blocked tile on raw pointers (product_tile), where
+//   the tiled path's per-product overhead (views, GEMM calls) would dominate.
+// A NaN or Inf at one position reaches no earlier position's output and no
+// later position's gradient: masked probabilities and score gradients are
+// exactly 0; the short path's products visit only the visible pairs, and
+// where a tiled block's masked 0 would meet a non-finite value on the
+// diagonal, the block runs as loops that skip masked pairs (causal_matmul).
+// The elementwise work (mask, rescale, row sums) is plain loops over
+// contiguous rows, with the exp from vector_math.h (vectorized) for float32
+// and libm's for float64, all in the input's precision. lse has the input's
+// dtype: for float32 and float64, the two dtypes dispatched here, that is
+// stats_dtype. bfloat16 runs as float32 (bfloat16.h) and keeps a float32 lse.
+// Every entry is summed in an order fixed by the shape (one task per head,
+// or per query block), so one or two threads give the same bits.
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <numeric>
 #include <optional>
 
 #include "../kernels.h"
@@ -69,7 +83,7 @@ Tensor matrix_view(const scalar_t* data, int64_t rows, int64_t cols,
 
 // The product of two tiles: out [m, n] = a [m, k] @ b [k, n], or out += it
 // when accumulate. a, b and out are strided views (b often a transposed one).
-// Big products go to ATen's GEMM; small ones (short sequences, small heads)
+// Big products go to ATen's GEMM; small ones (a ragged last block, small heads)
 // run as plain loops, because each GEMM call costs a few microseconds, more
 // than a product of fewer than kSmallProduct multiply-adds takes.
 constexpr int64_t kSmallProduct = 32 * 32 * 32;
@@ -117,6 +131,29 @@ void small_matmul(const double* a, int64_t a_row, int64_t a_col, const double* b
                   int64_t n, int64_t k, bool accumulate) {
   small_matmul<double>(a, a_row, a_col, b, b_stride, b_row_major, out, out_stride, m, n, k,
                        accumulate);
+}
+
+// out[i] = a[i] . b[i] for i < rows (rows of k, stride apart), each summed
+// exactly as small_matmul sums a dot product: lane_sum, in a function
+// vectorized like it, so that its multiply-adds fuse where small_matmul's do.
+template <typename T>
+NANOBLOCK_INLINE void lane_row_dots(const T* a, const T* b, int64_t stride, int64_t rows,
+                                    int64_t k, T* out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* a_i = a + i * stride;
+    const T* b_i = b + i * stride;
+    out[i] = lane_sum<T>(k, [&](int64_t p) { return a_i[p] * b_i[p]; });
+  }
+}
+
+NANOBLOCK_VECTORIZE void lane_row_dots(const float* a, const float* b, int64_t stride,
+                                       int64_t rows, int64_t k, float* out) {
+  lane_row_dots<float>(a, b, stride, rows, k, out);
+}
+
+void lane_row_dots(const double* a, const double* b, int64_t stride, int64_t rows, int64_t k,
+                   double* out) {
+  lane_row_dots<double>(a, b, stride, rows, k, out);
 }
 
 template <typename scalar_t>
@@ -180,6 +217,14 @@ void causal_products(const double* a, int64_t a_stride, const double* b, int64_t
                           transpose_a);
 }
 
+// Sets rows [rows, n] (row_stride apart) to 0.
+template <typename scalar_t>
+void zero_rows(scalar_t* data, int64_t rows, int64_t n, int64_t row_stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    std::fill(data + r * row_stride, data + r * row_stride + n, scalar_t(0));
+  }
+}
+
 // Whether rows first .. last - 1 of a matrix (rows n long and contiguous,
 // row_stride apart) are all finite: x * 0 is 0 for finite x, NaN otherwise.
 template <typename scalar_t>
@@ -222,11 +267,7 @@ void causal_matmul(Tensor& out, const Tensor& a, const Tensor& b, int64_t diag,
     return;
   }
   scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-  if (!accumulate) {
-    for (int64_t r = 0; r < out.size(0); ++r) {
-      std::fill(out_data + r * out.stride(0), out_data + r * out.stride(0) + n, scalar_t(0));
-    }
-  }
+  if (!accumulate) zero_rows(out_data, out.size(0), n, out.stride(0));
   causal_products(a.const_data_ptr<scalar_t>(), a.stride(0), b_data, b.stride(0), out_data,
                   out.stride(0), n, rows, cols, diag, transpose_a);
 }
@@ -316,6 +357,21 @@ void drop_probabilities(scalar_t* data, int64_t rows, int64_t cols, int64_t head
   }
 }
 
+// A chunk's scratch: one buffer (kept alive by storage), handed out as
+// consecutive pieces of the given sizes in elements.
+template <typename scalar_t, size_t N>
+std::array<scalar_t*, N> scratch_pieces(Tensor& storage, const at::TensorOptions& options,
+                                        const int64_t (&sizes)[N]) {
+  storage = at::empty({std::accumulate(sizes, sizes + N, int64_t(0))}, options);
+  std::array<scalar_t*, N> pieces;
+  scalar_t* next = storage.mutable_data_ptr<scalar_t>();
+  for (size_t i = 0; i < N; ++i) {
+    pieces[i] = next;
+    next += sizes[i];
+  }
+  return pieces;
+}
+
 // mask: null without dropout.
 template <typename scalar_t>
 void attention_forward_kernel(const Tensor& qkv, int64_t n_head,
@@ -339,11 +395,9 @@ void attention_forward_kernel(const Tensor& qkv, int64_t n_head,
     // Scratch per chunk: scores / probabilities [kQueryBlock, kKeyBlock],
     // then the running max, running sum and rescale factors, each
     // [kQueryBlock].
-    Tensor scratch = at::empty({kQueryBlock * (kKeyBlock + 3)}, options);
-    scalar_t* scores = scratch.mutable_data_ptr<scalar_t>();
-    scalar_t* row_max = scores + kQueryBlock * kKeyBlock;
-    scalar_t* row_sum = row_max + kQueryBlock;
-    scalar_t* rescale = row_sum + kQueryBlock;
+    Tensor scratch;
+    const auto [scores, row_max, row_sum, rescale] = scratch_pieces<scalar_t>(
+        scratch, options, {kQueryBlock * kKeyBlock, kQueryBlock, kQueryBlock, kQueryBlock});
 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (n_head * query_blocks);
@@ -418,6 +472,31 @@ void attention_forward_kernel(const Tensor& qkv, int64_t n_head,
   });
 }
 
+// One (batch, head) of the backward, task = b * n_head + h (both paths):
+// its first rows of qkv (q; k and v C and 2C further on; rows 3C apart), of
+// dO and out (rows C apart) and of grad_qkv (as qkv's), and its lse [T].
+template <typename scalar_t>
+struct BackwardHead {
+  const scalar_t* qkv_rows;
+  const scalar_t* grad_out_rows;
+  const scalar_t* out_rows;
+  const scalar_t* lse_rows;
+  scalar_t* grad_qkv_rows;
+};
+
+template <typename scalar_t>
+BackwardHead<scalar_t> backward_head(const Tensor& grad_out, const Tensor& qkv,
+                                     const Tensor& out, const Tensor& lse,
+                                     const Tensor& grad_qkv, int64_t n_head, int64_t task) {
+  const int64_t T = qkv.size(1), C = qkv.size(2) / 3;
+  const int64_t b = task / n_head, h = task % n_head, hd = C / n_head;
+  const int64_t qkv_offset = b * T * 3 * C + h * hd, offset = b * T * C + h * hd;
+  return {qkv.const_data_ptr<scalar_t>() + qkv_offset,
+          grad_out.const_data_ptr<scalar_t>() + offset, out.const_data_ptr<scalar_t>() + offset,
+          lse.const_data_ptr<scalar_t>() + task * T,
+          grad_qkv.mutable_data_ptr<scalar_t>() + qkv_offset};
+}
+
 // mask: null without dropout.
 template <typename scalar_t>
 void attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
@@ -431,11 +510,6 @@ void attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
   const int64_t qkv_stride = 3 * C;
   const scalar_t scale = scalar_t(1) / std::sqrt(scalar_t(hd));
   const auto options = qkv.options();
-  const scalar_t* qkv_data = qkv.const_data_ptr<scalar_t>();
-  const scalar_t* grad_out_data = grad_out.const_data_ptr<scalar_t>();
-  const scalar_t* out_data = out.const_data_ptr<scalar_t>();
-  const scalar_t* lse_data = lse.const_data_ptr<scalar_t>();
-  scalar_t* grad_qkv_data = grad_qkv.mutable_data_ptr<scalar_t>();
 
   // One task per (batch, head): it owns that head's columns of grad_qkv
   // and walks key blocks and query blocks in a fixed order, so the sums
@@ -445,31 +519,20 @@ void attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
     // [kQueryBlock, kKeyBlock], then D [T], then with dropout the mask's
     // multipliers Z [kQueryBlock, kKeyBlock].
     const int64_t tile = kQueryBlock * kKeyBlock;
-    Tensor scratch = at::empty({(mask ? 3 : 2) * tile + T}, options);
-    scalar_t* probs = scratch.mutable_data_ptr<scalar_t>();
-    scalar_t* grad_scores = probs + tile;
-    scalar_t* row_dot = grad_scores + tile;
-    scalar_t* keep = row_dot + T;
+    Tensor scratch;
+    const auto [probs, grad_scores, row_dot, keep] =
+        scratch_pieces<scalar_t>(scratch, options, {tile, tile, T, mask ? tile : 0});
 
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / n_head;
-      const int64_t h = task % n_head;
-      const scalar_t* head_rows = qkv_data + b * T * qkv_stride + h * hd;
-      scalar_t* grad_head_rows = grad_qkv_data + b * T * qkv_stride + h * hd;
-      const scalar_t* grad_out_rows = grad_out_data + b * T * C + h * hd;
-      const scalar_t* out_rows = out_data + b * T * C + h * hd;
-      const scalar_t* lse_rows = lse_data + (b * n_head + h) * T;
+      const auto [head_rows, grad_out_rows, out_rows, lse_rows, grad_head_rows] =
+          backward_head<scalar_t>(grad_out, qkv, out, lse, grad_qkv, n_head, task);
 
-      // D_i = rowsum(dO_i * O_i) [T], summed in the order small_matmul
-      // sums dP = dO v^T: dS = P (dP - D) is a difference of nearly equal
-      // numbers, and where it is 0 in exact math (a query that sees one key,
-      // so O = v) the two then cancel exactly instead of leaving rounding
+      // D_i = rowsum(dO_i * O_i) [T], summed as small_matmul sums dP =
+      // dO v^T: dS = P (dP - D) is a difference of nearly equal numbers,
+      // and where it is 0 in exact math (a query that sees one key, so
+      // O = v) the two then cancel exactly instead of leaving rounding
       // noise in dq and dk.
-      for (int64_t i = 0; i < T; ++i) {
-        const scalar_t* dO = grad_out_rows + i * C;
-        const scalar_t* O = out_rows + i * C;
-        row_dot[i] = lane_sum<scalar_t>(hd, [&](int64_t c) { return dO[c] * O[c]; });
-      }
+      lane_row_dots(grad_out_rows, out_rows, C, T, hd, row_dot);
 
       for (int64_t key_start = 0; key_start < T; key_start += kKeyBlock) {
         const int64_t cols = std::min(kKeyBlock, T - key_start);
@@ -510,7 +573,7 @@ void attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
           // probabilities out was made of, in dP's buffer until dP comes.
           if (mask) {
             std::fill(keep, keep + rows * cols, scalar_t(1));
-            drop_probabilities(keep, rows, cols, b * n_head + h, T, query_start, key_start,
+            drop_probabilities(keep, rows, cols, task, T, query_start, key_start,
                                *mask);
             for (int64_t i = 0; i < rows * cols; ++i) grad_scores[i] = probs[i] * keep[i];
           }
@@ -551,6 +614,375 @@ void attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
   });
 }
 
+// ---------------------------------------------------------------------------
+// Short sequences: a whole head in one tile.
+//
+// At small T the tiled kernels above spend their time around tiny products:
+// views, checks, and in small_matmul a dot product with its reduction per
+// score. Up to short_sequence_max() positions a task takes a whole (batch,
+// head) instead. Its scores [T, T] fit in scratch, so the softmax needs no
+// running max. The head's q, k, v (and dO) are copied once into padded
+// scratch, and every product runs through one register-blocked tile on raw
+// pointers (product_tile) over the visible pairs only: a NaN or Inf meets no
+// masked pair, so nothing needs checking.
+
+// Sequences of at most this many positions take the short path. Measured on
+// the 2-core machine (benchmarks/bench_attention_cpu.py --paths, float32,
+// medians; single runs vary by about 15%): the short path's time over the
+// tiled path's at 2 threads, 1 thread in brackets.
+//   B, T, C, n_head      forward       forward+backward
+//   64, 24, 96, 4        0.28 (0.17)   0.36 (0.36)    the demo's
+//   16, 24, 128, 4       0.36 (0.50)   0.36 (0.30)
+//   8, 64, 128, 4        0.55 (0.56)   0.51 (0.63)
+//   8, 64, 384, 6        0.57 (0.41)   0.74 (0.64)
+//   4, 128, 128, 4       0.70 (1.18)   0.71 (0.82)
+//   8, 128, 384, 6       0.69 (0.75)   0.86 (0.98)
+//   4, 192, 384, 6       0.80 (0.91)   0.87 (1.04)
+//   4, 256, 384, 6       0.85 (0.93)   1.02 (1.09)
+//   2, 256, 768, 12      0.98 (0.99)   0.89 (1.03)
+//   1, 512, 384, 6       1.24 (1.13)   1.07 (1.17)
+// The short path wins clearly up to T = 128, by little or not at 192 to 256,
+// and loses at 512; at 128 its T x T scratch stays small (64 KiB a buffer).
+constexpr int64_t kShortSequenceMax = 128;
+
+// The crossover in force: kShortSequenceMax, or the environment's
+// NANOBLOCK_CPU_ATTENTION_SHORT_MAX (read on every call; 0 sends every
+// length to the tiled path). Benchmarks and tests use it to run the two
+// paths at one length.
+int64_t short_sequence_max() {
+  const char* v = std::getenv("NANOBLOCK_CPU_ATTENTION_SHORT_MAX");
+  return v != nullptr ? std::atoll(v) : kShortSequenceMax;
+}
+
+// Eight floats or four doubles as one value (GCC's and Clang's vector
+// extension): an AVX register in the x86-64-v3 clone, two SSE ones in the
+// baseline. Copied in and out with memcpy (unaligned).
+template <typename T>
+struct Vector;
+template <>
+struct Vector<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vector<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+
+// A tile of a product is kTileRows rows by kPanel<T> columns (two vectors):
+// eight accumulators, which stay in registers. The short path's scratch
+// matrices are padded to whole tiles with zeros: rows to a multiple of
+// kTileRows, columns (keys, or a head's hd) to a multiple of kPanel.
+constexpr int64_t kTileRows = 4;
+template <typename T>
+constexpr int64_t kPanel = 2 * int64_t(sizeof(typename Vector<T>::type) / sizeof(T));
+
+inline int64_t round_up(int64_t n, int64_t multiple) {
+  return (n + multiple - 1) / multiple * multiple;
+}
+
+// out[r][c] = sum over p of a[r * a_row + p * a_step] * b[p * b_stride + c]
+// for r < kTileRows, c < kPanel, where row r sums p from begin + r *
+// begin_step to end + r * end_step, in order (steps 0 or 1: the causal
+// staircase of the tile's rows). Only rows < rows and columns < cols are
+// stored (out's rows out_stride apart); b's rows must be a whole panel long.
+template <typename T>
+NANOBLOCK_INLINE void product_tile(const T* a, int64_t a_row, int64_t a_step, const T* b,
+                                   int64_t b_stride, int64_t begin, int64_t begin_step,
+                                   int64_t end, int64_t end_step, T* out, int64_t out_stride,
+                                   int64_t rows, int64_t cols) {
+  using V = typename Vector<T>::type;
+  constexpr int64_t kHalf = kPanel<T> / 2;
+  V acc[kTileRows][2] = {};
+  // Adds a(r, p) * b[p] to rows first .. last - 1.
+  const auto add = [&](int64_t p, int64_t first, int64_t last) {
+    V b0, b1;
+    std::memcpy(&b0, b + p * b_stride, sizeof(V));
+    std::memcpy(&b1, b + p * b_stride + kHalf, sizeof(V));
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      if (r < first || r >= last) continue;
+      const T f = a[r * a_row + p * a_step];
+      acc[r][0] += f * b0;
+      acc[r][1] += f * b1;
+    }
+  };
+  // Every row sums p in [all_begin, end); the steps' few p on either side
+  // go to some rows only.
+  const int64_t all_begin = begin + (kTileRows - 1) * begin_step;
+  const int64_t last_end = end + (kTileRows - 1) * end_step;
+  const auto add_some = [&](int64_t p) {
+    add(p, end_step ? std::max<int64_t>(0, p - end + 1) : 0,
+        begin_step ? std::min<int64_t>(kTileRows, p - begin + 1) : kTileRows);
+  };
+  for (int64_t p = begin; p < std::min(all_begin, end); ++p) add_some(p);
+  for (int64_t p = all_begin; p < end; ++p) add(p, 0, kTileRows);
+  for (int64_t p = std::max(all_begin, end); p < last_end; ++p) add_some(p);
+
+  // Whole vectors stored as such, a ragged end (hd not a multiple of a
+  // vector) element by element.
+  for (int64_t r = 0; r < rows; ++r) {
+    T* o = out + r * out_stride;
+    for (int64_t half = 0; half < 2; ++half) {
+      const int64_t n = std::min(kHalf, cols - half * kHalf);
+      if (n == kHalf) {
+        std::memcpy(o + half * kHalf, &acc[r][half], sizeof(V));
+      } else {
+        for (int64_t c = 0; c < n; ++c) o[half * kHalf + c] = acc[r][half][c];
+      }
+    }
+  }
+}
+
+// The scores of a whole head, scores [T_rows, T_cols] (contiguous):
+// s[i][j] = sum_p a[i][p] * bt[p][j] over p < k, for every query i and the
+// keys j of the panels that reach its diagonal (the masked ones among them
+// are discarded later); a [T_rows, k] (rows a_stride apart), bt [k, T_cols].
+template <typename T>
+NANOBLOCK_INLINE void causal_scores(const T* a, int64_t a_stride, const T* bt, int64_t k,
+                                    T* scores, int64_t T_rows, int64_t T_cols) {
+  for (int64_t i = 0; i < T_rows; i += kTileRows) {
+    for (int64_t j = 0; j < i + kTileRows; j += kPanel<T>) {
+      product_tile(a + i * a_stride, a_stride, 1, bt + j, T_cols, 0, 0, k, 0,
+                   scores + i * T_cols + j, T_cols, kTileRows, kPanel<T>);
+    }
+  }
+}
+
+NANOBLOCK_VECTORIZE void causal_scores(const float* a, int64_t a_stride, const float* bt,
+                                       int64_t k, float* scores, int64_t T_rows,
+                                       int64_t T_cols) {
+  causal_scores<float>(a, a_stride, bt, k, scores, T_rows, T_cols);
+}
+
+void causal_scores(const double* a, int64_t a_stride, const double* bt, int64_t k,
+                   double* scores, int64_t T_rows, int64_t T_cols) {
+  causal_scores<double>(a, a_stride, bt, k, scores, T_rows, T_cols);
+}
+
+// A product with probabilities or score gradients w [T_rows, T_cols]
+// (query i, key j; contiguous) over the visible pairs j <= i only, for the
+// seq (= T) positions:
+//   transpose_w false: out [seq, n] = w @ b    (P v, dS k)
+//   transpose_w true:  out [seq, n] = w^T @ b  (P^T dO, dS^T q)
+// b [T_rows, n_cols] (contiguous, n_cols = n rounded up to a panel), out's
+// rows out_stride apart.
+template <typename T>
+NANOBLOCK_INLINE void visible_product(const T* w, int64_t T_cols, bool transpose_w,
+                                      const T* b, int64_t n_cols, T* out, int64_t out_stride,
+                                      int64_t seq, int64_t n) {
+  for (int64_t i = 0; i < seq; i += kTileRows) {
+    const int64_t rows = std::min(kTileRows, seq - i);
+    for (int64_t c = 0; c < n; c += kPanel<T>) {
+      const int64_t cols = std::min(kPanel<T>, n - c);
+      if (transpose_w) {  // out row (key) i + r sums queries p in [i + r, seq)
+        product_tile(w + i, 1, T_cols, b + c, n_cols, i, 1, seq, 0, out + i * out_stride + c,
+                     out_stride, rows, cols);
+      } else {  // out row (query) i + r sums keys p in [0, i + r + 1)
+        product_tile(w + i * T_cols, T_cols, 1, b + c, n_cols, 0, 0, i + 1, 1,
+                     out + i * out_stride + c, out_stride, rows, cols);
+      }
+    }
+  }
+}
+
+NANOBLOCK_VECTORIZE void visible_product(const float* w, int64_t T_cols, bool transpose_w,
+                                         const float* b, int64_t n_cols, float* out,
+                                         int64_t out_stride, int64_t seq, int64_t n) {
+  visible_product<float>(w, T_cols, transpose_w, b, n_cols, out, out_stride, seq, n);
+}
+
+void visible_product(const double* w, int64_t T_cols, bool transpose_w, const double* b,
+                     int64_t n_cols, double* out, int64_t out_stride, int64_t seq, int64_t n) {
+  visible_product<double>(w, T_cols, transpose_w, b, n_cols, out, out_stride, seq, n);
+}
+
+// out[i] = a[i] . b[i] for i < rows (rows of k; a's a_stride apart, b's
+// b_stride apart), each summed over p in order exactly as product_tile sums
+// an entry: an update out[i] += a * b of its own per p, never a reduction
+// (which the compiler vectorizes as products, then adds, where product_tile's
+// updates are fused multiply-adds wherever the CPU has them).
+template <typename T>
+NANOBLOCK_INLINE void row_dots(const T* a, int64_t a_stride, const T* b, int64_t b_stride,
+                               int64_t rows, int64_t k, T* out) {
+  std::fill(out, out + rows, T(0));
+  for (int64_t p = 0; p < k; ++p) {
+    for (int64_t i = 0; i < rows; ++i) out[i] += a[i * a_stride + p] * b[i * b_stride + p];
+  }
+}
+
+NANOBLOCK_VECTORIZE void row_dots(const float* a, int64_t a_stride, const float* b,
+                                  int64_t b_stride, int64_t rows, int64_t k, float* out) {
+  row_dots<float>(a, a_stride, b, b_stride, rows, k, out);
+}
+
+void row_dots(const double* a, int64_t a_stride, const double* b, int64_t b_stride,
+              int64_t rows, int64_t k, double* out) {
+  row_dots<double>(a, a_stride, b, b_stride, rows, k, out);
+}
+
+// dst [dst_rows, dst_cols] = src [rows, cols] (src's rows src_stride apart),
+// zero elsewhere.
+template <typename scalar_t>
+void copy_padded(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t cols,
+                 scalar_t* dst, int64_t dst_rows, int64_t dst_cols) {
+  for (int64_t r = 0; r < dst_rows; ++r) {
+    scalar_t* d = dst + r * dst_cols;
+    const int64_t n = r < rows ? cols : 0;
+    std::copy(src + r * src_stride, src + r * src_stride + n, d);
+    std::fill(d + n, d + dst_cols, scalar_t(0));
+  }
+}
+
+// dst [cols, dst_cols] = src [rows, cols]^T (src's rows src_stride apart),
+// zero in columns rows .. dst_cols - 1.
+template <typename scalar_t>
+void transpose_padded(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t cols,
+                      scalar_t* dst, int64_t dst_cols) {
+  for (int64_t c = 0; c < cols; ++c) {
+    scalar_t* d = dst + c * dst_cols;
+    for (int64_t r = 0; r < rows; ++r) d[r] = src[r * src_stride + c];
+    std::fill(d + rows, d + dst_cols, scalar_t(0));
+  }
+}
+
+// The sizes of the short path's work: qkv's B, T, C, hd and row stride, and
+// the padded ones of its scratch: T as rows (T_rows), T as score columns
+// (T_cols), and hd (hd_cols).
+struct ShortSizes {
+  int64_t B, T, C, hd, qkv_stride, T_rows, T_cols, hd_cols;
+};
+
+template <typename scalar_t>
+ShortSizes short_sizes(const Tensor& qkv, int64_t n_head) {
+  const int64_t T = qkv.size(1), C = qkv.size(2) / 3, hd = C / n_head;
+  return {qkv.size(0), T, C, hd, 3 * C, round_up(T, kTileRows), round_up(T, kPanel<scalar_t>),
+          round_up(hd, kPanel<scalar_t>)};
+}
+
+// mask: null without dropout.
+template <typename scalar_t>
+void short_attention_forward_kernel(const Tensor& qkv, int64_t n_head, const Tensor& out,
+                                    const Tensor& lse, const DropoutMask* mask) {
+  const auto [B, T, C, hd, qkv_stride, T_rows, T_cols, hd_cols] =
+      short_sizes<scalar_t>(qkv, n_head);
+  const scalar_t scale = scalar_t(1) / std::sqrt(scalar_t(hd));
+  const scalar_t* qkv_data = qkv.const_data_ptr<scalar_t>();
+  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+  scalar_t* lse_data = lse.mutable_data_ptr<scalar_t>();
+
+  // One task per (batch, head).
+  at::parallel_for(0, B * n_head, 1, [&](int64_t begin, int64_t end) {
+    // Scratch per chunk: q [T_rows, hd], k^T [hd, T_cols], v [T_rows,
+    // hd_cols], scores / probabilities [T_rows, T_cols], then each row's max
+    // and 1 / sum [T].
+    Tensor scratch;
+    const auto [q, keys_t, v, scores, row_max, inv_sum] = scratch_pieces<scalar_t>(
+        scratch, qkv.options(),
+        {T_rows * hd, hd * T_cols, T_rows * hd_cols, T_rows * T_cols, T, T});
+
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / n_head, h = task % n_head;
+      const scalar_t* head_rows = qkv_data + b * T * qkv_stride + h * hd;
+      scalar_t* out_rows = out_data + b * T * C + h * hd;
+      scalar_t* lse_rows = lse_data + task * T;
+      copy_padded(head_rows, qkv_stride, T, hd, q, T_rows, hd);
+      transpose_padded(head_rows + C, qkv_stride, T, hd, keys_t, T_cols);
+      copy_padded(head_rows + 2 * C, qkv_stride, T, hd, v, T_rows, hd_cols);
+
+      // P = softmax(q k^T * scale) over each query's keys 0 .. i.
+      causal_scores(q, hd, keys_t, hd, scores, T_rows, T_cols);
+      for (int64_t r = 0; r < T; ++r) {
+        scalar_t* row = scores + r * T_cols;
+        row_max[r] = max_of(row, r + 1) * scale;  // scale > 0, as in the tiled forward
+        scores_to_exponents(row, r + 1, T_cols, scale, row_max[r]);
+      }
+      exp_and_mask(scores, T, T_cols, 0, 0);
+      for (int64_t r = 0; r < T; ++r) {
+        const scalar_t sum = sum_of(scores + r * T_cols, T_cols);
+        inv_sum[r] = scalar_t(1) / sum;
+        lse_rows[r] = row_max[r] + std::log(sum);
+      }
+      if (mask) drop_probabilities(scores, T, T_cols, task, T, 0, 0, *mask);
+
+      // out = (P v) / sum.
+      visible_product(scores, T_cols, false, v, hd_cols, out_rows, C, T, hd);
+      scale_rows(out_rows, T, hd, C, inv_sum);
+    }
+  });
+}
+
+// mask: null without dropout.
+template <typename scalar_t>
+void short_attention_backward_kernel(const Tensor& grad_out, const Tensor& qkv,
+                                     const Tensor& out, const Tensor& lse, int64_t n_head,
+                                     const DropoutMask* mask, const Tensor& grad_qkv) {
+  const auto [B, T, C, hd, qkv_stride, T_rows, T_cols, hd_cols] =
+      short_sizes<scalar_t>(qkv, n_head);
+  const scalar_t scale = scalar_t(1) / std::sqrt(scalar_t(hd));
+
+  // One task per (batch, head), which owns that head's columns of grad_qkv.
+  at::parallel_for(0, B * n_head, 1, [&](int64_t begin, int64_t end) {
+    // Scratch per chunk: q, k, dO [T_rows, hd_cols], k^T and v^T
+    // [hd, T_cols], D [T], P and dP / dS [T_rows, T_cols], then with dropout
+    // the mask's multipliers Z [T, T_cols].
+    const int64_t head = T_rows * hd_cols, head_t = hd * T_cols, tile = T_rows * T_cols;
+    Tensor scratch;
+    const auto [q, k, grad_out_block, keys_t, values_t, row_dot, probs, grad_scores, keep] =
+        scratch_pieces<scalar_t>(scratch, qkv.options(),
+                                 {head, head, head, head_t, head_t, T, tile, tile,
+                                  mask ? T * T_cols : 0});
+
+    for (int64_t task = begin; task < end; ++task) {
+      const auto [head_rows, grad_out_rows, out_rows, lse_rows, grad_q] =
+          backward_head<scalar_t>(grad_out, qkv, out, lse, grad_qkv, n_head, task);
+      scalar_t* grad_k = grad_q + C;
+      scalar_t* grad_v = grad_q + 2 * C;
+      copy_padded(head_rows, qkv_stride, T, hd, q, T_rows, hd_cols);
+      copy_padded(head_rows + C, qkv_stride, T, hd, k, T_rows, hd_cols);
+      copy_padded(grad_out_rows, C, T, hd, grad_out_block, T_rows, hd_cols);
+      transpose_padded(head_rows + C, qkv_stride, T, hd, keys_t, T_cols);
+      transpose_padded(head_rows + 2 * C, qkv_stride, T, hd, values_t, T_cols);
+
+      // P = exp(q k^T * scale - lse), 0 above the diagonal; with dropout
+      // Z, and P o Z (what out was made of) in dP's buffer until dP comes.
+      causal_scores(q, hd_cols, keys_t, hd, probs, T_rows, T_cols);
+      for (int64_t r = 0; r < T; ++r) {
+        scores_to_exponents(probs + r * T_cols, r + 1, T_cols, scale, lse_rows[r]);
+      }
+      exp_and_mask(probs, T, T_cols, 0, 0);
+      if (mask) {
+        std::fill(keep, keep + T * T_cols, scalar_t(1));
+        drop_probabilities(keep, T, T_cols, task, T, 0, 0, *mask);
+        for (int64_t i = 0; i < T * T_cols; ++i) grad_scores[i] = probs[i] * keep[i];
+      }
+
+      // dv = (P o Z)^T dO.
+      visible_product(mask ? grad_scores : probs, T_cols, true, grad_out_block, hd_cols, grad_v,
+                      qkv_stride, T, hd);
+
+      // dP = dO v^T (times Z with dropout), D = rowsum(dO * O), then
+      // dS = P (dP - D) * scale over the visible pairs. D is summed as
+      // each dP is (row_dots), for the tiled backward's reason: where P
+      // is (nearly) one-hot, O is (nearly) that key's v, and dP - D then
+      // cancels (exactly, for a query that sees one key) instead of leaving
+      // rounding noise in dq and dk.
+      causal_scores(grad_out_block, hd_cols, values_t, hd, grad_scores, T_rows, T_cols);
+      row_dots(grad_out_rows, C, out_rows, C, T, hd, row_dot);
+      if (mask) {
+        for (int64_t i = 0; i < T * T_cols; ++i) grad_scores[i] *= keep[i];
+      }
+      for (int64_t r = 0; r < T; ++r) {
+        scalar_t* ds = grad_scores + r * T_cols;
+        const scalar_t* pr = probs + r * T_cols;
+        for (int64_t c = 0; c <= r; ++c) ds[c] = pr[c] * (ds[c] - row_dot[r]) * scale;
+      }
+
+      // dk = dS^T q, dq = dS k.
+      visible_product(grad_scores, T_cols, true, q, hd_cols, grad_k, qkv_stride, T, hd);
+      visible_product(grad_scores, T_cols, false, k, hd_cols, grad_q, qkv_stride, T, hd);
+    }
+  });
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor> causal_attention_forward(const Tensor& qkv,
@@ -570,8 +1002,13 @@ std::tuple<Tensor, Tensor> causal_attention_forward(const Tensor& qkv,
   const auto dtype = qkv.scalar_type();
   const std::optional<DropoutMask> mask =
       dropout.active() ? std::optional<DropoutMask>(dropout) : std::nullopt;
+  const bool short_sequence = T <= short_sequence_max();
   AT_DISPATCH_FLOATING_TYPES(dtype, "causal_attention_forward", [&] {
-    attention_forward_kernel<scalar_t>(qkv, n_head, out, lse, mask ? &*mask : nullptr);
+    if (short_sequence) {
+      short_attention_forward_kernel<scalar_t>(qkv, n_head, out, lse, mask ? &*mask : nullptr);
+    } else {
+      attention_forward_kernel<scalar_t>(qkv, n_head, out, lse, mask ? &*mask : nullptr);
+    }
   });
   return {out, lse};
 }
@@ -590,9 +1027,15 @@ Tensor causal_attention_backward(const Tensor& grad_out, const Tensor& qkv,
   const auto dtype = qkv.scalar_type();
   const std::optional<DropoutMask> mask =
       dropout.active() ? std::optional<DropoutMask>(dropout) : std::nullopt;
+  const bool short_sequence = qkv.size(1) <= short_sequence_max();
   AT_DISPATCH_FLOATING_TYPES(dtype, "causal_attention_backward", [&] {
-    attention_backward_kernel<scalar_t>(grad_out, qkv, out, lse, n_head,
-                                        mask ? &*mask : nullptr, grad_qkv);
+    if (short_sequence) {
+      short_attention_backward_kernel<scalar_t>(grad_out, qkv, out, lse, n_head,
+                                                mask ? &*mask : nullptr, grad_qkv);
+    } else {
+      attention_backward_kernel<scalar_t>(grad_out, qkv, out, lse, n_head,
+                                          mask ? &*mask : nullptr, grad_qkv);
+    }
   });
   return grad_qkv;
 }
