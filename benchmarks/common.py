@@ -113,25 +113,30 @@ def time_ms(fns, device, rounds=3, rep_ms=100, min_run_time=0.3):
     return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
 
 
+def capture_graph(fn):
+    """fn captured as a CUDA graph: it runs three times on a side stream first
+    (warm-up, as capture requires), then once under capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def graph_replay_ms(fns, rep_ms=100):
-    """Median milliseconds of a CUDA-graph replay of each function in fns (a
-    dict name -> fn), by do_bench as in time_ms: the time of the kernels
-    alone, without the host's launch and autograd work (which time_ms
-    includes, and which decides it for small ops). Each fn runs three times
-    on a side stream first (warm-up, as capture requires), then once under
-    capture."""
+    """Median milliseconds of a CUDA-graph replay (capture_graph) of each
+    function in fns (a dict name -> fn), by do_bench as in time_ms: the time
+    of the kernels alone, without the host's launch and autograd work (which
+    time_ms includes, and which decides it for small ops)."""
     from triton.testing import do_bench
     out = {}
     for k, fn in fns.items():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        graph = capture_graph(fn)
         out[k] = do_bench(graph.replay, warmup=max(10, rep_ms // 8), rep=rep_ms,
                           return_mode="median")
         del graph

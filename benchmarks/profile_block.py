@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import nanoblock  # noqa: E402
+from benchmarks import common  # noqa: E402
 from nanoblock.reference import ReferenceBlock  # noqa: E402
 
 
@@ -72,15 +73,7 @@ def host_and_wall_ms(step, model, x, gy, reps=20):
     wall = (time.perf_counter() - t0) / reps
 
     inputs = [x] + [p for p in model.parameters() if p.requires_grad]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture wants
-        for _ in range(3):
-            torch.autograd.grad(model(x), inputs, gy)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        torch.autograd.grad(model(x), inputs, gy)
+    graph = common.capture_graph(lambda: torch.autograd.grad(model(x), inputs, gy))
     graph.replay()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
