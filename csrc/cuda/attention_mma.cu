@@ -238,12 +238,13 @@ __device__ __forceinline__ void store_rows(scalar_t* dst, int64_t row_stride, in
 // skipped (acc is unchanged by a zero product, so skipping changes no bit).
 // So on a diagonal tile a warp first checks the rows of b that its diagonal
 // chunks read (rows_finite, a vote); while they are finite, nothing else
-// changes. Otherwise (rare) it adds, in scalar code, the product of each
-// non-finite value with the probabilities of the rows that see it
-// (add_nonfinite_products), and runs the chunks' products with those values
-// replaced by 0: the rows that do not see them get the bits of a run where
-// they were finite, the rows that do get a non-finite sum whose kind (NaN,
-// +Inf, -Inf) is the exact one whatever the order.
+// changes. Otherwise (rare) it finds, in scalar code out of line, the kind
+// of the products of each non-finite value with the probabilities of the
+// rows that see it (nonfinite_products), runs the chunks' products with
+// those values replaced by 0, and adds a value of that kind: the rows that
+// do not see them get the bits of a run where they were finite, the rows
+// that do get a non-finite sum whose kind (NaN, +Inf, -Inf) is the exact one
+// whatever the order.
 //
 // Coordinates are the tile's: chunk (slice mi, k step kk) pairs rows
 // 16 (diag + mi) .. (the warp's rows, numbered as columns of the tile) with
@@ -338,51 +339,62 @@ __device__ __forceinline__ void accumulate_product(float (&acc)[M][HD / 8][4],
   }
 }
 
-// The slow path's scalar part: acc[row] += p[row][c] * b[c] for each
-// non-finite b[c][d] of the diagonal k steps that row sees. p[row][c] is
-// held by lane 4 g + (c % 8) / 2 of the row's quad; the n tiles are walked
-// unrolled, so that p is only ever indexed by constants (a register array).
+// The slow path's scalar part, kept out of line (__noinline__, its
+// arguments and result by value) so that its registers do not add to the
+// kernel's: the kind (kNone, kNaN, kPlusInf, kMinusInf) of the sum of
+// p[row][c] * b[c][d] over the non-finite b[c][d] of the diagonal k steps
+// that row sees, for each element of acc that the thread holds (element i
+// of acc[mi][nd] has index (mi * HD / 8 + nd) * 4 + i), 2 bits each. The sum
+// of non-finite values has the same kind in any order (NaN where any is NaN
+// or both infinities meet), so adding one value of that kind to acc gives
+// the exact kind of acc + the sum. p[row][c] is held by lane
+// 4 g + (c % 8) / 2 of the row's quad.
+enum : uint32_t { kNone = 0, kNaN = 1, kPlusInf = 2, kMinusInf = 3 };
+
+template <int M, int K>
+struct Fragments {
+  float p[M][K / 8][4];
+};
+
+template <int M, int HD>
+struct Kinds {
+  uint32_t bits[(M * HD + 31) / 32];  // M * HD / 8 * 4 elements, 2 bits each
+};
+
 template <int M, int K, int HD, int S, bool TRANSPOSED, typename scalar_t>
-__device__ __forceinline__ void add_nonfinite_products(float (&acc)[M][HD / 8][4],
-                                                       const float (&p)[M][K / 8][4],
-                                                       const scalar_t* b, int diag) {
+__device__ __noinline__ Kinds<M, HD> nonfinite_products(const Fragments<M, K> f,
+                                                        const scalar_t* b, int diag) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-#pragma unroll
-  for (int nt = 0; nt < K / 8; nt++) {
-    if (nt / 2 < diag || nt / 2 >= diag + M) continue;
-#pragma unroll 1
-    for (int c8 = 0; c8 < 8; c8++) {
-      const int c = nt * 8 + c8;  // the column (row of b)
-      float pc[M][2];             // p of rows g, g + 8 of each slice at column c
-#pragma unroll
-      for (int mi = 0; mi < M; mi++) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-          const float lo = __shfl_sync(0xffffffffu, p[mi][nt][2 * h], 4 * g + c8 / 2);
-          const float hi = __shfl_sync(0xffffffffu, p[mi][nt][2 * h + 1], 4 * g + c8 / 2);
-          pc[mi][h] = (c8 & 1) ? hi : lo;
-        }
+  Kinds<M, HD> kinds = {};
+  for (int c = 16 * diag; c < 16 * (diag + M); c++) {
+    float pc[M][2];  // p of rows g, g + 8 of each slice at column c
+    for (int mi = 0; mi < M; mi++) {
+      for (int h = 0; h < 2; h++) {
+        pc[mi][h] = __shfl_sync(0xffffffffu, f.p[mi][c / 8][2 * h + (c & 1)], 4 * g + c % 8 / 2);
       }
-#pragma unroll
-      for (int nd = 0; nd < HD / 8; nd++) {
-        const float2 v2 = unpack2<scalar_t>(
-            *reinterpret_cast<const uint32_t*>(b + c * S + nd * 8 + 2 * t));
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-          const float v = e == 0 ? v2.x : v2.y;
-          if (isfinite(v)) continue;
-#pragma unroll
-          for (int mi = 0; mi < M; mi++) {
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-              const int row = 16 * (diag + mi) + g + 8 * h;
-              if (TRANSPOSED ? c >= row : c <= row) acc[mi][nd][2 * h + e] += pc[mi][h] * v;
-            }
+    }
+    for (int nd = 0; nd < HD / 8; nd++) {
+      const float2 v2 = unpack2<scalar_t>(
+          *reinterpret_cast<const uint32_t*>(b + c * S + nd * 8 + 2 * t));
+      for (int e = 0; e < 2; e++) {
+        const float v = e == 0 ? v2.x : v2.y;
+        if (isfinite(v)) continue;
+        for (int mi = 0; mi < M; mi++) {
+          for (int h = 0; h < 2; h++) {
+            const int row = 16 * (diag + mi) + g + 8 * h;
+            if (TRANSPOSED ? c < row : c > row) continue;  // row does not see c
+            const float x = pc[mi][h] * v;
+            const uint32_t kind = isnan(x) ? kNaN : x > 0.f ? kPlusInf : kMinusInf;
+            const int i = (mi * HD / 8 + nd) * 4 + 2 * h + e;
+            const uint32_t old = kinds.bits[i / 16] >> (2 * (i % 16)) & 3u;
+            const uint32_t merged = old == kNone || old == kind ? kind : kNaN;
+            kinds.bits[i / 16] ^= (old ^ merged) << (2 * (i % 16));
           }
         }
       }
     }
   }
+  return kinds;
 }
 
 // acc += P b on a tile whose diagonal k step is diag (see above), exact for
@@ -393,9 +405,31 @@ __device__ __forceinline__ void accumulate_product_causal(float (&acc)[M][HD / 8
                                                           const scalar_t* b, int diag) {
   if (rows_finite<16 * M, HD, S>(b, 16 * diag)) {
     accumulate_product<M, K, HD, S, Chunks::kVisible, TRANSPOSED>(acc, p, b, diag);
-  } else {
-    add_nonfinite_products<M, K, HD, S, TRANSPOSED>(acc, p, b, diag);
-    accumulate_product<M, K, HD, S, Chunks::kVisibleSanitized, TRANSPOSED>(acc, p, b, diag);
+    return;
+  }
+  Fragments<M, K> f;
+#pragma unroll
+  for (int mi = 0; mi < M; mi++)
+#pragma unroll
+    for (int nt = 0; nt < K / 8; nt++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) f.p[mi][nt][e] = p[mi][nt][e];
+  const Kinds<M, HD> kinds = nonfinite_products<M, K, HD, S, TRANSPOSED>(f, b, diag);
+  accumulate_product<M, K, HD, S, Chunks::kVisibleSanitized, TRANSPOSED>(acc, p, b, diag);
+#pragma unroll
+  for (int mi = 0; mi < M; mi++) {
+#pragma unroll
+    for (int nd = 0; nd < HD / 8; nd++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int i = (mi * HD / 8 + nd) * 4 + e;
+        const uint32_t kind = kinds.bits[i / 16] >> (2 * (i % 16)) & 3u;
+        if (kind != kNone) {
+          acc[mi][nd][e] += kind == kNaN ? __int_as_float(0x7fffffff)
+                                         : kind == kPlusInf ? INFINITY : -INFINITY;
+        }
+      }
+    }
   }
 }
 
