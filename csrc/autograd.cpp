@@ -89,11 +89,15 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
     ctx->save_for_backward({x, weight, mean, rstd});
     ctx->saved_data["has_bias"] = present(bias);
     ctx->mark_non_differentiable({mean, rstd});
+    // Without this autograd fills a zero gradient for mean and rstd (two
+    // kernels and two allocations) before every backward.
+    ctx->set_materialize_grads(false);
     return {out, mean, rstd};
   }
 
-  // grads: out, mean, rstd.
+  // grads: out, mean, rstd (undefined: grads are not materialized).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};  // nothing reached out
     const variable_list saved = ctx->get_saved_variables();
     auto [grad_x, grad_weight, grad_bias] = layer_norm_backward_op().call(
         grads[0], saved[0], saved[1], saved[2], saved[3], std::nullopt);
@@ -124,14 +128,20 @@ struct AddLayerNormFunction : torch::autograd::Function<AddLayerNormFunction> {
     ctx->save_for_backward({sum, weight, mean, rstd});
     ctx->saved_data["has_bias"] = present(bias);
     ctx->mark_non_differentiable({mean, rstd});
+    ctx->set_materialize_grads(false);  // as for layer_norm_forward
     return {sum, out, mean, rstd};
   }
 
-  // grads: sum, out, mean, rstd.
+  // grads: sum, out, mean, rstd (undefined: grads are not materialized).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[1].defined()) {  // only the sum was used: the LayerNorm adds nothing
+      return {grads[0], grads[0], Tensor(), Tensor(), Tensor()};
+    }
     const variable_list saved = ctx->get_saved_variables();
+    // grads[0] (undefined when the sum was not used) is added to the
+    // LayerNorm's input gradient inside the kernel.
     auto [grad_sum, grad_weight, grad_bias] = layer_norm_backward_op().call(
-        grads[1], saved[0], saved[1], saved[2], saved[3], grads[0]);
+        grads[1], saved[0], saved[1], saved[2], saved[3], optional(grads[0]));
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     return {grad_sum, grad_sum, grad_weight, has_bias ? grad_bias : Tensor(), Tensor()};
   }
@@ -357,10 +367,10 @@ void backward_op_autograd(const c10::OperatorHandle& op, torch::jit::Stack* stac
   }
   if (need_grad.empty()) return;
   const NodePtr no_second_derivative = make_error_node<NodePtr>(
-          "nanoblock: second derivatives (backward through a gradient computed with "
-          "create_graph=True) are not implemented by nanoblock's ops (" + op.schema().name() +
+      "nanoblock: second derivatives (backward through a gradient computed with "
+      "create_graph=True) are not implemented by nanoblock's ops (" + op.schema().name() +
           "). Use the reference Block (nanoblock.reference.ReferenceBlock) where you need them.",
-          torch::autograd::collect_next_edges(need_grad));
+      torch::autograd::collect_next_edges(need_grad));
   const size_t n_outputs = op.schema().returns().size();
   for (const c10::IValue& out : torch::jit::last(*stack, n_outputs)) {
     if (out.isTensor() && at::isFloatingType(out.toTensor().scalar_type())) {

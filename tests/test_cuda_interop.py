@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import nanoblock
+from conftest import assert_compiled_matches_eager
 from test_distributed import batch, fsdp2, make_model
 
 pytestmark = [
@@ -93,13 +94,9 @@ def test_torch_compile_gpt_on_cuda(dynamic):
     compiled = torch.compile(model, fullgraph=True, dynamic=dynamic)
     for B, T in ((4, 64), (2, 40)):
         idx, targets = batches(1, B, T)[0]
-        _, loss = compiled(idx, targets)
-        grads = torch.autograd.grad(loss, list(model.parameters()))
-        _, loss_eager = model(idx, targets)
-        grads_eager = torch.autograd.grad(loss_eager, list(model.parameters()))
-        torch.testing.assert_close(loss, loss_eager, rtol=1e-5, atol=1e-5)
-        for a, b in zip(grads, grads_eager):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert_compiled_matches_eager(model, compiled, idx, targets,
+                                      loss_tol=dict(rtol=1e-5, atol=1e-5),
+                                      grad_tol=dict(rtol=1e-4, atol=1e-5))
 
 
 def nccl_worker(rank, world, init_file, out_file):

@@ -5,7 +5,7 @@ import torch
 import nanoblock
 from nanoblock.reference import ReferenceGPT
 
-from conftest import rel_err
+from conftest import assert_compiled_matches_eager, rel_err
 
 # nanoGPT's GPT state_dict keys for one layer, in order.
 NANOGPT_KEYS = [
@@ -104,14 +104,8 @@ def test_torch_compile_fullgraph_gpt():
     model = nanoblock.GPT(cfg)
     idx = torch.randint(0, cfg.vocab_size, (2, 12))
     targets = torch.randint(0, cfg.vocab_size, (2, 12))
-    _, loss_eager = model(idx, targets)
-    grads_eager = torch.autograd.grad(loss_eager, list(model.parameters()))
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    _, loss = compiled(idx, targets)
-    grads = torch.autograd.grad(loss, list(model.parameters()))
-    torch.testing.assert_close(loss, loss_eager)
-    for a, b in zip(grads, grads_eager):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(model, compiled, idx, targets)
 
 
 def test_torch_compile_inductor_block():
@@ -149,11 +143,7 @@ def test_torch_compile_dynamic_shapes_gpt():
     for B, T in ((2, 5), (3, 11), (4, 16)):  # not 1: sizes 0 and 1 are always specialized
         idx = torch.randint(0, cfg.vocab_size, (B, T))
         targets = torch.randint(0, cfg.vocab_size, (B, T))
-        _, loss = compiled(idx, targets)
-        grads = torch.autograd.grad(loss, list(model.parameters()))
-        _, loss_eager = model(idx, targets)
-        grads_eager = torch.autograd.grad(loss_eager, list(model.parameters()))
-        torch.testing.assert_close(loss, loss_eager, rtol=1e-12, atol=1e-12)
-        for a, b in zip(grads, grads_eager):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert_compiled_matches_eager(model, compiled, idx, targets,
+                                      loss_tol=dict(rtol=1e-12, atol=1e-12),
+                                      grad_tol=dict(rtol=1e-10, atol=1e-12))
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
