@@ -9,10 +9,23 @@
 // its backward calls the matching backward op through the dispatcher.
 // torch.autocast's casts (ops.cpp) come before this key, so the Function sees
 // the cast tensors and the casts' own nodes carry the gradients back to the
-// caller's dtype. The saved statistics (mean, rstd, lse) and the Block's saved
-// activations are outputs only so that the backward can have them; they are
-// marked non-differentiable. Every backward returns one gradient per forward
-// argument: undefined (None) for an absent bias and for non-tensor arguments.
+// caller's dtype. Every backward returns one gradient per forward argument:
+// undefined (None) for an absent bias and for non-tensor arguments.
+//
+// The saved statistics (mean, rstd, lse) and the Block's saved activations are
+// the op's outputs only so that the backward can have them; they get no
+// gradient. The Function does not return them (nor mark them
+// non-differentiable, which compiled autograd refuses for a C++ Function:
+// CppNode::compiled_args asserts that none is marked); its forward hands them
+// back through its last argument, a `NoGrad*`, and the op returns them beside
+// the Function's outputs. So they have no autograd history (requires_grad
+// false), as marked outputs would, and the backward receives gradients for the
+// differentiable outputs only.
+//
+// Compiled autograd (torch._dynamo.compiled_autograd) traces each Function's
+// backward into its graph (is_traceable): a backward reads nothing but its
+// gradients, its saved tensors and ctx->saved_data, which compiled autograd
+// collects, and calls the backward ops, whose fake kernels trace.
 //
 // Backward ops: no derivative of their own. They run inside the forward ops'
 // backward, where grad mode is off unless the caller asked for
@@ -66,6 +79,11 @@ bool records(const Ts&... tensors) {
 // A saved optional tensor (undefined when it was None) as the op takes it.
 OptTensor optional(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
+// The outputs of an op that get no gradient, filled in by its Function's
+// forward (see the top of this file). A pointer is not a tensor, so
+// Function::apply takes it as a non-tensor argument (its gradient: undefined).
+using NoGrad = variable_list;
+
 // ---------------------------------------------------------------------------
 // LayerNorm
 
@@ -82,27 +100,27 @@ const c10::TypedOperatorHandle<LayerNormBackward>& layer_norm_backward_op() {
 }
 
 struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
+  static constexpr bool is_traceable = true;  // for compiled autograd (top of this file)
+  // no_grad <- mean, rstd.
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
-                               const OptTensor& bias, double eps) {
+                               const OptTensor& bias, double eps, NoGrad* no_grad) {
     static const auto op = find_op<LayerNormForward>("nanoblock::layer_norm_forward");
     auto [out, mean, rstd] = call_below_autograd(op, x, weight, bias, eps);
     ctx->save_for_backward({x, weight, mean, rstd});
     ctx->saved_data["has_bias"] = present(bias);
-    ctx->mark_non_differentiable({mean, rstd});
-    // Without this autograd fills a zero gradient for mean and rstd (two
-    // kernels and two allocations) before every backward.
-    ctx->set_materialize_grads(false);
-    return {out, mean, rstd};
+    ctx->set_materialize_grads(false);  // an undefined grad_out stays so (no zero fill)
+    *no_grad = {mean, rstd};
+    return {out};
   }
 
-  // grads: out, mean, rstd (undefined: grads are not materialized).
+  // grads: out (undefined: grads are not materialized).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};  // nothing reached out
+    if (!grads[0].defined()) return variable_list(5);  // nothing reached out
     const variable_list saved = ctx->get_saved_variables();
     auto [grad_x, grad_weight, grad_bias] = layer_norm_backward_op().call(
         grads[0], saved[0], saved[1], saved[2], saved[3], std::nullopt);
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    return {grad_x, grad_weight, has_bias ? grad_bias : Tensor(), Tensor()};
+    return {grad_x, grad_weight, has_bias ? grad_bias : Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -114,28 +132,34 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_forward_autograd(const Tensor& x,
     static const auto op = find_op<LayerNormForward>("nanoblock::layer_norm_forward");
     return call_below_autograd(op, x, weight, bias, eps);
   }
-  const variable_list outs = LayerNormFunction::apply(x, weight, bias, eps);
-  return {outs[0], outs[1], outs[2]};
+  NoGrad no_grad;
+  const variable_list outs = LayerNormFunction::apply(x, weight, bias, eps, &no_grad);
+  return {outs[0], no_grad[0], no_grad[1]};
 }
 
 // x + residual, then LayerNorm: the backward adds the sum's own gradient
 // (grad_residual of layer_norm_backward) and hands the total to both inputs.
 struct AddLayerNormFunction : torch::autograd::Function<AddLayerNormFunction> {
+  static constexpr bool is_traceable = true;  // for compiled autograd (top of this file)
+  // no_grad <- mean, rstd.
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& residual,
-                               const Tensor& weight, const OptTensor& bias, double eps) {
+                               const Tensor& weight, const OptTensor& bias, double eps,
+                               NoGrad* no_grad) {
     static const auto op = find_op<AddLayerNormForward>("nanoblock::add_layer_norm_forward");
     auto [sum, out, mean, rstd] = call_below_autograd(op, x, residual, weight, bias, eps);
     ctx->save_for_backward({sum, weight, mean, rstd});
     ctx->saved_data["has_bias"] = present(bias);
-    ctx->mark_non_differentiable({mean, rstd});
-    ctx->set_materialize_grads(false);  // as for layer_norm_forward
-    return {sum, out, mean, rstd};
+    // Without this autograd fills a zero gradient for whichever of sum and out
+    // was not used (a kernel and an allocation) before the backward.
+    ctx->set_materialize_grads(false);
+    *no_grad = {mean, rstd};
+    return {sum, out};
   }
 
-  // grads: sum, out, mean, rstd (undefined: grads are not materialized).
+  // grads: sum, out (undefined: grads are not materialized).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[1].defined()) {  // only the sum was used: the LayerNorm adds nothing
-      return {grads[0], grads[0], Tensor(), Tensor(), Tensor()};
+      return {grads[0], grads[0], Tensor(), Tensor(), Tensor(), Tensor()};
     }
     const variable_list saved = ctx->get_saved_variables();
     // grads[0] (undefined when the sum was not used) is added to the
@@ -143,7 +167,8 @@ struct AddLayerNormFunction : torch::autograd::Function<AddLayerNormFunction> {
     auto [grad_sum, grad_weight, grad_bias] = layer_norm_backward_op().call(
         grads[1], saved[0], saved[1], saved[2], saved[3], optional(grads[0]));
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    return {grad_sum, grad_sum, grad_weight, has_bias ? grad_bias : Tensor(), Tensor()};
+    return {grad_sum, grad_sum, grad_weight, has_bias ? grad_bias : Tensor(), Tensor(),
+            Tensor()};
   }
 };
 
@@ -154,8 +179,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_forward_autograd(
     static const auto op = find_op<AddLayerNormForward>("nanoblock::add_layer_norm_forward");
     return call_below_autograd(op, x, residual, weight, bias, eps);
   }
-  const variable_list outs = AddLayerNormFunction::apply(x, residual, weight, bias, eps);
-  return {outs[0], outs[1], outs[2], outs[3]};
+  NoGrad no_grad;
+  const variable_list outs =
+      AddLayerNormFunction::apply(x, residual, weight, bias, eps, &no_grad);
+  return {outs[0], outs[1], no_grad[0], no_grad[1]};
 }
 
 // ---------------------------------------------------------------------------
@@ -167,28 +194,30 @@ using AttentionBackward = Tensor(const Tensor&, const Tensor&, const Tensor&, co
                                  int64_t, double, const OptTensor&);
 
 struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
+  static constexpr bool is_traceable = true;  // for compiled autograd (top of this file)
+  // no_grad <- lse.
   static variable_list forward(AutogradContext* ctx, const Tensor& qkv, int64_t n_head,
-                               double dropout_p, const OptTensor& rng) {
+                               double dropout_p, const OptTensor& rng, NoGrad* no_grad) {
     static const auto op = find_op<AttentionForward>("nanoblock::causal_attention_forward");
     auto [out, lse] = call_below_autograd(op, qkv, n_head, dropout_p, rng);
     // rng: the forward's, so the backward drops what the forward dropped.
     ctx->save_for_backward({qkv, out, lse, present(rng) ? *rng : Tensor()});
     ctx->saved_data["n_head"] = n_head;
     ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->mark_non_differentiable({lse});
-    ctx->set_materialize_grads(false);  // no zero-filled gradient for lse
-    return {out, lse};
+    ctx->set_materialize_grads(false);  // an undefined grad_out stays so (no zero fill)
+    *no_grad = {lse};
+    return {out};
   }
 
-  // grads: out, lse (undefined: grads are not materialized).
+  // grads: out (undefined: grads are not materialized).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};  // nothing reached out
+    if (!grads[0].defined()) return variable_list(5);  // nothing reached out
     static const auto op = find_op<AttentionBackward>("nanoblock::causal_attention_backward");
     const variable_list saved = ctx->get_saved_variables();
     Tensor grad_qkv = op.call(grads[0], saved[0], saved[1], saved[2],
                               ctx->saved_data["n_head"].toInt(),
                               ctx->saved_data["dropout_p"].toDouble(), optional(saved[3]));
-    return {grad_qkv, Tensor(), Tensor(), Tensor()};
+    return {grad_qkv, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -199,8 +228,9 @@ std::tuple<Tensor, Tensor> causal_attention_forward_autograd(const Tensor& qkv, 
     static const auto op = find_op<AttentionForward>("nanoblock::causal_attention_forward");
     return call_below_autograd(op, qkv, n_head, dropout_p, rng);
   }
-  const variable_list outs = AttentionFunction::apply(qkv, n_head, dropout_p, rng);
-  return {outs[0], outs[1]};
+  NoGrad no_grad;
+  const variable_list outs = AttentionFunction::apply(qkv, n_head, dropout_p, rng, &no_grad);
+  return {outs[0], no_grad[0]};
 }
 
 // ---------------------------------------------------------------------------
@@ -211,6 +241,7 @@ using GeluBackward = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, co
                                                 const std::string&);
 
 struct GeluFunction : torch::autograd::Function<GeluFunction> {
+  static constexpr bool is_traceable = true;  // for compiled autograd (top of this file)
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& bias,
                                const std::string& approximate) {
     static const auto op = find_op<GeluForward>("nanoblock::gelu_forward");
@@ -258,6 +289,8 @@ using BlockBackward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
     const OptTensor&);
 
 struct BlockFunction : torch::autograd::Function<BlockFunction> {
+  static constexpr bool is_traceable = true;  // for compiled autograd (top of this file)
+  // no_grad <- qkv, attn, lse, x1, fc (the saved activations).
   static variable_list forward(
       AutogradContext* ctx, const Tensor& x, const Tensor& ln_1_weight,
       const OptTensor& ln_1_bias, const Tensor& c_attn_weight, const OptTensor& c_attn_bias,
@@ -265,7 +298,7 @@ struct BlockFunction : torch::autograd::Function<BlockFunction> {
       const Tensor& ln_2_weight, const OptTensor& ln_2_bias, const Tensor& c_fc_weight,
       const OptTensor& c_fc_bias, const Tensor& mlp_c_proj_weight,
       const OptTensor& mlp_c_proj_bias, int64_t n_head, const std::string& approximate,
-      double dropout_p, const OptTensor& rng) {
+      double dropout_p, const OptTensor& rng, NoGrad* no_grad) {
     static const auto op = find_op<BlockForward>("nanoblock::block_forward");
     auto [out, qkv, attn, lse, x1, fc] = call_below_autograd(
         op, x, ln_1_weight, ln_1_bias, c_attn_weight, c_attn_bias, attn_c_proj_weight,
@@ -283,16 +316,15 @@ struct BlockFunction : torch::autograd::Function<BlockFunction> {
     ctx->saved_data["n_head"] = n_head;
     ctx->saved_data["approximate"] = approximate;
     ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->mark_non_differentiable({qkv, attn, lse, x1, fc});
-    // Without this autograd fills a zero gradient for each of those outputs
-    // (9 C values per token) before every backward.
-    ctx->set_materialize_grads(false);
-    return {out, qkv, attn, lse, x1, fc};
+    ctx->set_materialize_grads(false);  // an undefined grad_out stays so (no zero fill)
+    *no_grad = {qkv, attn, lse, x1, fc};
+    return {out};
   }
 
-  // grads: out, then the saved activations' (undefined: not materialized).
+  // grads: out (undefined: grads are not materialized).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    constexpr size_t kNumArgs = 17;  // x, 12 params, n_head, approximate, dropout_p, rng
+    // x, 12 params, n_head, approximate, dropout_p, rng, no_grad
+    constexpr size_t kNumArgs = 18;
     if (!grads[0].defined()) return variable_list(kNumArgs);  // nothing reached out
     static const auto op = find_op<BlockBackward>("nanoblock::block_backward");
     const variable_list s = ctx->get_saved_variables();
@@ -310,7 +342,7 @@ struct BlockFunction : torch::autograd::Function<BlockFunction> {
     for (size_t i = 1; i <= 12; i++) {
       if (!s[i].defined()) result[i] = Tensor();  // an absent bias
     }
-    result.resize(kNumArgs);  // n_head, approximate, dropout_p, rng: none
+    result.resize(kNumArgs);  // n_head, approximate, dropout_p, rng, no_grad: none
     return result;
   }
 };
@@ -331,11 +363,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> block_forward_autogra
                                c_fc_weight, c_fc_bias, mlp_c_proj_weight, mlp_c_proj_bias,
                                n_head, approximate, dropout_p, rng);
   }
-  const variable_list o = BlockFunction::apply(
+  NoGrad no_grad;
+  const Tensor out = BlockFunction::apply(
       x, ln_1_weight, ln_1_bias, c_attn_weight, c_attn_bias, attn_c_proj_weight,
       attn_c_proj_bias, ln_2_weight, ln_2_bias, c_fc_weight, c_fc_bias, mlp_c_proj_weight,
-      mlp_c_proj_bias, n_head, approximate, dropout_p, rng);
-  return {o[0], o[1], o[2], o[3], o[4], o[5]};
+      mlp_c_proj_bias, n_head, approximate, dropout_p, rng, &no_grad)[0];
+  return {out, no_grad[0], no_grad[1], no_grad[2], no_grad[3], no_grad[4]};
 }
 
 // ---------------------------------------------------------------------------
