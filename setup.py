@@ -64,7 +64,7 @@ def want_cuda():
 
 
 def extension():
-    sources = ["csrc/ops.cpp", "csrc/block.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/block.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -g0: no debug info, which triples the build time of the ATen headers.
     # -fno-trapping-math: lets the compiler turn float selects into vector
     # blends (nanoblock reads no floating-point exception flags).

@@ -1,10 +1,11 @@
-"""nanoblock's ops as Python functions, with fake kernels and autograd.
+"""nanoblock's ops as Python functions, with fake kernels.
 
 The compiled library (nanoblock._C) registers the ops `torch.ops.nanoblock.*`
-with their CPU (and CUDA) kernels. This module adds, for each forward op, a
-fake (meta) kernel so `torch.compile` can trace it, and an autograd formula
-that calls the matching backward op. The public functions below are what the
-modules in block.py call:
+with their CPU (and CUDA) kernels, their autocast casts (csrc/ops.cpp) and
+their autograd (csrc/autograd.cpp: each forward op's backward calls the
+matching backward op; the backward ops raise on a second derivative). This
+module adds each op's fake (meta) kernel, so `torch.compile` can trace it.
+The public functions below are what the modules in block.py call:
 
     layer_norm(x, weight, bias, eps)                 -> out
     add_layer_norm(x, residual, weight, bias, eps)   -> (x + residual, out)
@@ -117,128 +118,6 @@ def _(grad_out, x, *args):
             grads.append(x.new_empty((bias_shapes[i // 2],)))
     return tuple(grads)
 
-
-# ---------------------------------------------------------------------------
-# Autograd. The saved statistics (mean, rstd, lse) and the Block's saved
-# activations are outputs only so that the backward can have them; they are
-# marked non-differentiable.
-
-def _layer_norm_setup(ctx, inputs, output):
-    x, weight, bias, eps = inputs
-    out, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(mean, rstd)
-    # Without this autograd fills a zero gradient for mean and rstd (two
-    # kernels and two allocations) before every backward.
-    ctx.set_materialize_grads(False)
-
-
-def _layer_norm_backward(ctx, grad_out, grad_mean, grad_rstd):
-    if grad_out is None:  # grads are not materialized; nothing reached out
-        return None, None, None, None
-    x, weight, mean, rstd = ctx.saved_tensors
-    gx, gw, gb = _ops.layer_norm_backward(grad_out, x, weight, mean, rstd, None)
-    return gx, gw, gb if ctx.has_bias else None, None
-
-
-torch.library.register_autograd("nanoblock::layer_norm_forward", _layer_norm_backward,
-                                setup_context=_layer_norm_setup)
-
-
-def _add_layer_norm_setup(ctx, inputs, output):
-    x, residual, weight, bias, eps = inputs
-    total, out, mean, rstd = output
-    ctx.save_for_backward(total, weight, mean, rstd)
-    ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.set_materialize_grads(False)  # as for layer_norm_forward
-
-
-def _add_layer_norm_backward(ctx, grad_sum, grad_out, grad_mean, grad_rstd):
-    if grad_out is None:  # only the sum was used: the LayerNorm adds nothing
-        return grad_sum, grad_sum, None, None, None
-    total, weight, mean, rstd = ctx.saved_tensors
-    # grad_sum (None when the sum was not used) is added to the LayerNorm's
-    # input gradient inside the kernel.
-    g_total, gw, gb = _ops.layer_norm_backward(grad_out, total, weight, mean, rstd, grad_sum)
-    return g_total, g_total, gw, gb if ctx.has_bias else None, None
-
-
-torch.library.register_autograd("nanoblock::add_layer_norm_forward", _add_layer_norm_backward,
-                                setup_context=_add_layer_norm_setup)
-
-
-def _attention_setup(ctx, inputs, output):
-    qkv, n_head, dropout_p, rng = inputs
-    out, lse = output
-    ctx.save_for_backward(qkv, out, lse, rng)
-    ctx.n_head, ctx.dropout_p = n_head, dropout_p
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
-
-
-def _attention_backward(ctx, grad_out, grad_lse):
-    if grad_out is None:  # grads are not materialized; nothing reached out
-        return None, None, None, None
-    qkv, out, lse, rng = ctx.saved_tensors
-    grad_qkv = _ops.causal_attention_backward(grad_out, qkv, out, lse, ctx.n_head, ctx.dropout_p,
-                                              rng)
-    return grad_qkv, None, None, None
-
-
-torch.library.register_autograd("nanoblock::causal_attention_forward", _attention_backward,
-                                setup_context=_attention_setup)
-
-
-def _gelu_setup(ctx, inputs, output):
-    x, bias, approximate = inputs
-    ctx.save_for_backward(x, bias)
-    ctx.approximate = approximate
-
-
-def _gelu_backward(ctx, grad_out):
-    x, bias = ctx.saved_tensors
-    gx, gb = _ops.gelu_backward(grad_out, x, bias, ctx.approximate)
-    return gx, gb if bias is not None else None, None
-
-
-torch.library.register_autograd("nanoblock::gelu_forward", _gelu_backward,
-                                setup_context=_gelu_setup)
-
-
-def _block_setup(ctx, inputs, output):
-    x, *params = inputs[:13]
-    ctx.n_head, ctx.approximate, ctx.dropout_p, rng = inputs[13:]
-    out, qkv, attn, lse, x1, fc = output
-    ctx.has_param = [p is not None for p in params]
-    ctx.save_for_backward(x, *params, qkv, attn, lse, x1, fc, rng)
-    ctx.mark_non_differentiable(qkv, attn, lse, x1, fc)
-    # Without this autograd fills a zero gradient for each of those outputs
-    # (9 C values per token) before every backward.
-    ctx.set_materialize_grads(False)
-
-
-def _block_backward(ctx, grad_out, *unused_grads):
-    if grad_out is None:  # grads are not materialized; nothing reached out
-        return (None,) * 17
-    x, *rest = ctx.saved_tensors
-    params, saved, rng = rest[:12], rest[12:17], rest[17]
-    grads = _ops.block_backward(grad_out, x, *params, *saved, ctx.n_head, ctx.approximate,
-                                ctx.dropout_p, rng)
-    grad_params = [g if has else None for g, has in zip(grads[1:], ctx.has_param)]
-    return (grads[0], *grad_params, None, None, None, None)
-
-
-torch.library.register_autograd("nanoblock::block_forward", _block_backward,
-                                setup_context=_block_setup)
-
-
-# The backward ops have no derivative of their own. Without an autograd
-# formula PyTorch would backpropagate zeros through them (with a warning), so
-# a second derivative (create_graph=True, then backward again) would be
-# silently wrong; it raises instead (csrc/ops.cpp, backward_op_autograd: in
-# C++, so that the ordinary call costs no Python).
 
 # ---------------------------------------------------------------------------
 # Public functions.

@@ -131,6 +131,35 @@ def test_torch_compile_non_contiguous_input():
     torch.testing.assert_close(compiled(x), block(x))
 
 
+@pytest.mark.parametrize("amp", [False, True], ids=["block-op", "autocast-parts"])
+def test_compiled_autograd_gpt(amp):
+    """A training step whose backward runs under compiled autograd (the
+    forward eager, so the backward graph is built of nanoblock's C++ autograd
+    nodes) gives eager's gradients, dropout included. In float32 the Blocks
+    run the Block op; under bfloat16 autocast they run as their parts
+    (layer_norm, causal_attention, gelu, add_layer_norm)."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    model = nanoblock.GPT(tiny_config(n_layer=1, n_embd=32, n_head=4, dropout=0.1))
+    idx = torch.randint(0, model.config.vocab_size, (2, 12))
+    targets = torch.randint(0, model.config.vocab_size, (2, 12))
+
+    def gradients():
+        torch.manual_seed(0)  # the same dropout masks in both steps
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            _, loss = model(idx, targets)
+        return torch.autograd.grad(loss, list(model.parameters()))
+
+    expected = gradients()
+    compiler = torch.compile(backend="aot_eager", fullgraph=True)
+    with torch._dynamo.compiled_autograd._enable(compiler):
+        grads = gradients()
+    assert counters["compiled_autograd"]["captures"] == 1, dict(counters["compiled_autograd"])
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b)
+
+
 def test_torch_compile_dynamic_shapes_gpt():
     """dynamic=True: one compiled graph serves several sequence lengths and
     batch sizes (no recompilation per shape), each with eager's numbers."""
