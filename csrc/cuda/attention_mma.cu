@@ -37,9 +37,7 @@
 // exponentiated with exp2f; lse is written and read in natural log units.
 #include "../check.h"
 #include "attention_mma.cuh"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "tensor_core.cuh"
 
 #include <cstdlib>
 #include <type_traits>
@@ -50,32 +48,10 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 // ---------------------------------------------------------------------------
-// Primitives: asynchronous copies, ldmatrix, mma.
-
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 (or 4) bytes from global to shared memory without a register round
-// trip; zero-filled when !valid (src is then not read).
-__device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)),
-               "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void copy_async_4(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(shared_address(dst)),
-               "l"(src), "r"(valid ? 4 : 0));
-}
-__device__ __forceinline__ void copy_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-__device__ __forceinline__ void copy_async_wait_all() {
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
+// Primitives (asynchronous copies and 16-bit packing: tensor_core.cuh),
+// ldmatrix, mma.
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -112,18 +88,6 @@ __device__ __forceinline__ void mma_pair(float (&c0)[4], float (&c1)[4], const u
                                          const uint32_t (&b)[4]) {
   mma_16816<scalar_t>(c0, a, b[0], b[1]);
   mma_16816<scalar_t>(c1, a, b[2], b[3]);
-}
-
-// Two floats as two 16-bit values in one register, lo in the low half.
-template <typename scalar_t>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  } else {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
 }
 
 // Probabilities (or dS) of two neighbouring C tiles as the A fragment of one
@@ -334,17 +298,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       float m_scaled[2], correction[2];
-#pragma unroll
-      for (int i = 0; i < 2; i++) {
-        tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 1));
-        tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 2));
-        const float m_new = fmaxf(m[mi][i], tile_max[i]);
-        // A row that has seen no key yet keeps max -inf; exp2(-inf - 0) = 0 then.
-        m_scaled[i] = m_new == -INFINITY ? 0.f : m_new * scale_log2;
-        correction[i] = exp2f(m[mi][i] * scale_log2 - m_scaled[i]);
-        m[mi][i] = m_new;
-        l[mi][i] *= correction[i];
-      }
+      update_row_max(tile_max, m[mi], l[mi], scale_log2, m_scaled, correction);
 #pragma unroll
       for (int nt = 0; nt < BK / 8; nt++) {
 #pragma unroll
@@ -373,12 +327,11 @@ __global__ void __launch_bounds__(kThreads)
     float inv[2];
 #pragma unroll
     for (int i = 0; i < 2; i++) {
-      l[mi][i] += __shfl_xor_sync(0xffffffffu, l[mi][i], 1);
-      l[mi][i] += __shfl_xor_sync(0xffffffffu, l[mi][i], 2);
+      l[mi][i] = quad_sum(l[mi][i]);
       inv[i] = 1.f / l[mi][i];
       const int row = row0 + 8 * i;
       if (t == 0 && row < T) {
-        lse[static_cast<int64_t>(bh) * T + row] = (m[mi][i] * scale_log2 + log2f(l[mi][i])) * kLn2;
+        lse[static_cast<int64_t>(bh) * T + row] = row_lse(m[mi][i], l[mi][i], scale_log2);
       }
     }
     store_rows<scalar_t, HD>(out_head, C, row0, T, o[mi], inv[0], inv[1]);

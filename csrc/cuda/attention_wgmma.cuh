@@ -1,0 +1,35 @@
+// Causal attention forward on Hopper's warpgroup tensor-core instructions
+// (wgmma, sm_90a): attention_wgmma.cu. A prototype beside the mma.sync path
+// (attention_mma.cu), with the same inputs, outputs and layouts; not yet
+// called by the op dispatch. scripts/try_wgmma.py builds and checks it.
+//
+// Plain C++ (no CUDA types), so a .cpp binding can include it.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace nanoblock::cuda {
+
+// True when this build holds the wgmma kernels (compiled for sm_90a) and the
+// current device is compute capability 9.0.
+bool wgmma_attention_available();
+
+// qkv [B, T, 3C] float16 / bfloat16 on the GPU, head dim C / n_head 64 or
+// 128. Returns out [B, T, C] (qkv's dtype) and lse [B, n_head, T] (float32,
+// natural log of the row sums of exp(scale * q k^T) over the causal keys).
+std::tuple<at::Tensor, at::Tensor> wgmma_attention_forward(const at::Tensor& qkv, int64_t n_head);
+
+// The same with the tile shape named: key_tile keys per shared-memory tile
+// (64 or 128), warpgroups (1 or 2, 64 queries each) per block, and the
+// schedule (pipelined: the softmax of one key tile overlaps the P V product
+// of the one before). For timing the shapes against each other; raises for
+// a shape that is not built (attention_wgmma.cu lists them).
+std::tuple<at::Tensor, at::Tensor> wgmma_attention_forward_tiles(const at::Tensor& qkv,
+                                                                 int64_t n_head, int64_t key_tile,
+                                                                 int64_t warpgroups,
+                                                                 bool pipelined);
+
+}  // namespace nanoblock::cuda

@@ -1,0 +1,425 @@
+#!/usr/bin/env python3
+"""Build, check and time the wgmma attention forward prototype.
+
+    python scripts/try_wgmma.py               # build, check, time (H100 / H200)
+    python scripts/try_wgmma.py --quick       # small shapes, no timing (e.g. under
+                                              # compute-sanitizer --tool memcheck)
+    python scripts/try_wgmma.py --build-only  # stop after the build
+
+Builds csrc/cuda/attention_wgmma.cu (sm_90a), csrc/cuda/attention_mma.cu (our
+mma.sync forward, for comparison) and scripts/wgmma_binding.cpp with
+torch.utils.cpp_extension.load, then for bfloat16 and float16 over a few
+shapes compares out and lse with a float64 reference on the same q, k, v
+(also printing the errors of our mma forward, of SDPA in the same dtype and
+of SDPA in float32), and times the wgmma kernel (each tile shape built)
+against the mma forward and SDPA at gpt2-small sizes.
+
+Pass rule (DESIGN.md's, FlashAttention's): the wgmma kernel's max error on
+out is at most 2x the larger of the mma kernel's and SDPA's (same dtype)
+against the float64 reference; on lse at most 2x the mma kernel's, or 1e-4.
+
+Everything printed also goes to $OUT/try_wgmma.txt when OUT is set. Exit
+status: 0 all checks passed, 1 a check failed, 2 could not run (no GPU, build
+failed), 3 the watchdog stopped a run that took too long (a hang).
+"""
+import argparse
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+
+# (B, T, C, n_head): head dim 64 unless said.
+SHAPES = [(2, 1, 768, 12), (2, 97, 768, 12), (2, 1025, 768, 12), (16, 1024, 768, 12),
+          (4, 4096, 768, 12), (2, 1000, 1024, 8)]  # the last: head dim 128
+QUICK_SHAPES = [(2, 1, 768, 12), (2, 97, 768, 12), (1, 300, 1024, 8)]
+BENCH_SHAPES = [(16, 1024, 768, 12), (4, 4096, 768, 12)]
+# Tile shapes built in attention_wgmma.cu: head dim -> [(key_tile, warpgroups,
+# pipelined)], the default first.
+TILES = {64: [(128, 2, False), (128, 2, True), (64, 2, False), (128, 1, False)],
+         128: [(64, 2, False), (64, 2, True), (128, 2, False), (128, 2, True)]}
+TILE_CHECK_SHAPES = [(2, 97, 768, 12), (2, 1025, 768, 12), (16, 1024, 768, 12),
+                     (3, 515, 1024, 8), (2, 1000, 1024, 8)]
+
+
+class Log:
+    """print() that also appends to $OUT/try_wgmma.txt, line by line (so a crash keeps it)."""
+
+    def __init__(self):
+        out = os.environ.get("OUT")
+        self.path = os.path.join(out, "try_wgmma.txt") if out else None
+        if self.path:
+            os.makedirs(out, exist_ok=True)
+            open(self.path, "w").close()
+        self.stage = "start"
+
+    def __call__(self, *parts):
+        text = " ".join(str(p) for p in parts)
+        print(text, flush=True)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(text + "\n")
+
+
+log = Log()
+
+
+def start_watchdog(seconds):
+    """Ends the process (exit 3) if it runs past `seconds`: a hung kernel never returns."""
+    started = time.time()
+
+    def fire():
+        log(f"TIMEOUT: still running after {time.time() - started:.0f} s, in stage: {log.stage}")
+        os._exit(3)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+
+
+def environment(torch):
+    log("torch", torch.__version__, "| cuda", torch.version.cuda, "| python", sys.version.split()[0])
+    try:
+        nvcc = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout
+        log("nvcc:", nvcc.strip().splitlines()[-1])
+    except OSError as e:
+        log("nvcc: not found:", e)
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        log(f"GPU: {p.name}, compute capability {p.major}.{p.minor}, {p.multi_processor_count} SMs")
+    try:
+        import triton
+        log("triton", triton.__version__)
+    except ImportError:
+        log("triton: not installed (timing falls back to CUDA events)")
+
+
+def build(verbose):
+    from torch.utils import cpp_extension
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
+    build_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), "nanoblock_try_wgmma")
+    os.makedirs(build_dir, exist_ok=True)
+    sources = [os.path.join(ROOT, "scripts", "wgmma_binding.cpp"),
+               os.path.join(CSRC, "cuda", "attention_wgmma.cu"),
+               os.path.join(CSRC, "cuda", "attention_mma.cu")]
+    log.stage = "build"
+    log(f"building {', '.join(os.path.relpath(s, ROOT) for s in sources)} in {build_dir} ...")
+    t0 = time.time()
+    # An explicit -gencode in the flags stops torch from adding its own arch
+    # flags, so only sm_90a code is built. No --use_fast_math: exp2f as in the
+    # mma kernel.
+    ext = cpp_extension.load(
+        name="nanoblock_try_wgmma",
+        sources=sources,
+        extra_include_paths=[CSRC],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-lineinfo",
+                           "-gencode=arch=compute_90a,code=sm_90a"],
+        build_directory=build_dir,
+        verbose=verbose)
+    log(f"built in {time.time() - t0:.0f} s: {ext.__file__}")
+    return ext
+
+
+def kernel_resources(so_path):
+    """Registers, stack and HGMMA count of the wgmma kernels (cuobjdump, when present)."""
+    try:
+        usage = subprocess.run(["cuobjdump", "--dump-resource-usage", so_path],
+                               capture_output=True, text=True, timeout=60).stdout
+        sass = subprocess.run(["cuobjdump", "--dump-sass", so_path],
+                              capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log("cuobjdump unavailable:", e)
+        return
+    name = None
+    for line in usage.splitlines():
+        m = re.search(r"Function (\S+):", line)
+        if m:
+            name = m.group(1)
+            continue
+        if name and "wgmma_forward_kernel" in name and "REG:" in line:
+            tiles = re.search(r"WgmmaTilesILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)E", name)
+            dtype = "bf16" if "BFloat16" in name else "fp16"
+            shape = "hd %s, keys %s, warpgroups %s, min blocks %s" % tiles.groups() if tiles else name
+            log(f"  wgmma kernel {dtype} ({shape}): {line.strip()}")
+            name = None
+    arches = sorted(set(re.findall(r"arch = (sm_\w+)", sass)))
+    log(f"  HGMMA instructions in the library: {sass.count('HGMMA')}; arches: {arches}")
+
+
+def tiles_name(tiles):
+    key_tile, warpgroups, pipelined = tiles
+    return f"keys={key_tile} wg={warpgroups} {'pipelined' if pipelined else 'serial'}"
+
+
+def split_heads(qkv, n_head):
+    """q, k, v of qkv [B, T, 3C] as [B, n_head, T, hd] views (as nanoGPT makes them)."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    return [x.view(B, T, n_head, C // n_head).transpose(1, 2) for x in qkv.split(C, dim=2)]
+
+
+def reference(torch, qkv, n_head):
+    """float64 out [B, T, C] and lse [B, n_head, T] from the same (rounded) q, k, v."""
+    q, k, v = (x.double() for x in split_heads(qkv, n_head))
+    B, H, T, hd = q.shape
+    mask = torch.ones(T, T, dtype=torch.bool, device=qkv.device).triu(1)
+    out = torch.empty(B, H, T, hd, dtype=torch.float64, device=qkv.device)
+    lse = torch.empty(B, H, T, dtype=torch.float64, device=qkv.device)
+    for b in range(B):  # one batch at a time: [H, T, T] float64 is 1.6 GB at T = 4096
+        s = (q[b] @ k[b].transpose(-1, -2)) * (1.0 / math.sqrt(hd))
+        s.masked_fill_(mask, float("-inf"))
+        lse[b] = torch.logsumexp(s, dim=-1)
+        out[b] = torch.exp(s - lse[b][..., None]) @ v[b]
+        del s
+    return out.transpose(1, 2).reshape(B, T, H * hd), lse
+
+
+def max_err(x, ref):
+    """max |x - ref| (nan if x has a nan)."""
+    d = (x.double() - ref).abs()
+    return float("nan") if d.isnan().any() else d.max().item()
+
+
+def describe_mismatch(torch, what, got, ref, tol, n_head, per_head_rows):
+    """Where got differs from ref by more than tol: first (b, h, i, d), counts, patterns.
+
+    per_head_rows: got/ref are [B, T, C] (out) when False, [B, H, T] (lse) when True."""
+    if per_head_rows:
+        err = (got.double() - ref).abs()  # [B, H, T]
+    else:
+        B, T, C = got.shape
+        err = (got.double() - ref).abs().view(B, T, n_head, C // n_head).transpose(1, 2)
+        got = got.view(B, T, n_head, C // n_head).transpose(1, 2)
+        ref = ref.view(B, T, n_head, C // n_head).transpose(1, 2)
+    bad = ~(err <= tol)  # nan counts as bad
+    n_bad = int(bad.sum().item())
+    if n_bad == 0:
+        return
+    first = bad.nonzero()[0].tolist()
+    where = ", ".join(f"{k}={v}" for k, v in zip("bhid", first))
+    log(f"    {what}: {n_bad} of {bad.numel()} off by more than {tol:.3g} "
+        f"({int(got.isnan().sum().item())} nan); first at ({where}): "
+        f"got {got[tuple(first)].item():.6g}, ref {ref[tuple(first)].item():.6g}")
+    rows = bad.flatten(0, 1) if per_head_rows else bad.any(dim=3).flatten(0, 1)  # [B*H, T]
+    bad_rows = rows.any(dim=0).nonzero().flatten().tolist()
+    log(f"      rows i with a mismatch: {len(bad_rows)}, first {bad_rows[:12]}; "
+        f"i % 64 seen: {sorted(set(i % 64 for i in bad_rows))[:24]}")
+    if not per_head_rows:
+        cols = bad.flatten(0, 2).any(dim=0).nonzero().flatten().tolist()
+        heads = bad.transpose(0, 1).flatten(1).any(dim=1).nonzero().flatten().tolist()
+        log(f"      head-dim columns d with a mismatch: {cols[:40]}; heads h: {heads}")
+
+
+class Checks:
+    def __init__(self, torch, ext):
+        self.torch, self.ext = torch, ext
+        self.failed = []
+        self.fatal = None  # set after a CUDA error: the context is unusable then
+        try:
+            import nanoblock  # noqa: F401  (the built package, if installed)
+            self.op = torch.ops.nanoblock.causal_attention_forward
+        except Exception:
+            self.op = None
+
+    def run(self, label, fn):
+        """fn() inside a guard: an exception is a FAIL, a CUDA error stops the GPU work."""
+        if self.fatal:
+            return
+        try:
+            fn()
+        except Exception as e:
+            self.failed.append(label)
+            log(f"FAIL {label}: {type(e).__name__}: {e}".rstrip())
+            log("".join(traceback.format_exc(limit=4)).rstrip())
+            try:
+                self.torch.cuda.synchronize()
+            except Exception as e2:
+                self.fatal = f"{label}: {e2}"
+                log(f"CUDA context unusable after {label}: stopping the GPU work")
+
+    def accuracy(self, dtype, shape, tiles=None, full=True):
+        torch, ext = self.torch, self.ext
+        F = torch.nn.functional
+        B, T, C, H = shape
+        hd = C // H
+        name = f"{str(dtype).replace('torch.', '')} B={B} T={T} C={C} H={H} (hd {hd})"
+        if tiles:
+            name += " " + tiles_name(tiles)
+        log.stage = "check " + name
+        gen = torch.Generator(device="cuda").manual_seed(1234 + T)
+        qkv = torch.randn(B, T, 3 * C, device="cuda", dtype=dtype, generator=gen)
+        ref_out, ref_lse = reference(torch, qkv, H)
+
+        t0 = time.time()
+        if tiles:
+            w_out, w_lse = ext.wgmma_forward_tiles(qkv, H, *tiles)
+        else:
+            w_out, w_lse = ext.wgmma_forward(qkv, H)
+        torch.cuda.synchronize()
+        t_w = time.time() - t0
+        m_out, m_lse = ext.mma_forward(qkv, H)
+        torch.cuda.synchronize()
+        e_w, e_wl = max_err(w_out, ref_out), max_err(w_lse, ref_lse)
+        e_m, e_ml = max_err(m_out, ref_out), max_err(m_lse, ref_lse)
+        q, k, v = split_heads(qkv, H)
+        with torch.no_grad():
+            sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        e_s = max_err(sdpa.transpose(1, 2).reshape(B, T, C), ref_out)
+        tol_out = max(2 * max(e_m, e_s), 1e-5)  # the floor: T = 1 is exact for all
+        tol_lse = max(2 * e_ml, 1e-4)
+        ok = e_w <= tol_out and e_wl <= tol_lse  # false for nan
+        log(f"{'PASS' if ok else 'FAIL'} {name}: max|out - ref| wgmma {e_w:.3g} "
+            f"(tol {tol_out:.3g}), mma {e_m:.3g}, sdpa {e_s:.3g}; max|lse - ref| wgmma "
+            f"{e_wl:.3g} (tol {tol_lse:.3g}), mma {e_ml:.3g}; first call {t_w * 1e3:.1f} ms")
+        if full:
+            with torch.no_grad():
+                sdpa32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                        is_causal=True)
+            e_s32 = max_err(sdpa32.transpose(1, 2).reshape(B, T, C), ref_out)
+            line = (f"     sdpa float32 {e_s32:.3g}; max|wgmma - mma| out "
+                    f"{max_err(w_out, m_out.double()):.3g}, lse {max_err(w_lse, m_lse.double()):.3g}")
+            if self.op is not None:
+                o_out, o_lse = self.op(qkv, H)
+                line += (f"; nanoblock op vs ref: out {max_err(o_out, ref_out):.3g}, "
+                         f"lse {max_err(o_lse, ref_lse):.3g}")
+            log(line)
+        if not ok:
+            self.failed.append(name)
+            describe_mismatch(torch, "out", w_out, ref_out, tol_out, H, per_head_rows=False)
+            describe_mismatch(torch, "lse", w_lse, ref_lse, tol_lse, H, per_head_rows=True)
+
+
+def bench_ms(torch, fn):
+    """Median milliseconds of fn() (triton's do_bench, else CUDA events)."""
+    try:
+        from triton.testing import do_bench
+        try:
+            return do_bench(fn, warmup=25, rep=200, return_mode="median")
+        except TypeError:
+            return do_bench(fn, warmup=25, rep=200)
+    except ImportError:
+        for _ in range(10):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(50):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+
+
+def timings(torch, ext, checks):
+    F = torch.nn.functional
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    for B, T, C, H in BENCH_SHAPES:
+        hd = C // H
+        flops = 2 * B * H * T * T * hd  # causal forward: half of 4 B H T^2 hd
+        log(f"\ntiming bf16 B={B} T={T} C={C} H={H} (hd {hd}); median of do_bench; "
+            f"{flops / 1e9:.1f} GFLOP")
+        qkv = torch.randn(B, T, 3 * C, device="cuda", dtype=torch.bfloat16)
+        q, k, v = split_heads(qkv, H)
+        cases = [("wgmma " + tiles_name(tiles) + (" (default)" if i == 0 else ""),
+                  lambda tiles=tiles: ext.wgmma_forward_tiles(qkv, H, *tiles))
+                 for i, tiles in enumerate(TILES[hd])]
+        cases.append(("mma.sync forward (ours)", lambda: ext.mma_forward(qkv, H)))
+        cases.append(("SDPA default", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
+        for label, backend in (("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION),
+                               ("SDPA flash", SDPBackend.FLASH_ATTENTION)):
+            def run(backend=backend):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            cases.append((label, run))
+        sdpa_ms = None
+        for label, fn in cases:
+            log.stage = f"timing {label} T={T}"
+            if checks.fatal:
+                return
+            try:
+                fn()
+                torch.cuda.synchronize()
+                ms = bench_ms(torch, fn)
+            except Exception as e:
+                log(f"  {label:44s} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                try:
+                    torch.cuda.synchronize()
+                except Exception as e2:
+                    checks.fatal = str(e2)
+                    log("CUDA context unusable: stopping")
+                continue
+            if label == "SDPA default":
+                sdpa_ms = ms
+            log(f"  {label:44s} {ms * 1e3:8.1f} us  {flops / (ms * 1e-3) / 1e12:6.1f} TFLOP/s")
+        if sdpa_ms:
+            log(f"  (SDPA default: {sdpa_ms * 1e3:.1f} us)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes only, no timing")
+    parser.add_argument("--build-only", action="store_true")
+    parser.add_argument("--verbose-build", action="store_true")
+    parser.add_argument("--deadline", type=float, default=540,
+                        help="seconds before the watchdog ends the run (a hang)")
+    args = parser.parse_args()
+    start_watchdog(args.deadline)
+    t_start = time.time()
+    import torch
+    environment(torch)
+    if not torch.cuda.is_available() and not args.build_only:
+        log("No CUDA GPU here: this script needs an H100 / H200 (sm_90a). "
+            "(--build-only tries the build alone.)")
+        return 2
+    try:
+        ext = build(args.verbose_build)
+    except Exception as e:
+        msg = str(e)
+        log(f"BUILD FAILED: {type(e).__name__}: {msg[-8000:]}")
+        return 2
+    kernel_resources(ext.__file__)
+    if args.build_only:
+        return 0
+    if not ext.wgmma_available():
+        log("wgmma_available() is False: the GPU is not compute capability 9.0, or the "
+            "build has no sm_90a code")
+        return 2
+
+    checks = Checks(torch, ext)
+    log("\n== accuracy, default tiles (vs float64 reference on the same q, k, v)")
+    for dtype in (torch.bfloat16, torch.float16):
+        for shape in (QUICK_SHAPES if args.quick else SHAPES):
+            checks.run(f"{dtype} {shape}", lambda: checks.accuracy(dtype, shape))
+    log("\n== accuracy, every tile shape built")
+    for shape in TILE_CHECK_SHAPES[: 1 if args.quick else None]:
+        hd = shape[2] // shape[3]
+        for tiles in TILES[hd]:
+            for dtype in (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float16):
+                checks.run(f"{dtype} {shape} {tiles}",
+                           lambda: checks.accuracy(dtype, shape, tiles=tiles, full=False))
+    if not args.quick and not checks.fatal:
+        timings(torch, ext, checks)
+
+    log(f"\n== summary ({time.time() - t_start:.0f} s)")
+    if checks.fatal:
+        log("stopped early by a CUDA error:", checks.fatal)
+    if checks.failed:
+        log(f"FAILED {len(checks.failed)}: " + "; ".join(checks.failed))
+        return 1
+    if checks.fatal:
+        return 1
+    log("ALL PASS")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
