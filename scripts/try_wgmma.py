@@ -219,8 +219,8 @@ def describe_mismatch(torch, what, got, ref, tol, n_head, per_head_rows):
 
 
 class Checks:
-    def __init__(self, torch, ext):
-        self.torch, self.ext = torch, ext
+    def __init__(self, torch, ext, device="cuda"):
+        self.torch, self.ext, self.device = torch, ext, device
         self.failed = []
         self.fatal = None  # set after a CUDA error: the context is unusable then
         try:
@@ -228,6 +228,10 @@ class Checks:
             self.op = torch.ops.nanoblock.causal_attention_forward
         except Exception:
             self.op = None
+
+    def sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
 
     def run(self, label, fn):
         """fn() inside a guard: an exception is a FAIL, a CUDA error stops the GPU work."""
@@ -240,10 +244,56 @@ class Checks:
             log(f"FAIL {label}: {type(e).__name__}: {e}".rstrip())
             log("".join(traceback.format_exc(limit=4)).rstrip())
             try:
-                self.torch.cuda.synchronize()
+                self.sync()
             except Exception as e2:
                 self.fatal = f"{label}: {e2}"
                 log(f"CUDA context unusable after {label}: stopping the GPU work")
+
+    def layout_probe(self, hd, tiles):
+        """One-hot attention in float16 that makes every output an exact id of a v element.
+
+        One head, T = 2048 / hd rows; q = k = 16 e_i (row i), so that S is 16^2 / sqrt(hd)
+        on the diagonal and 0 elsewhere: the softmax is one-hot to float16 precision
+        and out[i] must equal v[i]. v[j][d] = j * hd + d (exact in float16: < 2048).
+        A wrong value names the (j, d) of v it came from: a wrong j points at the
+        score / P path (S = Q K^T, the mask, the accumulator-to-A conversion), a wrong
+        d with the right j at the V operand (its descriptor or swizzle)."""
+        torch, ext = self.torch, self.ext
+        name = f"layout probe hd {hd} {tiles_name(tiles)}"
+        log.stage = name
+        T, C = 2048 // hd, hd
+        qkv = torch.zeros(1, T, 3 * C, dtype=torch.float16, device=self.device)
+        eye = 16 * torch.eye(T, hd, device=self.device)
+        ids = torch.arange(T * hd, device=self.device, dtype=torch.float32).view(T, hd)
+        qkv[0, :, :C], qkv[0, :, C:2 * C], qkv[0, :, 2 * C:] = eye, eye, ids
+        out, lse = ext.wgmma_forward_tiles(qkv, 1, *tiles)
+        self.sync()
+        got = out[0].float()
+        lse_ref = 256 / math.sqrt(hd)
+        bad = got != ids
+        lse_bad = ~((lse[0, 0] - lse_ref).abs() < 1e-3)
+        if not bad.any() and not lse_bad.any():
+            log(f"PASS {name}: out[i] == v[i] exactly for all {T} rows, lse == {lse_ref:.4g}")
+            return
+        self.failed.append(name)
+        log(f"FAIL {name}: {int(bad.sum())} of {bad.numel()} outputs wrong, "
+            f"{int(lse_bad.sum())} of {T} lse wrong (lse[:4] = {lse[0, 0, :4].tolist()})")
+        same_row = same_col = 0
+        shown = 0
+        for i, d in bad.nonzero().tolist():
+            value = got[i, d].item()
+            if value == value and value == round(value) and 0 <= value < T * hd:
+                j, d2 = divmod(int(value), hd)
+                same_row += j == i
+                same_col += d2 == d
+                where = f"v[j={j}][d={d2}]"
+            else:
+                where = "no element of v"
+            if shown < 10:
+                log(f"    out[i={i}][d={d}] = {value:g} = {where}")
+                shown += 1
+        log(f"    of the wrong ones: {same_row} hold their own row i of v (a V-operand "
+            f"problem), {same_col} their own column d (a score / P problem)")
 
     def accuracy(self, dtype, shape, tiles=None, full=True):
         torch, ext = self.torch, self.ext
@@ -254,8 +304,8 @@ class Checks:
         if tiles:
             name += " " + tiles_name(tiles)
         log.stage = "check " + name
-        gen = torch.Generator(device="cuda").manual_seed(1234 + T)
-        qkv = torch.randn(B, T, 3 * C, device="cuda", dtype=dtype, generator=gen)
+        gen = torch.Generator(device=self.device).manual_seed(1234 + T)
+        qkv = torch.randn(B, T, 3 * C, device=self.device, dtype=dtype, generator=gen)
         ref_out, ref_lse = reference(torch, qkv, H)
 
         t0 = time.time()
@@ -263,10 +313,10 @@ class Checks:
             w_out, w_lse = ext.wgmma_forward_tiles(qkv, H, *tiles)
         else:
             w_out, w_lse = ext.wgmma_forward(qkv, H)
-        torch.cuda.synchronize()
+        self.sync()
         t_w = time.time() - t0
         m_out, m_lse = ext.mma_forward(qkv, H)
-        torch.cuda.synchronize()
+        self.sync()
         e_w, e_wl = max_err(w_out, ref_out), max_err(w_lse, ref_lse)
         e_m, e_ml = max_err(m_out, ref_out), max_err(m_lse, ref_lse)
         q, k, v = split_heads(qkv, H)
@@ -295,6 +345,73 @@ class Checks:
             self.failed.append(name)
             describe_mismatch(torch, "out", w_out, ref_out, tol_out, H, per_head_rows=False)
             describe_mismatch(torch, "lse", w_lse, ref_lse, tol_lse, H, per_head_rows=True)
+
+
+class FakeExtension:
+    """Pure-PyTorch stand-in for the built extension, for --self-test (this script's
+    own test, on the CPU). The tile shape `broken` swaps head-dim columns 0 and 1 of
+    v and puts a nan in one output, so that the failure reports run too."""
+
+    def __init__(self, torch, broken):
+        self.torch, self.broken = torch, broken
+
+    def wgmma_available(self):
+        return True
+
+    def attention(self, qkv, n_head):
+        out, lse = reference(self.torch, qkv, n_head)
+        return out.to(qkv.dtype), lse.float()
+
+    def mma_forward(self, qkv, n_head):
+        return self.attention(qkv, n_head)
+
+    def wgmma_forward(self, qkv, n_head):
+        return self.attention(qkv, n_head)
+
+    def wgmma_forward_tiles(self, qkv, n_head, key_tile, warpgroups, pipelined):
+        if (key_tile, warpgroups, pipelined) != self.broken:
+            return self.attention(qkv, n_head)
+        C = qkv.shape[2] // 3
+        qkv = qkv.clone()
+        v = qkv[..., 2 * C:]
+        v[..., [0, 1]] = v[..., [1, 0]]
+        out, lse = self.attention(qkv, n_head)
+        out[0, -1, 5] = float("nan")
+        return out, lse
+
+
+def run_checks(checks, quick):
+    torch = checks.torch
+    log("\n== layout probes (float16, one-hot attention: out[i] must be v[i] exactly)")
+    for hd, shapes in TILES.items():
+        for tiles in shapes:
+            checks.run(f"probe {hd} {tiles}", lambda: checks.layout_probe(hd, tiles))
+    log("\n== accuracy, default tiles (vs float64 reference on the same q, k, v)")
+    for dtype in (torch.bfloat16, torch.float16):
+        for shape in (QUICK_SHAPES if quick else SHAPES):
+            checks.run(f"{dtype} {shape}", lambda: checks.accuracy(dtype, shape))
+    log("\n== accuracy, every tile shape built")
+    for shape in TILE_CHECK_SHAPES[: 1 if quick else None]:
+        hd = shape[2] // shape[3]
+        for tiles in TILES[hd]:
+            for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16):
+                checks.run(f"{dtype} {shape} {tiles}",
+                           lambda: checks.accuracy(dtype, shape, tiles=tiles, full=False))
+
+
+def self_test(torch):
+    """The checks on the CPU against FakeExtension: every check of a good tile shape
+    must pass and every check of the broken one fail."""
+    broken = TILES[64][1]
+    checks = Checks(torch, FakeExtension(torch, broken), device="cpu")
+    run_checks(checks, quick=True)
+    # The broken shape is built for both head dims: 2 probes and 1 quick accuracy check.
+    expected = [label for label in checks.failed if tiles_name(broken) in label]
+    log(f"\n== self-test: {len(checks.failed)} failed, {len(expected)} of them the broken "
+        f"tile shape ({tiles_name(broken)}), expected 3 and 3")
+    ok = len(expected) == 3 and len(checks.failed) == 3 and not checks.fatal
+    log("SELF-TEST " + ("OK" if ok else "FAILED"))
+    return 0 if ok else 1
 
 
 def bench_ms(torch, fn):
@@ -369,6 +486,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small shapes only, no timing")
     parser.add_argument("--build-only", action="store_true")
     parser.add_argument("--verbose-build", action="store_true")
+    parser.add_argument("--self-test", action="store_true",
+                        help="test this script: the checks on the CPU against a pure-PyTorch "
+                             "stand-in for the kernels, one tile shape broken on purpose")
     parser.add_argument("--deadline", type=float, default=540,
                         help="seconds before the watchdog ends the run (a hang)")
     args = parser.parse_args()
@@ -376,6 +496,8 @@ def main():
     t_start = time.time()
     import torch
     environment(torch)
+    if args.self_test:
+        return self_test(torch)
     if not torch.cuda.is_available() and not args.build_only:
         log("No CUDA GPU here: this script needs an H100 / H200 (sm_90a). "
             "(--build-only tries the build alone.)")
@@ -395,17 +517,7 @@ def main():
         return 2
 
     checks = Checks(torch, ext)
-    log("\n== accuracy, default tiles (vs float64 reference on the same q, k, v)")
-    for dtype in (torch.bfloat16, torch.float16):
-        for shape in (QUICK_SHAPES if args.quick else SHAPES):
-            checks.run(f"{dtype} {shape}", lambda: checks.accuracy(dtype, shape))
-    log("\n== accuracy, every tile shape built")
-    for shape in TILE_CHECK_SHAPES[: 1 if args.quick else None]:
-        hd = shape[2] // shape[3]
-        for tiles in TILES[hd]:
-            for dtype in (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float16):
-                checks.run(f"{dtype} {shape} {tiles}",
-                           lambda: checks.accuracy(dtype, shape, tiles=tiles, full=False))
+    run_checks(checks, args.quick)
     if not args.quick and not checks.fatal:
         timings(torch, ext, checks)
 

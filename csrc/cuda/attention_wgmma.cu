@@ -531,46 +531,71 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
       keep_in_order(o);
     }
   } else {
-    for (int kt = 0; kt <= key_tiles; kt++) {  // kt == key_tiles: drain the last P V
-      if (kt < key_tiles) {
-        copy_async_wait_all_for_tensor_cores();
-        __syncthreads();  // tile kt is in; buffer (kt + 1) % 3 is free (see above)
-        if (kt + 1 < key_tiles) copy_key_tile(kt + 1);
-      }
-      const bool scores = kt < my_tiles;                 // S_kt
-      const bool values = kt >= 1 && kt - 1 < my_tiles;  // O += P_{kt-1} V_{kt-1}
-      if (!scores && !values) continue;
-
+    // Iteration kt: its barrier and copy (next_tile), then for this
+    // warpgroup: kt = 0 S only; 0 < kt < my_tiles both products (step); kt =
+    // my_tiles P V only (the drain); later ones nothing. Between the issue of
+    // a product and the wait for it the code is straight-line (no branch that
+    // ptxas could take for divergent, which makes it serialize the wgmmas):
+    // the steps that need the causal mask run in a loop of their own.
+    const auto next_tile = [&](int kt) {
+      copy_async_wait_all_for_tensor_cores();
+      __syncthreads();  // tile kt is in; buffer (kt + 1) % 3 is free (see above)
+      if (kt + 1 < key_tiles) copy_key_tile(kt + 1);
+    };
+    const auto step = [&](int kt, auto mask) {  // S_kt and O += P_{kt-1} V_{kt-1}
       keep_in_order(s);
       keep_in_order(o);
       keep_in_order(p);
       wgmma_fence();
-      if (scores) {
-        issue_scores<scalar_t, HD, BQ, BK>(s, q_wg, key_buffer(kt));
-        wgmma_commit();
-      }
-      if (values) {
-        issue_values<scalar_t, HD, BK>(o, p, value_buffer(kt - 1));
-        wgmma_commit();
-      }
-      if (scores) {
-        if (values) {
-          wgmma_wait<1>();  // S_kt is done; P V may still run
-        } else {
-          wgmma_wait<0>();
-        }
-        keep_in_order(s);
-        float correction[2];
-        softmax(kt, correction);
-        if (values) wgmma_wait<0>();  // P_{kt-1} V_{kt-1} is in o; p is free
-        keep_in_order(o);
-        rescale<HD>(o, correction);
-        scores_to_a<scalar_t, BK>(p, s);
-      } else {
-        wgmma_wait<0>();
-        keep_in_order(o);
-      }
+      issue_scores<scalar_t, HD, BQ, BK>(s, q_wg, key_buffer(kt));
+      wgmma_commit();
+      issue_values<scalar_t, HD, BK>(o, p, value_buffer(kt - 1));
+      wgmma_commit();
+      wgmma_wait<1>();  // S_kt is done; P V may still run
+      keep_in_order(s);
+      float correction[2];
+      online_softmax<BK>(s, m, l, row, kt * BK, T, decltype(mask)::value, scale_log2, correction);
+      wgmma_wait<0>();  // P_{kt-1} V_{kt-1} is in o; p is free
+      keep_in_order(o);
+      rescale<HD>(o, correction);
+      scores_to_a<scalar_t, BK>(p, s);
+    };
+    next_tile(0);
+    if (my_tiles > 0) {
+      keep_in_order(s);
+      wgmma_fence();
+      issue_scores<scalar_t, HD, BQ, BK>(s, q_wg, key_buffer(0));
+      wgmma_commit();
+      wgmma_wait<0>();
+      keep_in_order(s);
+      float correction[2];  // o is still 0: nothing to rescale
+      softmax(0, correction);
+      scores_to_a<scalar_t, BK>(p, s);
     }
+    // Tiles before first_masked lie wholly at or before this warpgroup's
+    // first query (and so before T): (kt + 1) * BK <= wg_q0 + 1.
+    const int first_masked = min(my_tiles, (wg_q0 + 1) / BK);
+    int kt = 1;
+    for (; kt < first_masked; kt++) {
+      next_tile(kt);
+      step(kt, std::false_type{});
+    }
+    for (; kt < my_tiles; kt++) {
+      next_tile(kt);
+      step(kt, std::true_type{});
+    }
+    if (my_tiles > 0) {  // the drain, in iteration kt = my_tiles
+      if (kt < key_tiles) next_tile(kt);
+      kt++;
+      keep_in_order(o);
+      keep_in_order(p);
+      wgmma_fence();
+      issue_values<scalar_t, HD, BK>(o, p, value_buffer(my_tiles - 1));
+      wgmma_commit();
+      wgmma_wait<0>();
+      keep_in_order(o);
+    }
+    for (; kt < key_tiles; kt++) next_tile(kt);  // every thread: key_tiles barriers
   }
 
   // Normalize, write out (layout (b): columns 8j + 2t, 8j + 2t + 1 of rows
