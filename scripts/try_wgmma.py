@@ -18,9 +18,12 @@ Pass rule (DESIGN.md's, FlashAttention's): the wgmma kernel's max error on
 out is at most 2x the larger of the mma kernel's and SDPA's (same dtype)
 against the float64 reference; on lse at most 2x the mma kernel's, or 1e-4.
 
-Everything printed also goes to $OUT/try_wgmma.txt when OUT is set. Exit
-status: 0 all checks passed, 1 a check failed, 2 could not run (no GPU, build
-failed), 3 the watchdog stopped a run that took too long (a hang).
+Everything printed also goes to $OUT/try_wgmma.txt when OUT is set. A CUDA
+error that leaves the context unusable (an illegal address, say) in one tile
+shape's kernel makes the script run itself again in a fresh process without
+that tile shape (--exclude), appending to the same log. Exit status: 0 all
+checks passed, 1 a check failed (or a tile shape crashed), 2 could not run (no
+GPU, build failed), 3 the watchdog stopped a run that took too long (a hang).
 """
 import argparse
 import math
@@ -54,10 +57,13 @@ class Log:
     def __init__(self):
         out = os.environ.get("OUT")
         self.path = os.path.join(out, "try_wgmma.txt") if out else None
-        if self.path:
-            os.makedirs(out, exist_ok=True)
-            open(self.path, "w").close()
         self.stage = "start"
+
+    def start(self, append):
+        if self.path:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            if not append:
+                open(self.path, "w").close()
 
     def __call__(self, *parts):
         text = " ".join(str(p) for p in parts)
@@ -145,9 +151,13 @@ def kernel_resources(so_path):
             name = m.group(1)
             continue
         if name and "wgmma_forward_kernel" in name and "REG:" in line:
-            tiles = re.search(r"WgmmaTilesILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)E", name)
+            tiles = re.search(r"WgmmaTilesILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELb([01])E", name)
             dtype = "bf16" if "BFloat16" in name else "fp16"
-            shape = "hd %s, keys %s, warpgroups %s, min blocks %s" % tiles.groups() if tiles else name
+            shape = name
+            if tiles:
+                hd, keys, wg, blocks, pipelined = tiles.groups()
+                shape = (f"hd {hd} keys={keys} wg={wg} "
+                         f"{'pipelined' if pipelined == '1' else 'serial'}, min blocks {blocks}")
             log(f"  wgmma kernel {dtype} ({shape}): {line.strip()}")
             name = None
     arches = sorted(set(re.findall(r"arch = (sm_\w+)", sass)))
@@ -157,6 +167,11 @@ def kernel_resources(so_path):
 def tiles_name(tiles):
     key_tile, warpgroups, pipelined = tiles
     return f"keys={key_tile} wg={warpgroups} {'pipelined' if pipelined else 'serial'}"
+
+
+def kernel_name(kernel):
+    """kernel: (head dim, key_tile, warpgroups, pipelined), one compiled kernel (per dtype)."""
+    return f"hd {kernel[0]} {tiles_name(kernel[1:])}"
 
 
 def split_heads(qkv, n_head):
@@ -219,10 +234,12 @@ def describe_mismatch(torch, what, got, ref, tol, n_head, per_head_rows):
 
 
 class Checks:
-    def __init__(self, torch, ext, device="cuda"):
+    def __init__(self, torch, ext, device="cuda", excluded=()):
         self.torch, self.ext, self.device = torch, ext, device
+        self.excluded = set(excluded)  # kernels left out (they crashed before)
         self.failed = []
         self.fatal = None  # set after a CUDA error: the context is unusable then
+        self.fatal_kernel = None  # the kernel that was running then
         try:
             import nanoblock  # noqa: F401  (the built package, if installed)
             self.op = torch.ops.nanoblock.causal_attention_forward
@@ -233,21 +250,33 @@ class Checks:
         if self.device == "cuda":
             self.torch.cuda.synchronize()
 
-    def run(self, label, fn):
-        """fn() inside a guard: an exception is a FAIL, a CUDA error stops the GPU work."""
+    def run(self, label, fn, kernel):
+        """fn() inside a guard: an exception is a FAIL, a CUDA error stops the GPU work.
+
+        kernel: (hd, key_tile, warpgroups, pipelined) that fn runs (skipped when excluded)."""
         if self.fatal:
+            return
+        if kernel in self.excluded:
+            log(f"skipped {label}: {kernel_name(kernel)} crashed in an earlier process")
             return
         try:
             fn()
+            self.sync()
         except Exception as e:
             self.failed.append(label)
             log(f"FAIL {label}: {type(e).__name__}: {e}".rstrip())
             log("".join(traceback.format_exc(limit=4)).rstrip())
-            try:
-                self.sync()
-            except Exception as e2:
-                self.fatal = f"{label}: {e2}"
-                log(f"CUDA context unusable after {label}: stopping the GPU work")
+            self.check_context(label, kernel)
+
+    def check_context(self, label, kernel):
+        """After an exception: is the CUDA context still usable? If not, remember why."""
+        try:
+            self.sync()
+            self.torch.zeros(1, device=self.device).add_(1).item()
+        except Exception as e:
+            self.fatal = f"{label}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            self.fatal_kernel = kernel
+            log(f"CUDA context unusable after {label}: stopping the GPU work in this process")
 
     def layout_probe(self, hd, tiles):
         """One-hot attention in float16 that makes every output an exact id of a v element.
@@ -381,22 +410,28 @@ class FakeExtension:
 
 
 def run_checks(checks, quick):
+    """Serial tile shapes before pipelined ones in each stage: a crash in one stops the
+    process (and the rest runs again in a fresh one without it)."""
     torch = checks.torch
     log("\n== layout probes (float16, one-hot attention: out[i] must be v[i] exactly)")
     for hd, shapes in TILES.items():
-        for tiles in shapes:
-            checks.run(f"probe {hd} {tiles}", lambda: checks.layout_probe(hd, tiles))
+        for tiles in sorted(shapes, key=lambda tiles: tiles[2]):
+            checks.run(f"probe {hd} {tiles}", lambda: checks.layout_probe(hd, tiles),
+                       (hd, *tiles))
     log("\n== accuracy, default tiles (vs float64 reference on the same q, k, v)")
     for dtype in (torch.bfloat16, torch.float16):
         for shape in (QUICK_SHAPES if quick else SHAPES):
-            checks.run(f"{dtype} {shape}", lambda: checks.accuracy(dtype, shape))
+            hd = shape[2] // shape[3]
+            checks.run(f"{dtype} {shape}", lambda: checks.accuracy(dtype, shape),
+                       (hd, *TILES[hd][0]))
     log("\n== accuracy, every tile shape built")
     for shape in TILE_CHECK_SHAPES[: 1 if quick else None]:
         hd = shape[2] // shape[3]
-        for tiles in TILES[hd]:
+        for tiles in sorted(TILES[hd], key=lambda tiles: tiles[2]):
             for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16):
                 checks.run(f"{dtype} {shape} {tiles}",
-                           lambda: checks.accuracy(dtype, shape, tiles=tiles, full=False))
+                           lambda: checks.accuracy(dtype, shape, tiles=tiles, full=False),
+                           (hd, *tiles))
 
 
 def self_test(torch):
@@ -446,19 +481,20 @@ def timings(torch, ext, checks):
             f"{flops / 1e9:.1f} GFLOP")
         qkv = torch.randn(B, T, 3 * C, device="cuda", dtype=torch.bfloat16)
         q, k, v = split_heads(qkv, H)
-        cases = [("wgmma " + tiles_name(tiles) + (" (default)" if i == 0 else ""),
-                  lambda tiles=tiles: ext.wgmma_forward_tiles(qkv, H, *tiles))
-                 for i, tiles in enumerate(TILES[hd])]
-        cases.append(("mma.sync forward (ours)", lambda: ext.mma_forward(qkv, H)))
-        cases.append(("SDPA default", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
+        cases = [(None, "mma.sync forward (ours)", lambda: ext.mma_forward(qkv, H)),
+                 (None, "SDPA default",
+                  lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))]
         for label, backend in (("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION),
                                ("SDPA flash", SDPBackend.FLASH_ATTENTION)):
             def run(backend=backend):
                 with sdpa_kernel(backend):
                     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            cases.append((label, run))
+            cases.append((None, label, run))
+        cases += [((hd, *tiles), "wgmma " + tiles_name(tiles) + (" (default)" if i == 0 else ""),
+                   lambda tiles=tiles: ext.wgmma_forward_tiles(qkv, H, *tiles))
+                  for i, tiles in enumerate(TILES[hd]) if (hd, *tiles) not in checks.excluded]
         sdpa_ms = None
-        for label, fn in cases:
+        for kernel, label, fn in cases:
             log.stage = f"timing {label} T={T}"
             if checks.fatal:
                 return
@@ -468,11 +504,7 @@ def timings(torch, ext, checks):
                 ms = bench_ms(torch, fn)
             except Exception as e:
                 log(f"  {label:44s} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                try:
-                    torch.cuda.synchronize()
-                except Exception as e2:
-                    checks.fatal = str(e2)
-                    log("CUDA context unusable: stopping")
+                checks.check_context(f"timing {label} T={T}", kernel)
                 continue
             if label == "SDPA default":
                 sdpa_ms = ms
@@ -491,7 +523,12 @@ def main():
                              "stand-in for the kernels, one tile shape broken on purpose")
     parser.add_argument("--deadline", type=float, default=540,
                         help="seconds before the watchdog ends the run (a hang)")
+    parser.add_argument("--exclude", action="append", default=[],
+                        metavar="HD,KEYS,WG,PIPELINED",
+                        help="leave a kernel out, e.g. 64,128,2,1 (given by the script to "
+                             "itself after that kernel crashed)")
     args = parser.parse_args()
+    log.start(append=bool(args.exclude))
     start_watchdog(args.deadline)
     t_start = time.time()
     import torch
@@ -516,18 +553,31 @@ def main():
             "build has no sm_90a code")
         return 2
 
-    checks = Checks(torch, ext)
+    excluded = [tuple(int(x) for x in e.split(",")) for e in args.exclude]
+    excluded = [(hd, k, w, bool(p)) for hd, k, w, p in excluded]
+    checks = Checks(torch, ext, excluded=excluded)
     run_checks(checks, args.quick)
     if not args.quick and not checks.fatal:
         timings(torch, ext, checks)
 
-    log(f"\n== summary ({time.time() - t_start:.0f} s)")
-    if checks.fatal:
-        log("stopped early by a CUDA error:", checks.fatal)
+    log(f"\n== summary of this process ({time.time() - t_start:.0f} s)")
     if checks.failed:
         log(f"FAILED {len(checks.failed)}: " + "; ".join(checks.failed))
-        return 1
+    if excluded:
+        log("left out after crashing in an earlier process: "
+            + "; ".join(kernel_name(k) for k in excluded))
     if checks.fatal:
+        log("stopped early by a CUDA error:", checks.fatal)
+        remaining = args.deadline - (time.time() - t_start)
+        if checks.fatal_kernel and checks.fatal_kernel not in excluded and remaining > 60:
+            bad = checks.fatal_kernel
+            log(f"\n== running again in a fresh process without {kernel_name(bad)}\n")
+            argv = [sys.executable, os.path.abspath(__file__)] + sys.argv[1:] + [
+                "--exclude", ",".join(str(int(x)) for x in bad), "--deadline", f"{remaining:.0f}"]
+            sys.stdout.flush()
+            os.execv(sys.executable, argv)
+        return 1
+    if checks.failed or excluded:
         return 1
     log("ALL PASS")
     return 0
