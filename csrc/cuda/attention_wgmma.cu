@@ -32,8 +32,10 @@
 // Warpgroup Level Matrix Multiply-Accumulate Instructions" (9.7.15 in the
 // 9.0 manual): 9.7.15.5.1.1.1 "Matrix Fragments for wgmma.mma_async.m64nNk16"
 // (register layouts of A and D), 9.7.15.5.1.2 "Shared Memory Matrix Layout"
-// (swizzle atoms, K-major / MN-major, leading and stride byte offsets),
-// 9.7.15.5.1.2.2 "Matrix Descriptor Format", 9.7.15.6/7 (wgmma.mma_async,
+// (swizzle atoms, K-major / MN-major), 9.7.15.5.1.2.1 "Major-ness supported
+// by Strides" (what the leading and stride byte offsets mean, and the
+// "Canonical Layouts" table), 9.7.15.5.1.2.2 "Matrix Descriptor Format",
+// 9.7.15.6/7 (wgmma.mma_async,
 // wgmma.fence, commit_group, wait_group); and the memory consistency
 // model's "async proxy" (fence.proxy.async). Section numbers move between
 // manual versions; the titles do not.
@@ -60,6 +62,10 @@
 //   bits 32-45  stride dimension byte offset >> 4  (SBO)
 //   bits 49-51  matrix base offset: 0 (patterns start 1024-byte aligned)
 //   bits 62-63  swizzle mode: 1 = 128-byte swizzle
+// The canonical layouts (CuTe notation, T = 8 16-bit elements = 16 bytes,
+// strides in elements, then Swizzle<3,4,3>):
+//   K-major  128B: ((8,m),(T,2k)):((8T,SBO),(1,T))
+//   MN-major 128B: ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO))
 // K-major operands (Q as A and K as B of S = Q K^T: the reduction index hd
 // runs along the rows in memory): a swizzle atom is 8 rows x 128 bytes;
 // SBO = 1024 (from one group of 8 rows to the next, along M or N); LBO is
@@ -104,10 +110,11 @@
 // Ordering rules kept here: wgmma.fence before the first wgmma that reads
 // registers written by ordinary instructions (the S registers the softmax
 // wrote, O after rescaling, the P fragments); wgmma.commit_group, then
-// wgmma.wait_group 0 before the accumulators are read; empty asm statements
-// tying every accumulator register (keep_in_order) so the compiler moves no
-// ordinary read of an accumulator above the wait, nor a write below the
-// fence. cp.async writes to shared memory are generic-proxy writes that the
+// wgmma.wait_group N before the accumulators are read (N = 0, or 1 when the
+// group to read is the older of two: groups complete in commit order);
+// every accumulator and P register is tied by empty asm statements
+// (keep_in_order) so that the compiler moves no ordinary read of them above
+// the wait, nor a write below the fence. cp.async writes to shared memory are generic-proxy writes that the
 // tensor cores read through the async proxy: each thread waits for its
 // copies, issues fence.proxy.async.shared::cta, then the block barrier.
 #include "../check.h"
