@@ -5,7 +5,8 @@ nanoblock's Block next to the eager reference Block, from torch.profiler.
     python benchmarks/profile_block.py --config 4,4096,768,12 --steps 5
 
 Prints, per implementation, each kernel's CUDA time per step (summed over its
-launches) and the total, and the attention kernels alone against SDPA flash
+launches) and the total, the host's launch time against the wall time and a
+CUDA graph replay (is a step host-bound?), and the attention kernels alone against SDPA flash
 (called on ready [B, n_head, T, hd] tensors: the kernel's own time, no layout
 copies). For finding what to speed up; the benchmark of record is
 bench_block.py.
@@ -13,6 +14,7 @@ bench_block.py.
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -23,17 +25,23 @@ import nanoblock  # noqa: E402
 from nanoblock.reference import ReferenceBlock  # noqa: E402
 
 
-def kernel_table(step, steps):
-    """{kernel name: CUDA microseconds per step} of `step`, after a warm-up."""
+def profiled(step, steps, activity):
+    """torch.profiler's per-name averages of `steps` runs of `step` (one
+    activity: CUDA kernels or CPU ops), after a warm-up."""
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[activity]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
+    return prof.key_averages()
+
+
+def kernel_table(step, steps):
+    """{kernel name: CUDA microseconds per step} of `step`."""
     table = {}
-    for e in prof.key_averages():
+    for e in profiled(step, steps, ProfilerActivity.CUDA):
         us = getattr(e, "device_time_total", None)
         if us is None:
             us = e.cuda_time_total
@@ -42,9 +50,56 @@ def kernel_table(step, steps):
     return table
 
 
-def print_table(title, table, top=25):
+def host_and_wall_ms(step, model, x, gy, reps=20):
+    """(host ms, wall ms, graph ms) of one step of `model` (step: its
+    forward+backward on x with gradient gy): the host's time to launch it
+    (measured while the GPU is held busy by a sleep kernel, so launches
+    never wait for it), the time per step of steps run back to back, and the
+    time per replay of the step captured as a CUDA graph (no host work)."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time: the queue stays ahead
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    host = (time.perf_counter() - t0) / reps
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / reps
+
+    inputs = [x] + [p for p in model.parameters() if p.requires_grad]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture wants
+        for _ in range(3):
+            torch.autograd.grad(model(x), inputs, gy)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.autograd.grad(model(x), inputs, gy)
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        graph.replay()
+    torch.cuda.synchronize()
+    replay = (time.perf_counter() - t0) / reps
+    return 1e3 * host, 1e3 * wall, 1e3 * replay
+
+
+def host_table(step, steps):
+    """{op: host microseconds per step, self time} of `step`."""
+    return {e.key: e.self_cpu_time_total / steps
+            for e in profiled(step, steps, ProfilerActivity.CPU) if e.self_cpu_time_total > 0}
+
+
+def print_table(title, table, top=25, what="kernels"):
     total = sum(table.values())
-    print(f"\n{title}: {total / 1000:.3f} ms of kernels per forward+backward")
+    print(f"\n{title}: {total / 1000:.3f} ms of {what} per forward+backward")
     for name, us in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
         print(f"  {us:9.1f} us  {100 * us / total:5.1f}%  {name[:110]}")
 
@@ -77,6 +132,15 @@ def main():
 
     print_table("nanoblock Block", kernel_table(step_of(ours), args.steps))
     print_table("eager reference Block", kernel_table(step_of(ref), args.steps))
+
+    # Host overhead: where the launch time exceeds the kernels' time, a
+    # step is host-bound and the wall time is the host's.
+    print("\nper forward+backward: host launch time, wall time back to back, CUDA graph replay")
+    for name, m in (("nanoblock", ours), ("eager", ref)):
+        host, wall, replay = host_and_wall_ms(step_of(m), m, x, gy)
+        print(f"  {name:10s} host {host:7.3f} ms   wall {wall:7.3f} ms   graph replay {replay:7.3f} ms")
+    print_table("nanoblock Block, host (self CPU time, profiler on)",
+                host_table(step_of(ours), args.steps), top=15, what="host time")
 
     # Attention alone: nanoblock's op on qkv [B, T, 3C] vs SDPA flash on
     # ready-made [B, H, T, hd] tensors (no split/transpose copies counted).

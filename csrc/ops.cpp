@@ -9,6 +9,8 @@
 #include <Python.h>
 #include <ATen/DeviceGuard.h>
 #include <ATen/autocast_mode.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -399,6 +401,52 @@ void autocast_kernel(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   op.callBoxed(stack);
 }
 
+// ---------------------------------------------------------------------------
+// Autograd of the backward ops: none. They are called inside the forward ops'
+// backward (nanoblock/ops.py), where grad mode is off unless the caller asked
+// for create_graph=True. Then their outputs get a node that raises when a
+// second derivative is taken, rather than silently giving zeros. In C++, so
+// that the ordinary (grad mode off) call costs no Python.
+
+// An autograd node that raises `msg` when reached. Its pointer type is
+// std::shared_ptr in older torch and c10::intrusive_ptr in newer.
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+template <typename Ptr>
+Ptr make_error_node(std::string msg, torch::autograd::edge_list next_edges) {
+  if constexpr (std::is_same_v<Ptr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<torch::autograd::Error>(std::move(msg), std::move(next_edges));
+  } else {
+    return c10::make_intrusive<torch::autograd::Error>(std::move(msg), std::move(next_edges));
+  }
+}
+
+void backward_op_autograd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const size_t n_args = op.schema().arguments().size();
+  std::vector<Tensor> need_grad;
+  if (at::GradMode::is_enabled()) {
+    for (const c10::IValue& arg : torch::jit::last(*stack, n_args)) {
+      if (arg.isTensor() && arg.toTensor().requires_grad()) need_grad.push_back(arg.toTensor());
+    }
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    op.callBoxed(stack);
+  }
+  if (need_grad.empty()) return;
+  const NodePtr no_second_derivative = make_error_node<NodePtr>(
+      "nanoblock: second derivatives (backward through a gradient computed with "
+      "create_graph=True) are not implemented by nanoblock's ops (" + op.schema().name() +
+          "). Use the reference Block (nanoblock.reference.ReferenceBlock) where you need them.",
+      torch::autograd::collect_next_edges(need_grad));
+  const size_t n_outputs = op.schema().returns().size();
+  for (const c10::IValue& out : torch::jit::last(*stack, n_outputs)) {
+    if (out.isTensor() && at::isFloatingType(out.toTensor().scalar_type())) {
+      torch::autograd::set_history(out.toTensor(), no_second_derivative);
+    }
+  }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -461,6 +509,13 @@ TORCH_LIBRARY_IMPL(nanoblock, CPU, m) { NANOBLOCK_BIND(m, cpu_kernels); }
 #ifdef NANOBLOCK_WITH_CUDA
 TORCH_LIBRARY_IMPL(nanoblock, CUDA, m) { NANOBLOCK_BIND(m, cuda_kernels); }
 #endif
+
+TORCH_LIBRARY_IMPL(nanoblock, Autograd, m) {
+  for (const char* name : {"layer_norm_backward", "causal_attention_backward", "gelu_backward",
+                           "block_backward"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&backward_op_autograd>());
+  }
+}
 
 #define NANOBLOCK_AUTOCAST(m, device)                                                      \
   m.impl("layer_norm_forward",                                                             \

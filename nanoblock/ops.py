@@ -129,9 +129,14 @@ def _layer_norm_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(mean, rstd)
+    # Without this autograd fills a zero gradient for mean and rstd (two
+    # kernels and two allocations) before every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _layer_norm_backward(ctx, grad_out, grad_mean, grad_rstd):
+    if grad_out is None:  # grads are not materialized; nothing reached out
+        return None, None, None, None
     x, weight, mean, rstd = ctx.saved_tensors
     gx, gw, gb = _ops.layer_norm_backward(grad_out, x, weight, mean, rstd, None)
     return gx, gw, gb if ctx.has_bias else None, None
@@ -147,10 +152,15 @@ def _add_layer_norm_setup(ctx, inputs, output):
     ctx.save_for_backward(total, weight, mean, rstd)
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # as for layer_norm_forward
 
 
 def _add_layer_norm_backward(ctx, grad_sum, grad_out, grad_mean, grad_rstd):
+    if grad_out is None:  # only the sum was used: the LayerNorm adds nothing
+        return grad_sum, grad_sum, None, None, None
     total, weight, mean, rstd = ctx.saved_tensors
+    # grad_sum (None when the sum was not used) is added to the LayerNorm's
+    # input gradient inside the kernel.
     g_total, gw, gb = _ops.layer_norm_backward(grad_out, total, weight, mean, rstd, grad_sum)
     return g_total, g_total, gw, gb if ctx.has_bias else None, None
 
@@ -227,24 +237,8 @@ torch.library.register_autograd("nanoblock::block_forward", _block_backward,
 # The backward ops have no derivative of their own. Without an autograd
 # formula PyTorch would backpropagate zeros through them (with a warning), so
 # a second derivative (create_graph=True, then backward again) would be
-# silently wrong; it raises instead.
-
-def _no_setup(ctx, inputs, output):
-    pass
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "nanoblock: second derivatives (backward through a gradient computed with "
-        "create_graph=True) are not implemented by nanoblock's ops. Use the reference Block "
-        "(nanoblock.reference.ReferenceBlock) where you need them.")
-
-
-for _name in ("layer_norm_backward", "causal_attention_backward", "gelu_backward",
-              "block_backward"):
-    torch.library.register_autograd(f"nanoblock::{_name}", _no_double_backward,
-                                    setup_context=_no_setup)
-
+# silently wrong; it raises instead (csrc/ops.cpp, backward_op_autograd: in
+# C++, so that the ordinary call costs no Python).
 
 # ---------------------------------------------------------------------------
 # Public functions.

@@ -60,6 +60,20 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+def assert_compiled_matches_eager(model, compiled, idx, targets, loss_tol=None, grad_tol=None):
+    """A GPT `compiled` (torch.compile of `model`) gives the eager model's loss
+    and parameter gradients on (idx, targets), to the given assert_close
+    tolerances (default: assert_close's for the dtype)."""
+    params = list(model.parameters())
+    _, loss = compiled(idx, targets)
+    grads = torch.autograd.grad(loss, params)
+    _, loss_eager = model(idx, targets)
+    grads_eager = torch.autograd.grad(loss_eager, params)
+    torch.testing.assert_close(loss, loss_eager, **(loss_tol or {}))
+    for a, b in zip(grads, grads_eager):
+        torch.testing.assert_close(a, b, **(grad_tol or {}))
+
+
 def forward_backward(block, x, grad):
     """Output and gradients of x and every parameter (in named_parameters order)."""
     x = x.detach().requires_grad_(True)

@@ -190,6 +190,29 @@ def test_add_layer_norm_matches_cpu_float64(shape):
         assert_close_rel(a, c, what="add_layer_norm")
 
 
+# The fused LayerNorm backward's paths (csrc/cuda/layernorm.cu): many row
+# groups, so many blocks' partials are summed; row counts that leave the last
+# round of a block, or whole groups, empty; one warp a row and several, one
+# row a block and several; the scalar path (odd C); a row longer than its
+# team's registers (C = 2049, scalar loads); with and without grad_residual
+# (add_layer_norm's sum is an output too) and bias.
+@pytest.mark.parametrize("N,C", [(3000, 33), (1001, 768), (517, 300), (130, 2049), (4100, 64)])
+def test_layer_norm_backward_paths_match_cpu_float64(N, C):
+    torch.manual_seed(14)
+    x = torch.randn(N, C, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(N, C, dtype=torch.float64, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(C, dtype=torch.float64)).requires_grad_(True)
+    b = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    (cpu_out, cpu_g), (gpu_out, gpu_g) = both_devices(
+        lambda x, w, b: ops.layer_norm(x, w, b), x, w, b)
+    for a, c in zip(gpu_out + gpu_g, cpu_out + cpu_g):
+        assert_close_rel(a, c, what=f"layer_norm N={N} C={C}")
+    (cpu_out, cpu_g), (gpu_out, gpu_g) = both_devices(
+        lambda x, r, w: ops.add_layer_norm(x, r, w, None), x, r, w)
+    for a, c in zip(gpu_out + gpu_g, cpu_out + cpu_g):
+        assert_close_rel(a, c, what=f"add_layer_norm N={N} C={C}")
+
+
 @pytest.mark.parametrize("B,T,n_head,hd", [
     (2, 1, 2, 16), (2, 7, 3, 24), (1, 97, 2, 40), (1, 65, 1, 128), (2, 33, 2, 100),
     (1, 70, 2, 8), (1, 130, 3, 72),
@@ -257,6 +280,25 @@ def test_layer_norm_float32_small(C, misaligned):
     assert rel_err(total, x.double() + r.double()) < 1e-7
     ref = F.layer_norm(x.double() + r.double(), (C,), w.double(), b.double(), 1e-5)
     assert rel_err(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_layer_norm_backward_float32_small(misaligned):
+    # misaligned: rows one element past a 16-byte boundary, so the backward
+    # takes narrower vectors than 16 bytes
+    torch.manual_seed(15)
+    N, C = 300, 768
+    base = torch.randn(N * C + 1, device=DEV)
+    x = (base[1:] if misaligned else base[:-1]).view(N, C).requires_grad_(True)
+    w = (1 + 0.2 * torch.randn(C, device=DEV)).requires_grad_(True)
+    b = torch.randn(C, device=DEV, requires_grad=True)
+    gy = torch.randn(N, C, device=DEV)
+    grads = torch.autograd.grad(ops.layer_norm(x, w, b), (x, w, b), gy)
+    x64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (x, w, b))
+    ref = torch.autograd.grad(F.layer_norm(x64, (C,), w64, b64, 1e-5), (x64, w64, b64),
+                              gy.double())
+    for name, g, r in zip(("x", "weight", "bias"), grads, ref):
+        assert rel_err(g, r) < 1e-5, f"grad {name}: {rel_err(g, r):.2e}"
 
 
 # ---------------------------------------------------------------------------
@@ -340,6 +382,15 @@ def test_ops_backward_deterministic_small():
     x = torch.randn(4000, 96, device=DEV)
     assert torch.equal(_ops.gelu_backward(x, x, None, "none")[1],
                        _ops.gelu_backward(x, x, None, "none")[1])
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(5000, 768, device=DEV, dtype=dtype)
+        w = torch.randn(768, device=DEV, dtype=dtype)
+        gy, res = torch.randn_like(x), torch.randn_like(x)
+        _, mean, rstd = _ops.layer_norm_forward(x, w, None, 1e-5)
+        g1 = _ops.layer_norm_backward(gy, x, w, mean, rstd, res)
+        g2 = _ops.layer_norm_backward(gy, x, w, mean, rstd, res)
+        for a, c in zip(g1, g2):
+            assert torch.equal(a, c)
 
 
 def test_empty_sizes_small():

@@ -1,5 +1,5 @@
 """nanoblock in PyTorch's GPU training machinery: a whole training step
-captured in a CUDA graph, and FSDP2 (fully_shard) over NCCL. Marked `cuda`,
+captured in a CUDA graph, torch.compile (inductor) on the GPU, and FSDP2 (fully_shard) over NCCL. Marked `cuda`,
 skipped without a GPU (the GPU machine's scripts/gpu_check.sh runs them).
 Autocast on CUDA is in tests/test_autocast.py; FSDP2 and DDP over gloo on the
 CPU in tests/test_distributed.py."""
@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import nanoblock
+from conftest import assert_compiled_matches_eager
 from test_distributed import batch, fsdp2, make_model
 
 pytestmark = [
@@ -80,6 +81,22 @@ def test_cuda_graph_training_step_matches_eager(dtype):
     torch.testing.assert_close(graphed_losses, eager_losses, **tol)
     for a, b in zip(graphed.parameters(), eager.parameters()):
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torch_compile_gpt_on_cuda(dynamic):
+    """torch.compile (inductor, fullgraph) of a nanoblock GPT on the GPU,
+    forward and backward: eager's loss and gradients (float32; inductor
+    fuses the embedding and the final LayerNorm its own way, so not bitwise),
+    on two batch shapes."""
+    torch._dynamo.reset()
+    model = small_gpt()
+    compiled = torch.compile(model, fullgraph=True, dynamic=dynamic)
+    for B, T in ((4, 64), (2, 40)):
+        idx, targets = batches(1, B, T)[0]
+        assert_compiled_matches_eager(model, compiled, idx, targets,
+                                      loss_tol=dict(rtol=1e-5, atol=1e-5),
+                                      grad_tol=dict(rtol=1e-4, atol=1e-5))
 
 
 def nccl_worker(rank, world, init_file, out_file):

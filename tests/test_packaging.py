@@ -49,3 +49,38 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     assert out.strip() == nanoblock.__version__
     # the bug-report command works from the installed package
     assert "nanoblock" in run(python, "-m", "nanoblock.info", cwd=tmp_path)
+
+
+def run_setup(tmp_path, prelude, env=None):
+    """setup.py --version in a subprocess after `prelude` (Python that breaks
+    the environment on purpose); returns (exit code, output). It runs from a
+    copy in tmp_path, so what it writes (nanoblock/_build_info.py) stays there."""
+    shutil.copy(os.path.join(ROOT, "setup.py"), tmp_path / "setup.py")
+    shutil.copytree(os.path.join(ROOT, "nanoblock"), tmp_path / "nanoblock",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    code = (f"import runpy, sys\n{prelude}\n"
+            "sys.argv = ['setup.py', '--version']\n"
+            "runpy.run_path('setup.py', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, env=dict(os.environ, **(env or {})))
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_build_without_torch_says_what_to_do(tmp_path):
+    code, out = run_setup(tmp_path, "sys.modules['torch'] = None  # import torch fails")
+    assert code != 0
+    assert "needs PyTorch installed first" in out and "--no-build-isolation" in out, out
+
+
+def test_build_with_mismatched_nvcc_says_what_to_do(tmp_path):
+    # A CUDA 99 nvcc next to a torch that says it was built with CUDA 12.
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 99.1, V99.1.1'\n")
+    nvcc.chmod(0o755)
+    code, out = run_setup(tmp_path, "import torch; torch.version.cuda = '12.8'; "
+                          "torch.cuda._is_compiled = lambda: True; torch.cuda.is_available = lambda: False",
+                          env={"CUDA_HOME": str(tmp_path / "cuda"), "NANOBLOCK_CPU_ONLY": "0"})
+    assert code != 0
+    assert "nvcc is CUDA 99.1 but torch was built with CUDA 12.8" in out, out
+    assert "NANOBLOCK_CPU_ONLY=1" in out, out

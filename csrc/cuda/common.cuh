@@ -154,49 +154,98 @@ void with_vector_width(int vec, const Fn& fn) {
 // ---------------------------------------------------------------------------
 // Deterministic column sums over rows.
 //
-// A [N, C] sum over rows runs in two kernels: the rows are cut into
-// `row_groups` groups (a number that depends only on N), each group writes
-// its partial column sums to partials [row_groups, C] (acc_t), and
-// sum_partials_kernel adds the partials of each column in group order.
+// A [N, C] sum over rows runs in two kernels: the rows are cut into groups
+// (a number that depends only on the shape: row_groups_for here, the
+// LayerNorm backward's own backward_groups), each group writes its partial
+// column sums to partials [groups, C] (acc_t), and sum_partials_kernel adds
+// the partials of each column in group order.
 
 // Rows per group at least 32, at most 256 groups.
 inline int64_t row_groups_for(int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(ceil_div(rows, 32), 256));
 }
 
-// Tile of the partial kernels: 32 columns (one per lane) by kPartialRows
-// threads walking the group's rows.
+// Tile of the column-sum sweep in gelu.cu: 32 columns (one per lane) by
+// kPartialRows threads walking the rows.
 constexpr int kPartialRows = 8;
 
-// out[c] = sum over g of partials[g, c]. A block takes 32 columns with
-// kPartialRows threads each: thread (c, r) adds groups r, r + kPartialRows,
-// .. in order, then the kPartialRows sums of a column are added in r order.
-// The order is fixed, so the same partials give the same bits.
+// The column sums that `walkers` sets of a block's threads hold for the same
+// columns, added in walker order and stored to out[0, width). Thread `thread`
+// (of `threads`) of walker `walker` holds sums[s][k] for column
+// (thread + s * threads) * VEC + k, for the rows that walker walked; columns
+// at or past width are left out. scratch: walkers * width values of shared
+// memory (unused with one walker). Every thread of the block calls it: with
+// more than one walker it has barriers (and ends with one, so the scratch
+// can be reused right away). The order (walker 0, then 1, ..) is fixed, so
+// the same sums give the same bits.
+template <typename acc_t, int SLOTS, int VEC>
+__device__ __forceinline__ void store_column_sums(const acc_t (&sums)[SLOTS][VEC], int walker,
+                                                  int walkers, int thread, int threads,
+                                                  int64_t width, acc_t* scratch,
+                                                  acc_t* __restrict__ out) {
+  // One walker stores its sums; more write theirs to the scratch first.
+  acc_t* dst = walkers == 1 ? out : scratch + walker * width;
+#pragma unroll
+  for (int s = 0; s < SLOTS; s++) {
+#pragma unroll
+    for (int k = 0; k < VEC; k++) {
+      const int64_t c = (thread + static_cast<int64_t>(s) * threads) * VEC + k;
+      if (c < width) dst[c] = sums[s][k];
+    }
+  }
+  if (walkers == 1) return;
+  __syncthreads();
+  const int block_threads = blockDim.x * blockDim.y;
+  for (int64_t c = threadIdx.y * blockDim.x + threadIdx.x; c < width; c += block_threads) {
+    acc_t total = scratch[c];
+    for (int w = 1; w < walkers; w++) total += scratch[w * width + c];
+    out[c] = total;
+  }
+  __syncthreads();
+}
+
+// out[c] = sum over g of partials[g, c], and with grid y = 2 (second_out
+// given) second_out[c] = sum over g of partials[groups + g, c] as well: two
+// column sums of [2, groups, C] partials in one launch. A block takes 32
+// columns with kSumRows threads each: thread (c, r) adds groups r,
+// r + kSumRows, .. in order, then the kSumRows sums of a column are added in
+// r order. The order is fixed, so the same partials give the same bits.
+// (Many threads a column: each has few loads to wait for, in one batch.)
+constexpr int kSumRows = 32;
+
 template <typename scalar_t, typename acc_t>
-__global__ void sum_partials_kernel(const acc_t* __restrict__ partials, int64_t groups,
-                                    int64_t C, scalar_t* __restrict__ out) {
-  __shared__ acc_t sums[kPartialRows][32];
+__global__ void __launch_bounds__(32 * kSumRows)
+    sum_partials_kernel(const acc_t* __restrict__ partials, int64_t groups, int64_t C,
+                        scalar_t* __restrict__ out, scalar_t* __restrict__ second_out) {
+  __shared__ acc_t sums[kSumRows][32];
+  if (blockIdx.y == 1) {
+    partials += groups * C;
+    out = second_out;
+  }
   const int64_t c = blockIdx.x * 32 + threadIdx.x;
   acc_t sum = 0;
   if (c < C) {
-    for (int64_t g = threadIdx.y; g < groups; g += kPartialRows) sum += partials[g * C + c];
+    for (int64_t g = threadIdx.y; g < groups; g += kSumRows) sum += partials[g * C + c];
   }
   sums[threadIdx.y][threadIdx.x] = sum;
   __syncthreads();
   if (threadIdx.y == 0 && c < C) {
     acc_t total = 0;
 #pragma unroll
-    for (int r = 0; r < kPartialRows; r++) total += sums[r][threadIdx.x];
+    for (int r = 0; r < kSumRows; r++) total += sums[r][threadIdx.x];
     out[c] = static_cast<scalar_t>(total);
   }
 }
 
+// Sums partials [groups, C] into out [C]; with second_out, partials
+// [2, groups, C] into out and second_out.
 template <typename scalar_t, typename acc_t>
 void launch_sum_partials(const acc_t* partials, int64_t groups, int64_t C, scalar_t* out,
-                         cudaStream_t stream) {
+                         scalar_t* second_out, cudaStream_t stream) {
   if (C == 0) return;
+  const dim3 grid(static_cast<unsigned>(ceil_div(C, 32)), second_out != nullptr ? 2 : 1);
   sum_partials_kernel<scalar_t, acc_t>
-      <<<ceil_div(C, 32), dim3(32, kPartialRows), 0, stream>>>(partials, groups, C, out);
+      <<<grid, dim3(32, kSumRows), 0, stream>>>(partials, groups, C, out, second_out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -100,33 +100,27 @@ __global__ void gelu_backward_kernel(const scalar_t* __restrict__ grad_out,
 // the VEC columns at (tile * 32 + lane) * VEC of rows r, r + kPartialRows, ..
 // of its group, calls row_op(offset, column, sums) on each (which does the
 // elementwise work and adds VEC values to sums), then the kPartialRows sums
-// of each column are added in r order into partials [groups, F].
+// of each column are added in r order into partials [groups, F]
+// (store_column_sums).
 template <typename scalar_t, int VEC, typename RowOp>
 __global__ void rows_with_column_sums_kernel(int64_t N, int64_t F, int64_t rows_per_group,
                                              RowOp row_op,
                                              acc_type<scalar_t>* __restrict__ partials) {
   using acc_t = acc_type<scalar_t>;
-  __shared__ acc_t tile[kPartialRows][32 * VEC];
-  const int64_t column = (blockIdx.x * 32 + threadIdx.x) * static_cast<int64_t>(VEC);
+  __shared__ acc_t scratch[kPartialRows * 32 * VEC];
+  const int64_t tile_begin = blockIdx.x * 32 * static_cast<int64_t>(VEC);
+  const int64_t column = tile_begin + threadIdx.x * VEC;
   const int64_t group = blockIdx.y;
   const int64_t row_end = std::min(N, (group + 1) * rows_per_group);
-  acc_t sums[VEC] = {};
+  acc_t sums[1][VEC] = {};
   if (column < F) {
     for (int64_t row = group * rows_per_group + threadIdx.y; row < row_end; row += kPartialRows) {
-      row_op(row * F + column, column, sums);
+      row_op(row * F + column, column, sums[0]);
     }
   }
-#pragma unroll
-  for (int k = 0; k < VEC; k++) tile[threadIdx.y][threadIdx.x * VEC + k] = sums[k];
-  __syncthreads();
-  for (int c = threadIdx.y * 32 + threadIdx.x; c < 32 * VEC; c += 32 * kPartialRows) {
-    const int64_t f = blockIdx.x * 32 * static_cast<int64_t>(VEC) + c;
-    if (f >= F) continue;
-    acc_t total = 0;
-#pragma unroll
-    for (int r = 0; r < kPartialRows; r++) total += tile[r][c];
-    partials[group * F + f] = total;
-  }
+  store_column_sums<acc_t, 1, VEC>(sums, threadIdx.y, kPartialRows, threadIdx.x, 32,
+                                   std::min<int64_t>(32 * VEC, F - tile_begin), scratch,
+                                   partials + group * F + tile_begin);
 }
 
 // Row op of bias_grad: sums += grad.
@@ -192,7 +186,7 @@ void launch_rows_with_column_sums(int64_t N, int64_t F, int vec, const MakeOp& m
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   launch_sum_partials<scalar_t, acc_t>(partials_ptr, groups, F,
-                                       column_sums.mutable_data_ptr<scalar_t>(), stream);
+                                       column_sums.mutable_data_ptr<scalar_t>(), nullptr, stream);
 }
 
 // Grid for an elementwise pass over `vectors` vectors: enough blocks to fill

@@ -13,13 +13,17 @@
 //                 grad_weight = sum over rows of grad_out * xhat    -> [C]
 //                 grad_bias   = sum over rows of grad_out           -> [C]
 //
-// One thread block per row: the row is read with 16-byte vector loads where
-// the row length and pointers allow, the mean and the variance take two passes
-// over the row (the second pass hits L1/L2) for accuracy, sums run in acc_t
-// (float32, float64 for float64). The weight and bias gradients are column
-// sums over all rows and are computed deterministically: a partial kernel
-// gives each group of rows its own [C] partial (no atomics), and
-// sum_partials_kernel adds the partials in group order.
+// Forward: one thread block per row; the row is read with 16-byte vector
+// loads where the row length and pointers allow, the mean and the variance
+// take two passes over the row (the second pass hits L1/L2) for accuracy.
+// Backward: one sweep over the rows that reads grad_out and x once, keeping a
+// row in registers while it is reduced, writes grad_x and gives each group
+// of rows its own [C] partial of grad_weight and grad_bias, summed in
+// registers (no atomics); sum_partials_kernel adds the partials in group
+// order, so the weight and bias gradients are deterministic. Sums run in
+// acc_t (float32, float64 for float64).
+#include <limits>
+
 #include "common.cuh"
 
 namespace nanoblock::cuda {
@@ -121,102 +125,306 @@ __global__ void layer_norm_forward_kernel(const scalar_t* __restrict__ x,
 }
 
 // ---------------------------------------------------------------------------
-// Backward, grad_x. One block per row: two row sums, then the elementwise
-// formula (the second pass re-reads the row from cache).
+// Backward: grad_x and the weight and bias partials in one sweep over the rows.
+//
+// One block per row group (backward_groups groups of rows_per_group rows).
+// A row is taken by a team of warps_per_row warps: thread t of a team holds
+// the vectors t + s * team_threads (s < SLOTS) of the row in registers, so
+// grad_out and x are read once. The team sums g = grad_out * weight and
+// g * xhat over the row (warp shuffles, then shared memory across the team's
+// warps, in warp order) and writes grad_x. The block's teams take rows
+// team, team + teams, .. of the group, and each loads its next row while it
+// reduces the current one. Every thread adds grad_out * xhat and grad_out of
+// its columns over its rows in registers; at the end the teams' sums are
+// added in team order (store_column_sums) into the group's partial rows,
+// partials [2, groups, C]: grad_weight's, then grad_bias's.
+//
+// A row longer than a team's slots (SPILL: vectors > SLOTS * team_threads,
+// only for the widest teams, which are alone in their block) has its other
+// vectors read twice, for the sums and for grad_x, and their column sums
+// added straight into the partial rows, where only this thread writes them.
+//
+// The launch shape (backward_shape, backward_groups) depends only on N, C,
+// the dtype and the vector width that the pointers allow, never on the
+// device, so the same inputs give the same bits on every GPU.
+
+constexpr int kBlockWarps = 8;       // about this many warps a block (teams of short rows share one)
+constexpr int kMaxWarpsPerRow = 16;  // the widest team
+constexpr int kBackwardMaxThreads = 32 * kMaxWarpsPerRow;
+
+struct BackwardShape {
+  int warps_per_row;  // a team: the warps that take one row
+  int slots;          // vectors per thread held in registers, 1 to 4
+  int teams;          // teams per block
+  bool spill;         // the row is longer than a team's slots
+};
+
+// The fewest warps per row (at most kMaxWarpsPerRow) whose threads hold the
+// row in at most `preferred` vectors each (with 16-byte vectors, as many as
+// fit in registers beside their column sums: 2 for 16-bit and 64-bit types,
+// 3 for float32; 4 for narrower vectors), then the fewest slots for those
+// warps, and teams enough to fill about kBlockWarps warps.
 template <typename scalar_t, int VEC>
-__global__ void layer_norm_grad_x_kernel(const scalar_t* __restrict__ grad_out,
-                                         const scalar_t* __restrict__ x,
-                                         const scalar_t* __restrict__ weight,
-                                         const acc_type<scalar_t>* __restrict__ mean,
-                                         const acc_type<scalar_t>* __restrict__ rstd,
-                                         const scalar_t* __restrict__ grad_residual,
-                                         scalar_t* __restrict__ grad_x, int64_t C) {
-  using acc_t = acc_type<scalar_t>;
-  using V = Vec<scalar_t, VEC>;
-  __shared__ acc_t scratch[32];
-  const int64_t row = blockIdx.x;
-  const int64_t vectors = C / VEC;
-  const scalar_t* dy = grad_out + row * C;
-  const scalar_t* xr = x + row * C;
-  const acc_t mu = mean[row], rs = rstd[row];
+BackwardShape backward_shape(int64_t vectors) {
+  const int64_t preferred = VEC * sizeof(scalar_t) < 16 ? 4 : sizeof(scalar_t) == 4 ? 3 : 2;
+  const int64_t warps = std::min<int64_t>(
+      kMaxWarpsPerRow, std::max<int64_t>(1, ceil_div(vectors, 32 * preferred)));
+  const int64_t slots = ceil_div(vectors, 32 * warps);
+  const int w = static_cast<int>(warps);
+  return {w, static_cast<int>(std::min<int64_t>(slots, 4)), std::max(1, (kBlockWarps + w / 2) / w),
+          slots > 4};
+}
 
-  acc_t g_sum = 0, gx_sum = 0;
-  for (int64_t i = threadIdx.x; i < vectors; i += blockDim.x) {
-    const V d = load_vec<scalar_t, VEC>(dy + i * VEC);
-    const V a = load_vec<scalar_t, VEC>(xr + i * VEC);
-    const V w = load_vec<scalar_t, VEC>(weight + i * VEC);
-#pragma unroll
-    for (int k = 0; k < VEC; k++) {
-      const acc_t g = static_cast<acc_t>(d.v[k]) * static_cast<acc_t>(w.v[k]);
-      g_sum += g;
-      gx_sum += g * (static_cast<acc_t>(a.v[k]) - mu) * rs;
-    }
-  }
-  const acc_t g_mean = block_sum(g_sum, scratch) / static_cast<acc_t>(C);
-  const acc_t gx_mean = block_sum(gx_sum, scratch) / static_cast<acc_t>(C);
+// Row groups (one partial row each): at most 256, and at least two rows for
+// every team of a block, so that a team has a next row to load.
+inline int64_t backward_groups(int64_t rows, int teams) {
+  return std::max<int64_t>(1, std::min<int64_t>(ceil_div(rows, 2 * teams), 256));
+}
 
-  scalar_t* dx = grad_x + row * C;
-  const scalar_t* dres = grad_residual != nullptr ? grad_residual + row * C : nullptr;
-  for (int64_t i = threadIdx.x; i < vectors; i += blockDim.x) {
-    const V d = load_vec<scalar_t, VEC>(dy + i * VEC);
-    const V a = load_vec<scalar_t, VEC>(xr + i * VEC);
-    const V w = load_vec<scalar_t, VEC>(weight + i * VEC);
-    V r;
-    if (dres != nullptr) r = load_vec<scalar_t, VEC>(dres + i * VEC);
-    V result;
-#pragma unroll
-    for (int k = 0; k < VEC; k++) {
-      const acc_t g = static_cast<acc_t>(d.v[k]) * static_cast<acc_t>(w.v[k]);
-      const acc_t xhat = (static_cast<acc_t>(a.v[k]) - mu) * rs;
-      acc_t v = rs * (g - g_mean - xhat * gx_mean);
-      if (dres != nullptr) v += static_cast<acc_t>(r.v[k]);
-      result.v[k] = static_cast<scalar_t>(v);
-    }
-    store_vec<scalar_t, VEC>(dx + i * VEC, result);
+// Calls fn(std::integral_constant<int, SLOTS>{}, std::bool_constant<SPILL>{})
+// for the shape's slots and spill (SPILL only with 4 slots).
+template <typename Fn>
+void with_slots(const BackwardShape& shape, const Fn& fn) {
+  if (shape.spill) return fn(std::integral_constant<int, 4>{}, std::true_type{});
+  switch (shape.slots) {
+    case 1: return fn(std::integral_constant<int, 1>{}, std::false_type{});
+    case 2: return fn(std::integral_constant<int, 2>{}, std::false_type{});
+    case 3: return fn(std::integral_constant<int, 3>{}, std::false_type{});
+    default: return fn(std::integral_constant<int, 4>{}, std::false_type{});
   }
 }
 
-// ---------------------------------------------------------------------------
-// Backward, weight and bias partials. Grid (column tiles of 32, row groups);
-// block (32, kPartialRows): lane = column, threadIdx.y walks the group's rows
-// with stride kPartialRows; the kPartialRows sums are then added in y order.
-// partials [2, groups, C]: the grad_weight partials, then the grad_bias ones.
-template <typename scalar_t>
-__global__ void layer_norm_param_partials_kernel(const scalar_t* __restrict__ grad_out,
-                                                 const scalar_t* __restrict__ x,
-                                                 const acc_type<scalar_t>* __restrict__ mean,
-                                                 const acc_type<scalar_t>* __restrict__ rstd,
-                                                 int64_t N, int64_t C, int64_t rows_per_group,
-                                                 acc_type<scalar_t>* __restrict__ partials) {
+// Makes the compiler forget what v holds, so that it recomputes the values it
+// derived from v (the float conversions, g and xhat) instead of keeping them
+// alive in registers. The backward keeps a row in registers across the row
+// reduction: as loaded it takes a quarter of the registers of g and xhat in
+// float (bfloat16), and recomputing them is a few instructions. Measured on
+// an H200 (bf16, C = 768): without it the kernel runs out of registers and
+// ran 1.3-1.7x slower.
+template <typename scalar_t, int VEC>
+__device__ __forceinline__ void forget(Vec<scalar_t, VEC>& v) {
+  if constexpr (sizeof(v) % 4 == 0) {
+    uint32_t* words = reinterpret_cast<uint32_t*>(&v);
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(v) / 4); i++) asm volatile("" : "+r"(words[i]));
+  } else {
+    static_assert(sizeof(v) == 2, "a vector is 2 bytes or a multiple of 4");
+    asm volatile("" : "+h"(*reinterpret_cast<uint16_t*>(&v)));
+  }
+}
+
+// The backward's terms of one vector of a row: the row sums g_sum += g and
+// gx_sum += g * xhat (g = grad_out * weight), the column sums
+// dw[k] += grad_out * xhat and db[k] += grad_out.
+template <typename scalar_t, int VEC, typename acc_t = acc_type<scalar_t>>
+__device__ __forceinline__ void backward_sums(const Vec<scalar_t, VEC>& dy,
+                                              const Vec<scalar_t, VEC>& x,
+                                              const Vec<scalar_t, VEC>& w, acc_t mean, acc_t rstd,
+                                              acc_t& g_sum, acc_t& gx_sum, acc_t (&dw)[VEC],
+                                              acc_t (&db)[VEC]) {
+#pragma unroll
+  for (int k = 0; k < VEC; k++) {
+    const acc_t d = static_cast<acc_t>(dy.v[k]);
+    const acc_t g = d * static_cast<acc_t>(w.v[k]);
+    const acc_t xhat = (static_cast<acc_t>(x.v[k]) - mean) * rstd;
+    g_sum += g;
+    gx_sum += g * xhat;
+    dw[k] += d * xhat;
+    db[k] += d;
+  }
+}
+
+// grad_x of one vector of a row, given the row's means of g and g * xhat;
+// plus res when with_res.
+template <typename scalar_t, int VEC, typename acc_t = acc_type<scalar_t>>
+__device__ __forceinline__ Vec<scalar_t, VEC> backward_grad_x(
+    const Vec<scalar_t, VEC>& dy, const Vec<scalar_t, VEC>& x, const Vec<scalar_t, VEC>& w,
+    const Vec<scalar_t, VEC>& res, bool with_res, acc_t mean, acc_t rstd, acc_t g_mean,
+    acc_t gx_mean) {
+  Vec<scalar_t, VEC> out;
+#pragma unroll
+  for (int k = 0; k < VEC; k++) {
+    const acc_t g = static_cast<acc_t>(dy.v[k]) * static_cast<acc_t>(w.v[k]);
+    const acc_t xhat = (static_cast<acc_t>(x.v[k]) - mean) * rstd;
+    acc_t v = rstd * (g - g_mean - xhat * gx_mean);
+    if (with_res) v += static_cast<acc_t>(res.v[k]);
+    out.v[k] = static_cast<scalar_t>(v);
+  }
+  return out;
+}
+
+template <typename scalar_t, int VEC, int SLOTS, bool SPILL>
+__global__ void __launch_bounds__(kBackwardMaxThreads)
+    layer_norm_backward_kernel(const scalar_t* __restrict__ grad_out,       // [N, C]
+                               const scalar_t* __restrict__ x,              // [N, C]
+                               const scalar_t* __restrict__ weight,         // [C]
+                               const acc_type<scalar_t>* __restrict__ mean,  // [N]
+                               const acc_type<scalar_t>* __restrict__ rstd,  // [N]
+                               const scalar_t* __restrict__ grad_residual,  // [N, C] or null
+                               scalar_t* __restrict__ grad_x,               // [N, C]
+                               acc_type<scalar_t>* __restrict__ partials,   // [2, groups, C]
+                               int64_t N, int64_t C, int64_t rows_per_group, int warps_per_row) {
   using acc_t = acc_type<scalar_t>;
-  __shared__ acc_t dw_tile[kPartialRows][32];
-  __shared__ acc_t db_tile[kPartialRows][32];
-  const int64_t c = blockIdx.x * 32 + threadIdx.x;
-  const int64_t group = blockIdx.y, groups = gridDim.y;
+  using V = Vec<scalar_t, VEC>;
+  // Shared memory: the teams' row sums [2 (alternate rounds)][teams][warps_per_row][2],
+  // then store_column_sums' scratch [teams][C] (with more than one team).
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  acc_t* row_sums = reinterpret_cast<acc_t*>(shared_bytes);
+  acc_t* column_scratch = row_sums + 4 * (blockDim.x / 32);
+
+  const int team_threads = 32 * warps_per_row;
+  const int teams = blockDim.x / team_threads;
+  const int team = threadIdx.x / team_threads, t = threadIdx.x % team_threads;
+  const int warp = t / 32, lane = t % 32;
+  const int vectors = static_cast<int>(C / VEC);  // C < 2^31 (checked by the launcher)
+  const int64_t groups = gridDim.x, group = blockIdx.x;
   const int64_t row_begin = group * rows_per_group;
   const int64_t row_end = std::min(N, row_begin + rows_per_group);
-  acc_t dw = 0, db = 0;
-  if (c < C) {
-    for (int64_t row = row_begin + threadIdx.y; row < row_end; row += kPartialRows) {
-      const acc_t d = static_cast<acc_t>(grad_out[row * C + c]);
-      const acc_t xhat = (static_cast<acc_t>(x[row * C + c]) - mean[row]) * rstd[row];
-      dw += d * xhat;
-      db += d;
-    }
-  }
-  dw_tile[threadIdx.y][threadIdx.x] = dw;
-  db_tile[threadIdx.y][threadIdx.x] = db;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    acc_t dw_total = 0, db_total = 0;
+  acc_t* dw_partial = partials + group * C;
+  acc_t* db_partial = partials + (groups + group) * C;
+  const bool with_res = grad_residual != nullptr;
+
+  // Slot s holds the vector at column(s), when in_row(s).
+  const auto column = [&](int s) { return (t + s * team_threads) * VEC; };
+  const auto in_row = [&](int s) { return t + s * team_threads < vectors; };
+  const int spill_begin = t + SLOTS * team_threads;  // the vectors past the slots (SPILL)
+
+  V w[SLOTS];
 #pragma unroll
-    for (int y = 0; y < kPartialRows; y++) {
-      dw_total += dw_tile[y][threadIdx.x];
-      db_total += db_tile[y][threadIdx.x];
-    }
-    partials[group * C + c] = dw_total;
-    partials[(groups + group) * C + c] = db_total;
+  for (int s = 0; s < SLOTS; s++) {
+    if (in_row(s)) w[s] = load_vec<scalar_t, VEC>(weight + column(s));
   }
+  if constexpr (SPILL) {
+    for (int i = spill_begin; i < vectors; i += team_threads) {
+#pragma unroll
+      for (int k = 0; k < VEC; k++) dw_partial[i * VEC + k] = db_partial[i * VEC + k] = 0;
+    }
+  }
+
+  struct Row {
+    V dy[SLOTS], x[SLOTS];
+    acc_t mean, rstd;
+  };
+  const auto load_row = [&](int64_t row, Row& r) {
+    r.mean = mean[row];
+    r.rstd = rstd[row];
+    const scalar_t* dy_row = grad_out + row * C;
+    const scalar_t* x_row = x + row * C;
+#pragma unroll
+    for (int s = 0; s < SLOTS; s++) {
+      if (in_row(s)) {
+        r.dy[s] = load_vec<scalar_t, VEC>(dy_row + column(s));
+        r.x[s] = load_vec<scalar_t, VEC>(x_row + column(s));
+      }
+    }
+  };
+
+  acc_t dw[SLOTS][VEC] = {}, db[SLOTS][VEC] = {};
+  Row cur, next;
+  if (row_begin + team < row_end) load_row(row_begin + team, cur);
+  int parity = 0;
+  // The trip count is the same for every team (a team past the group's end
+  // idles through the round), so all reach the barrier below.
+  for (int64_t base = row_begin; base < row_end; base += teams) {
+    const int64_t row = base + team;
+    const bool active = row < row_end;
+    if (row + teams < row_end) load_row(row + teams, next);
+#pragma unroll
+    for (int s = 0; s < SLOTS; s++) forget<scalar_t, VEC>(w[s]);
+    acc_t g_sum = 0, gx_sum = 0;
+    if (active) {
+#pragma unroll
+      for (int s = 0; s < SLOTS; s++) {
+        if (in_row(s)) {
+          backward_sums<scalar_t, VEC>(cur.dy[s], cur.x[s], w[s], cur.mean, cur.rstd, g_sum,
+                                       gx_sum, dw[s], db[s]);
+        }
+      }
+      if constexpr (SPILL) {
+        const scalar_t* dy_row = grad_out + row * C;
+        const scalar_t* x_row = x + row * C;
+        for (int i = spill_begin; i < vectors; i += team_threads) {
+          acc_t dw_spill[VEC] = {}, db_spill[VEC] = {};
+          backward_sums<scalar_t, VEC>(load_vec<scalar_t, VEC>(dy_row + i * VEC),
+                                       load_vec<scalar_t, VEC>(x_row + i * VEC),
+                                       load_vec<scalar_t, VEC>(weight + i * VEC), cur.mean,
+                                       cur.rstd, g_sum, gx_sum, dw_spill, db_spill);
+#pragma unroll
+          for (int k = 0; k < VEC; k++) {
+            dw_partial[i * VEC + k] += dw_spill[k];
+            db_partial[i * VEC + k] += db_spill[k];
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < SLOTS; s++) {
+      forget<scalar_t, VEC>(cur.dy[s]);
+      forget<scalar_t, VEC>(cur.x[s]);
+    }
+    g_sum = warp_sum(g_sum);
+    gx_sum = warp_sum(gx_sum);
+    if (warps_per_row > 1) {
+      acc_t* sums = row_sums + (parity * teams + team) * warps_per_row * 2;
+      if (lane == 0) {
+        sums[2 * warp] = g_sum;
+        sums[2 * warp + 1] = gx_sum;
+      }
+      // One barrier a round: the next round writes the other half, and the
+      // round after that starts only when every thread has passed the next
+      // round's barrier, so after it has read this half.
+      __syncthreads();
+      g_sum = sums[0];
+      gx_sum = sums[1];
+      for (int i = 1; i < warps_per_row; i++) {
+        g_sum += sums[2 * i];
+        gx_sum += sums[2 * i + 1];
+      }
+      parity ^= 1;
+    }
+    if (active) {
+      const acc_t g_mean = g_sum / static_cast<acc_t>(C);
+      const acc_t gx_mean = gx_sum / static_cast<acc_t>(C);
+      const scalar_t* res_row = with_res ? grad_residual + row * C : nullptr;
+      scalar_t* dx_row = grad_x + row * C;
+      V res[SLOTS];  // all loads issued before the first store
+      if (with_res) {
+#pragma unroll
+        for (int s = 0; s < SLOTS; s++) {
+          if (in_row(s)) res[s] = load_vec<scalar_t, VEC>(res_row + column(s));
+        }
+      }
+#pragma unroll
+      for (int s = 0; s < SLOTS; s++) {
+        if (in_row(s)) {
+          store_vec<scalar_t, VEC>(
+              dx_row + column(s),
+              backward_grad_x<scalar_t, VEC>(cur.dy[s], cur.x[s], w[s], res[s], with_res,
+                                             cur.mean, cur.rstd, g_mean, gx_mean));
+        }
+      }
+      if constexpr (SPILL) {
+        const scalar_t* dy_row = grad_out + row * C;
+        const scalar_t* x_row = x + row * C;
+        for (int i = spill_begin; i < vectors; i += team_threads) {
+          V res;
+          if (with_res) res = load_vec<scalar_t, VEC>(res_row + i * VEC);
+          store_vec<scalar_t, VEC>(
+              dx_row + i * VEC,
+              backward_grad_x<scalar_t, VEC>(load_vec<scalar_t, VEC>(dy_row + i * VEC),
+                                             load_vec<scalar_t, VEC>(x_row + i * VEC),
+                                             load_vec<scalar_t, VEC>(weight + i * VEC), res,
+                                             with_res, cur.mean, cur.rstd, g_mean, gx_mean));
+        }
+      }
+    }
+    cur = next;
+  }
+
+  store_column_sums<acc_t, SLOTS, VEC>(dw, team, teams, t, team_threads, C, column_scratch,
+                                       dw_partial);
+  store_column_sums<acc_t, SLOTS, VEC>(db, team, teams, t, team_threads, C, column_scratch,
+                                       db_partial);
 }
 
 // ---------------------------------------------------------------------------
@@ -241,6 +449,48 @@ void launch_forward(const Tensor& x, const Tensor& residual, const Tensor& weigh
         x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, out_ptr, mean.mutable_data_ptr<acc_t>(),
         rstd.mutable_data_ptr<acc_t>(), C, static_cast<acc_t>(eps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename scalar_t>
+void launch_backward(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
+                     const Tensor& mean, const Tensor& rstd, const Tensor& grad_residual,
+                     const Tensor& grad_x, const Tensor& grad_weight, const Tensor& grad_bias,
+                     int64_t N, int64_t C) {
+  using acc_t = acc_type<scalar_t>;
+  TORCH_CHECK(C <= std::numeric_limits<int>::max(),
+              "nanoblock.layer_norm_backward: rows of more than 2^31 - 1 elements (C = ", C,
+              ") are not supported on CUDA");
+  const scalar_t* dy_ptr = grad_out.const_data_ptr<scalar_t>();
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
+  const scalar_t* dres_ptr =
+      grad_residual.defined() ? grad_residual.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* dx_ptr = grad_x.mutable_data_ptr<scalar_t>();
+  const cudaStream_t stream = current_stream();
+  const int vec = vector_width<scalar_t>(C, {dy_ptr, x_ptr, w_ptr, dres_ptr, dx_ptr});
+  with_vector_width<scalar_t>(vec, [&](auto vec_constant) {
+    constexpr int VEC = decltype(vec_constant)::value;
+    const BackwardShape shape = backward_shape<scalar_t, VEC>(C / VEC);
+    const int64_t groups = backward_groups(N, shape.teams);
+    Tensor partials = at::empty({2, groups, C}, x.options().dtype(stats_dtype(x.scalar_type())));
+    acc_t* partials_ptr = partials.mutable_data_ptr<acc_t>();
+    const int threads = 32 * shape.warps_per_row * shape.teams;
+    // the row sums, and store_column_sums' scratch when teams share a block
+    const size_t shared =
+        (4 * threads / 32 + (shape.teams > 1 ? shape.teams * C : 0)) * sizeof(acc_t);
+    with_slots(shape, [&](auto slots_constant, auto spill_constant) {
+      const auto kernel = layer_norm_backward_kernel<scalar_t, VEC, decltype(slots_constant)::value,
+                                                     decltype(spill_constant)::value>;
+      allow_shared_memory(kernel, shared);
+      kernel<<<static_cast<unsigned>(groups), threads, shared, stream>>>(
+          dy_ptr, x_ptr, w_ptr, mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
+          dres_ptr, dx_ptr, partials_ptr, N, C, ceil_div(N, groups), shape.warps_per_row);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    launch_sum_partials<scalar_t, acc_t>(partials_ptr, groups, C,
+                                         grad_weight.mutable_data_ptr<scalar_t>(),
+                                         grad_bias.mutable_data_ptr<scalar_t>(), stream);
   });
 }
 
@@ -286,38 +536,9 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& grad_out, c
     return {grad_x, at::zeros_like(weight), at::zeros_like(weight)};
   }
   Tensor grad_weight = at::empty_like(weight), grad_bias = at::empty_like(weight);
-  const cudaStream_t stream = current_stream();
   NANOBLOCK_DISPATCH(x.scalar_type(), "layer_norm_backward", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const scalar_t* dy_ptr = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-    const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
-    const scalar_t* dres_ptr =
-        grad_residual.defined() ? grad_residual.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* dx_ptr = grad_x.mutable_data_ptr<scalar_t>();
-    const acc_t* mean_ptr = mean.const_data_ptr<acc_t>();
-    const acc_t* rstd_ptr = rstd.const_data_ptr<acc_t>();
-
-    const int vec = vector_width<scalar_t>(C, {dy_ptr, x_ptr, w_ptr, dres_ptr, dx_ptr});
-    with_vector_width<scalar_t>(vec, [&](auto vec_constant) {
-      constexpr int VEC = decltype(vec_constant)::value;
-      layer_norm_grad_x_kernel<scalar_t, VEC><<<N, row_threads(C, VEC), 0, stream>>>(
-          dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dres_ptr, dx_ptr, C);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-
-    const int64_t groups = row_groups_for(N);
-    const int64_t rows_per_group = ceil_div(N, groups);
-    Tensor partials = at::empty({2, groups, C}, x.options().dtype(stats_dtype(x.scalar_type())));
-    acc_t* partials_ptr = partials.mutable_data_ptr<acc_t>();
-    const dim3 grid(static_cast<unsigned>(ceil_div(C, 32)), static_cast<unsigned>(groups));
-    layer_norm_param_partials_kernel<scalar_t><<<grid, dim3(32, kPartialRows), 0, stream>>>(
-        dy_ptr, x_ptr, mean_ptr, rstd_ptr, N, C, rows_per_group, partials_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launch_sum_partials<scalar_t, acc_t>(partials_ptr, groups, C,
-                                         grad_weight.mutable_data_ptr<scalar_t>(), stream);
-    launch_sum_partials<scalar_t, acc_t>(partials_ptr + groups * C, groups, C,
-                                         grad_bias.mutable_data_ptr<scalar_t>(), stream);
+    launch_backward<scalar_t>(grad_out, x, weight, mean, rstd, grad_residual, grad_x,
+                              grad_weight, grad_bias, N, C);
   });
   return {grad_x, grad_weight, grad_bias};
 }
