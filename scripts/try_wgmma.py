@@ -6,8 +6,9 @@
                                               # compute-sanitizer --tool memcheck)
     python scripts/try_wgmma.py --build-only  # stop after the build
 
-Builds csrc/cuda/attention_wgmma.cu (sm_90a), csrc/cuda/attention_mma.cu (our
-mma.sync forward, for comparison) and scripts/wgmma_binding.cpp with
+Builds csrc/cuda/attention_wgmma.cu and attention_wgmma_backward.cu (sm_90a;
+try_wgmma_backward.py checks the backward), csrc/cuda/attention_mma.cu (our
+mma.sync kernels, for comparison) and scripts/wgmma_binding.cpp with
 torch.utils.cpp_extension.load, then for bfloat16 and float16 over a few
 shapes compares out and lse with a float64 reference on the same q, k, v
 (also printing the errors of our mma forward, of SDPA in the same dtype and
@@ -18,12 +19,15 @@ Pass rule (DESIGN.md's, FlashAttention's): the wgmma kernel's max error on
 out is at most 2x the larger of the mma kernel's and SDPA's (same dtype)
 against the float64 reference; on lse at most 2x the mma kernel's, or 1e-4.
 
-Everything printed also goes to $OUT/try_wgmma.txt when OUT is set. A CUDA
+Everything printed also goes to $OUT/try_wgmma.txt when OUT is set. The
+checks run in a worker process that a supervisor watches (run_script): a CUDA
 error that leaves the context unusable (an illegal address, say) in one tile
-shape's kernel makes the script run itself again in a fresh process without
-that tile shape (--exclude), appending to the same log. Exit status: 0 all
-checks passed, 1 a check failed (or a tile shape crashed), 2 could not run (no
-GPU, build failed), 3 the watchdog stopped a run that took too long (a hang).
+shape's kernel, a crash of the process, or a check taking more than 40 s (a
+hang) makes it run again in a fresh process without that tile shape
+(--exclude), appending to the same log. Exit status: 0 all checks passed, 1 a
+check failed (or a tile shape crashed), 2 could not run (no GPU, build
+failed), 3 a hang or crash that could not be worked around, or the watchdog
+(--deadline) stopped the run.
 """
 import argparse
 import math
@@ -31,9 +35,11 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
+import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -52,12 +58,16 @@ TILE_CHECK_SHAPES = [(2, 97, 768, 12), (2, 1025, 768, 12), (16, 1024, 768, 12),
 
 
 class Log:
-    """print() that also appends to $OUT/try_wgmma.txt, line by line (so a crash keeps it)."""
+    """print() that also appends to $OUT/<name>, line by line (so a crash keeps it)."""
 
-    def __init__(self):
-        out = os.environ.get("OUT")
-        self.path = os.path.join(out, "try_wgmma.txt") if out else None
+    def __init__(self, name="try_wgmma.txt"):
+        self.name(name)
         self.stage = "start"
+
+    def name(self, name):
+        """Log to $OUT/name from now on (try_wgmma_backward.py, which shares this harness)."""
+        out = os.environ.get("OUT")
+        self.path = os.path.join(out, name) if out else None
 
     def start(self, append):
         if self.path:
@@ -114,6 +124,7 @@ def build(verbose):
     os.makedirs(build_dir, exist_ok=True)
     sources = [os.path.join(ROOT, "scripts", "wgmma_binding.cpp"),
                os.path.join(CSRC, "cuda", "attention_wgmma.cu"),
+               os.path.join(CSRC, "cuda", "attention_wgmma_backward.cu"),
                os.path.join(CSRC, "cuda", "attention_mma.cu")]
     log.stage = "build"
     log(f"building {', '.join(os.path.relpath(s, ROOT) for s in sources)} in {build_dir} ...")
@@ -134,8 +145,10 @@ def build(verbose):
     return ext
 
 
-def kernel_resources(so_path):
-    """Registers, stack and HGMMA count of the wgmma kernels (cuobjdump, when present)."""
+def kernel_resources(so_path, kernel_word="wgmma_forward_kernel", describe=None):
+    """Registers, stack and HGMMA count of the kernels whose mangled name holds
+    kernel_word (cuobjdump, when present); describe(name) names a kernel's tile shape
+    (the forward's by default)."""
     try:
         usage = subprocess.run(["cuobjdump", "--dump-resource-usage", so_path],
                                capture_output=True, text=True, timeout=60).stdout
@@ -144,24 +157,28 @@ def kernel_resources(so_path):
     except (OSError, subprocess.TimeoutExpired) as e:
         log("cuobjdump unavailable:", e)
         return
+    describe = describe or describe_forward_kernel
     name = None
     for line in usage.splitlines():
         m = re.search(r"Function (\S+):", line)
         if m:
             name = m.group(1)
             continue
-        if name and "wgmma_forward_kernel" in name and "REG:" in line:
-            tiles = re.search(r"WgmmaTilesILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELb([01])E", name)
+        if name and kernel_word in name and "REG:" in line:
             dtype = "bf16" if "BFloat16" in name else "fp16"
-            shape = name
-            if tiles:
-                hd, keys, wg, blocks, pipelined = tiles.groups()
-                shape = (f"hd {hd} keys={keys} wg={wg} "
-                         f"{'pipelined' if pipelined == '1' else 'serial'}, min blocks {blocks}")
-            log(f"  wgmma kernel {dtype} ({shape}): {line.strip()}")
+            log(f"  {kernel_word} {dtype} ({describe(name)}): {line.strip()}")
             name = None
     arches = sorted(set(re.findall(r"arch = (sm_\w+)", sass)))
     log(f"  HGMMA instructions in the library: {sass.count('HGMMA')}; arches: {arches}")
+
+
+def describe_forward_kernel(name):
+    tiles = re.search(r"WgmmaTilesILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELb([01])E", name)
+    if not tiles:
+        return name
+    hd, keys, wg, blocks, pipelined = tiles.groups()
+    return (f"hd {hd} keys={keys} wg={wg} "
+            f"{'pipelined' if pipelined == '1' else 'serial'}, min blocks {blocks}")
 
 
 def tiles_name(tiles):
@@ -259,6 +276,7 @@ class Checks:
         if kernel in self.excluded:
             log(f"skipped {label}: {kernel_name(kernel)} crashed in an earlier process")
             return
+        mark_progress(kernel)
         try:
             fn()
             self.sync()
@@ -267,6 +285,7 @@ class Checks:
             log(f"FAIL {label}: {type(e).__name__}: {e}".rstrip())
             log("".join(traceback.format_exc(limit=4)).rstrip())
             self.check_context(label, kernel)
+        mark_progress(None)
 
     def check_context(self, label, kernel):
         """After an exception: is the CUDA context still usable? If not, remember why."""
@@ -513,28 +532,106 @@ def timings(torch, ext, checks):
             log(f"  (SDPA default: {sdpa_ms * 1e3:.1f} us)")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+# The supervisor (run_script) and its worker process share a file naming the kernel
+# whose check or timing the worker is in, and since when.
+PROGRESS_ENV = "NANOBLOCK_TRY_WGMMA_PROGRESS"
+progress_format = str  # the kernel as an --exclude argument (set by run_script)
+
+
+def mark_progress(kernel):
+    path = os.environ.get(PROGRESS_ENV)
+    if path:
+        with open(path, "w") as f:
+            f.write("" if kernel is None else f"{time.time()} {progress_format(kernel)}")
+
+
+def read_progress(path):
+    """(kernel as an --exclude argument, since when) or (None, None)."""
+    try:
+        with open(path) as f:
+            since, kernel = f.read().split(" ", 1)
+        return kernel, float(since)
+    except (OSError, ValueError):
+        return None, None
+
+
+def supervise(script, args, stall=40):
+    """Runs the checks in a worker process (the script with --worker) and watches it: a
+    worker killed by a signal (a crash), ended by its watchdog, or in one kernel's check
+    for more than `stall` seconds (a hang: the worker is killed) runs again without that
+    kernel, in a fresh process. A CUDA error the worker can catch it handles itself
+    (run_script: it runs itself again). Exit status: the worker's."""
+    t_start = time.time()
+    excluded = list(args.exclude)
+    progress = os.path.join(tempfile.mkdtemp(prefix="try_wgmma_"), "progress")
+    while True:
+        remaining = args.deadline - (time.time() - t_start)
+        argv = [sys.executable, os.path.abspath(script.path), "--worker",
+                "--deadline", f"{remaining:.0f}"]
+        argv += ["--quick"] if args.quick else []
+        argv += ["--verbose-build"] if args.verbose_build else []
+        for kernel in excluded:
+            argv += ["--exclude", kernel]
+        mark = open(progress, "w")
+        mark.close()
+        worker = subprocess.Popen(argv, env=dict(os.environ, **{PROGRESS_ENV: progress}))
+        stuck = False
+        while worker.poll() is None:
+            time.sleep(1)
+            kernel, since = read_progress(progress)
+            if kernel and time.time() - since > stall:
+                stuck = True
+                worker.kill()
+                worker.wait()
+        rc = worker.returncode
+        if not stuck and rc in (0, 1, 2):
+            return rc
+        kernel, _ = read_progress(progress)
+        why = (f"in one kernel's check for more than {stall} s (a hang?): killed" if stuck
+               else f"ended by signal {-rc}" if rc < 0 else f"ended with exit status {rc}")
+        log(f"\n== SUPERVISOR: the worker was {why}; it was in: {kernel or 'no kernel check'}")
+        remaining = args.deadline - (time.time() - t_start)
+        if not kernel or kernel in excluded or remaining < 45:
+            log("== SUPERVISOR: not running again")
+            return 3 if stuck or rc < 0 else rc
+        excluded.append(kernel)
+        log(f"== SUPERVISOR: running again in a fresh process without {kernel}\n")
+
+
+def run_script(script):
+    """The command line shared by try_wgmma.py and try_wgmma_backward.py. script (a
+    namespace): doc, path, deadline (default seconds), exclude_metavar and
+    exclude_example, parse_exclude(text) -> kernel, format_exclude(kernel) -> text,
+    kernel_name(kernel), self_test(torch), make_checks(torch, ext, excluded),
+    run_checks(checks, quick), timings(torch, ext, checks), resources(so_path)."""
+    parser = argparse.ArgumentParser(description=script.doc.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes only, no timing")
     parser.add_argument("--build-only", action="store_true")
     parser.add_argument("--verbose-build", action="store_true")
     parser.add_argument("--self-test", action="store_true",
                         help="test this script: the checks on the CPU against a pure-PyTorch "
-                             "stand-in for the kernels, one tile shape broken on purpose")
-    parser.add_argument("--deadline", type=float, default=540,
+                             "stand-in for the kernels, one kernel broken on purpose")
+    parser.add_argument("--deadline", type=float, default=script.deadline,
                         help="seconds before the watchdog ends the run (a hang)")
-    parser.add_argument("--exclude", action="append", default=[],
-                        metavar="HD,KEYS,WG,PIPELINED",
-                        help="leave a kernel out, e.g. 64,128,2,1 (given by the script to "
-                             "itself after that kernel crashed)")
+    parser.add_argument("--exclude", action="append", default=[], metavar=script.exclude_metavar,
+                        help=f"leave a kernel out, e.g. {script.exclude_example} (given by the "
+                             "script to itself after that kernel crashed)")
+    parser.add_argument("--worker", action="store_true",
+                        help="run the checks in this process (the default runs them in a "
+                             "worker process that a supervisor watches for crashes and hangs)")
     args = parser.parse_args()
-    log.start(append=bool(args.exclude))
+    global progress_format
+    progress_format = script.format_exclude
+    if not (args.worker or args.self_test or args.build_only):
+        log.start(append=bool(args.exclude))
+        return supervise(script, args)
+    log.start(append=args.worker or bool(args.exclude))
     start_watchdog(args.deadline)
     t_start = time.time()
     import torch
     environment(torch)
     if args.self_test:
-        return self_test(torch)
+        return script.self_test(torch)
     if not torch.cuda.is_available() and not args.build_only:
         log("No CUDA GPU here: this script needs an H100 / H200 (sm_90a). "
             "(--build-only tries the build alone.)")
@@ -545,7 +642,7 @@ def main():
         msg = str(e)
         log(f"BUILD FAILED: {type(e).__name__}: {msg[-8000:]}")
         return 2
-    kernel_resources(ext.__file__)
+    script.resources(ext.__file__)
     if args.build_only:
         return 0
     if not ext.wgmma_available():
@@ -553,27 +650,26 @@ def main():
             "build has no sm_90a code")
         return 2
 
-    excluded = [tuple(int(x) for x in e.split(",")) for e in args.exclude]
-    excluded = [(hd, k, w, bool(p)) for hd, k, w, p in excluded]
-    checks = Checks(torch, ext, excluded=excluded)
-    run_checks(checks, args.quick)
+    excluded = [script.parse_exclude(e) for e in args.exclude]
+    checks = script.make_checks(torch, ext, excluded)
+    script.run_checks(checks, args.quick)
     if not args.quick and not checks.fatal:
-        timings(torch, ext, checks)
+        script.timings(torch, ext, checks)
 
     log(f"\n== summary of this process ({time.time() - t_start:.0f} s)")
     if checks.failed:
         log(f"FAILED {len(checks.failed)}: " + "; ".join(checks.failed))
     if excluded:
         log("left out after crashing in an earlier process: "
-            + "; ".join(kernel_name(k) for k in excluded))
+            + "; ".join(script.kernel_name(k) for k in excluded))
     if checks.fatal:
         log("stopped early by a CUDA error:", checks.fatal)
         remaining = args.deadline - (time.time() - t_start)
-        if checks.fatal_kernel and checks.fatal_kernel not in excluded and remaining > 60:
+        if checks.fatal_kernel and checks.fatal_kernel not in excluded and remaining > 45:
             bad = checks.fatal_kernel
-            log(f"\n== running again in a fresh process without {kernel_name(bad)}\n")
-            argv = [sys.executable, os.path.abspath(__file__)] + sys.argv[1:] + [
-                "--exclude", ",".join(str(int(x)) for x in bad), "--deadline", f"{remaining:.0f}"]
+            log(f"\n== running again in a fresh process without {script.kernel_name(bad)}\n")
+            argv = [sys.executable, os.path.abspath(script.path)] + sys.argv[1:] + [
+                "--exclude", script.format_exclude(bad), "--deadline", f"{remaining:.0f}"]
             sys.stdout.flush()
             os.execv(sys.executable, argv)
         return 1
@@ -581,6 +677,21 @@ def main():
         return 1
     log("ALL PASS")
     return 0
+
+
+def parse_exclude(text):
+    hd, keys, wg, pipelined = (int(x) for x in text.split(","))
+    return (hd, keys, wg, bool(pipelined))
+
+
+def main():
+    return run_script(types.SimpleNamespace(
+        doc=__doc__, path=__file__, deadline=540, exclude_metavar="HD,KEYS,WG,PIPELINED",
+        exclude_example="64,128,2,1", parse_exclude=parse_exclude,
+        format_exclude=lambda kernel: ",".join(str(int(x)) for x in kernel),
+        kernel_name=kernel_name, self_test=self_test,
+        make_checks=lambda torch, ext, excluded: Checks(torch, ext, excluded=excluded),
+        run_checks=run_checks, timings=timings, resources=kernel_resources))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-// Causal attention forward on Hopper's warpgroup tensor-core instructions
-// (wgmma, sm_90a): attention_wgmma.cu. A prototype beside the mma.sync path
+// Causal attention forward and backward on Hopper's warpgroup tensor-core
+// instructions (wgmma, sm_90a): attention_wgmma.cu and
+// attention_wgmma_backward.cu. A prototype beside the mma.sync path
 // (attention_mma.cu), with the same inputs, outputs and layouts; not yet
-// called by the op dispatch. scripts/try_wgmma.py builds and checks it.
+// called by the op dispatch. scripts/try_wgmma.py (forward) and
+// scripts/try_wgmma_backward.py build and check it.
 //
 // Plain C++ (no CUDA types), so a .cpp binding can include it.
 #pragma once
@@ -31,5 +33,19 @@ std::tuple<at::Tensor, at::Tensor> wgmma_attention_forward_tiles(const at::Tenso
                                                                  int64_t n_head, int64_t key_tile,
                                                                  int64_t warpgroups,
                                                                  bool pipelined);
+
+// Backward (attention_wgmma_backward.cu), the two kernels of
+// attention_mma.cu's backward: grad_out [B, T, C], qkv [B, T, 3C] (float16 /
+// bfloat16), lse and row_dot (rowsum(grad_out * out)) [B, n_head, T]
+// float32, all contiguous on one GPU; grad_qkv [B, T, 3C] preallocated.
+// grad_kv writes its k and v columns (query tiles of query_tile, warpgroups
+// x 64 keys a block), grad_q its q columns (key tiles of key_tile,
+// warpgroups x 64 queries a block). Raise for a shape that is not built.
+void wgmma_attention_grad_kv(const at::Tensor& grad_out, const at::Tensor& qkv,
+                             const at::Tensor& lse, const at::Tensor& row_dot, int64_t n_head,
+                             const at::Tensor& grad_qkv, int64_t query_tile, int64_t warpgroups);
+void wgmma_attention_grad_q(const at::Tensor& grad_out, const at::Tensor& qkv,
+                            const at::Tensor& lse, const at::Tensor& row_dot, int64_t n_head,
+                            const at::Tensor& grad_qkv, int64_t key_tile, int64_t warpgroups);
 
 }  // namespace nanoblock::cuda
