@@ -24,7 +24,8 @@ import sys
 import numpy as np
 
 ROW_BYTES, ATOM = 128, 1024
-GRAD_KV = {64: [(64, 2), (128, 2), (64, 1)], 128: [(64, 2), (64, 1)]}  # (BQ, WG)
+# (BQ, WG); grad_kv's overlap schedule has the same addresses, loops and indices.
+GRAD_KV = {64: [(64, 2), (128, 2), (64, 1)], 128: [(64, 2), (64, 1)]}
 GRAD_Q = {64: [(64, 2), (128, 2), (64, 1)], 128: [(64, 2), (64, 1)]}  # (BK, WG)
 
 

@@ -54,18 +54,31 @@ SHAPES = [(2, 1, 768, 12), (2, 17, 768, 12), (2, 64, 768, 12), (2, 1000, 768, 12
 QUICK_SHAPES = [(2, 1, 768, 12), (2, 17, 768, 12), (1, 200, 768, 12), (1, 130, 1024, 8)]
 BENCH_SHAPES = [(16, 1024, 768, 12), (4, 4096, 768, 12)]
 # Tile shapes built in attention_wgmma_backward.cu, the default first:
-# grad_kv: head dim -> [(query_tile, warpgroups)]; grad_q: [(key_tile, warpgroups)].
-KERNELS = {"kv": {64: [(64, 2), (128, 2), (64, 1)], 128: [(64, 2), (64, 1)]},
-           "q": {64: [(64, 2), (128, 2), (64, 1)], 128: [(64, 2), (64, 1)]}}
+# grad_kv: head dim -> [(query_tile, warpgroups, overlap)]; grad_q: [(key_tile,
+# warpgroups, False)].
+KERNELS = {"kv": {64: [(64, 2, False), (64, 2, True), (128, 2, False), (64, 1, False),
+                       (64, 1, True)],
+                  128: [(64, 2, False), (64, 2, True), (64, 1, False)]},
+           "q": {64: [(64, 2, False), (128, 2, False), (64, 1, False)],
+                 128: [(64, 2, False), (64, 1, False)]}}
 PARTS = {"kv": ("dk", "dv"), "q": ("dq",)}
 COLUMNS = {"dq": 0, "dk": 1, "dv": 2}  # which C-wide block of grad_qkv
 
 
 def kernel_name(kernel):
-    """kernel: (which, hd, tile, warpgroups); which is 'kv' or 'q'."""
-    which, hd, tile, wg = kernel
+    """kernel: (which, hd, tile, warpgroups, overlap); which is 'kv' or 'q'."""
+    which, hd, tile, wg, overlap = kernel
     tile_kind = "query" if which == "kv" else "key"
-    return f"grad_{which} hd {hd} {tile_kind} tile {tile} wg={wg}"
+    return f"grad_{which} hd {hd} {tile_kind} tile {tile} wg={wg}{' overlap' if overlap else ''}"
+
+
+def launch(ext, kernel, grad_out, qkv, lse, dot, n_head, grads):
+    """Runs one kernel (which, hd, tile, warpgroups, overlap), writing its columns of grads."""
+    which, _, tile, wg, overlap = kernel
+    if which == "kv":
+        ext.wgmma_grad_kv(grad_out, qkv, lse, dot, n_head, grads, tile, wg, overlap)
+    else:
+        ext.wgmma_grad_q(grad_out, qkv, lse, dot, n_head, grads, tile, wg)
 
 
 def kernels_of(hd):
@@ -125,10 +138,8 @@ class Checks(harness.Checks):
 
     def wgmma(self, kernel, grad_out, qkv, lse, dot, n_head):
         """grad_qkv with only the kernel's columns written (the rest nan)."""
-        which, hd, tile, wg = kernel
         grads = self.torch.full_like(qkv, float("nan"))
-        fn = self.ext.wgmma_grad_kv if which == "kv" else self.ext.wgmma_grad_q
-        fn(grad_out, qkv, lse, dot, n_head, grads, tile, wg)
+        launch(self.ext, kernel, grad_out, qkv, lse, dot, n_head, grads)
         return grads
 
     def one_hot_probe(self, kernel):
@@ -141,7 +152,7 @@ class Checks(harness.Checks):
         accumulator-to-A conversion), a wrong d with the right i at the MN-major B
         operand (its descriptor or swizzle)."""
         torch = self.torch
-        which, hd, tile, wg = kernel
+        which, hd = kernel[:2]
         name = f"one-hot probe {kernel_name(kernel)}"
         log.stage = name
         T = C = hd
@@ -268,12 +279,12 @@ class FakeExtension:
     def mma_backward(self, grad_out, qkv, lse, dot, n_head):
         return self._grads(grad_out, qkv, lse, dot, n_head).to(qkv.dtype)
 
-    def _write(self, which, grad_out, qkv, lse, dot, n_head, grads, tile, wg):
+    def _write(self, which, grad_out, qkv, lse, dot, n_head, grads, tile, wg, overlap=False):
         full = self._grads(grad_out, qkv, lse, dot, n_head).to(qkv.dtype)
         hd = qkv.shape[2] // 3 // n_head
         for p in PARTS[which]:
             part(grads, p).copy_(part(full, p))
-        if (which, hd, tile, wg) == self.broken:
+        if (which, hd, tile, wg, overlap) == self.broken:
             first = part(grads, PARTS[which][0])
             first[..., [0, 1]] = first[..., [1, 0]].clone()
             first[0, -1, 5] = float("nan")
@@ -316,7 +327,7 @@ def run_checks(checks, quick):
 def self_test(torch):
     """The checks on the CPU against FakeExtension: every check of a good kernel must
     pass and every check of the broken one fail."""
-    broken = ("kv", 64, 128, 2)
+    broken = ("kv", 64, 128, 2, False)
     checks = Checks(torch, FakeExtension(torch, broken), device="cpu")
     run_checks(checks, quick=True)
     expected = [label for label in checks.failed if kernel_name(broken) in label]
@@ -385,13 +396,13 @@ def timings(torch, ext, checks):
             except Exception as e:
                 log(f"  {label} forward failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         for which in ("kv", "q"):
-            fn = ext.wgmma_grad_kv if which == "kv" else ext.wgmma_grad_q
             for i, tiles in enumerate(KERNELS[which][hd]):
                 kernel = (which, hd, *tiles)
                 if kernel in checks.excluded:
                     continue
                 cases.append((kernel, "wgmma " + kernel_name(kernel) + (" (default)" if i == 0 else ""),
-                              lambda fn=fn, tiles=tiles: fn(grad_out, qkv, lse, dot, H, grads, *tiles)))
+                              lambda kernel=kernel: launch(ext, kernel, grad_out, qkv, lse, dot, H,
+                                                           grads)))
         results = {}
         for kernel, label, fn in cases:
             log.stage = f"timing {label} T={T}"
@@ -432,24 +443,25 @@ def timings(torch, ext, checks):
 
 
 def describe_kernel(name):
-    tiles = re.search(r"Grad(Kv|Q)TilesILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)E", name)
+    tiles = re.search(r"Grad(Kv|Q)TilesILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)E(Lb([01])E)?", name)
     if not tiles:
         return name
-    which, hd, tile, wg, blocks = tiles.groups()
-    kernel = ("kv" if which == "Kv" else "q", int(hd), int(tile), int(wg))
+    which, hd, tile, wg, blocks, _, overlap = tiles.groups()
+    kernel = ("kv" if which == "Kv" else "q", int(hd), int(tile), int(wg), overlap == "1")
     return f"{kernel_name(kernel)}, min blocks {blocks}"
 
 
 def parse_exclude(text):
-    which, hd, tile, wg = text.split(",")
-    return (which, int(hd), int(tile), int(wg))
+    which, hd, tile, wg, overlap = text.split(",")
+    return (which, int(hd), int(tile), int(wg), bool(int(overlap)))
 
 
 def main():
     return harness.run_script(types.SimpleNamespace(
-        doc=__doc__, path=__file__, deadline=225, exclude_metavar="WHICH,HD,TILE,WG",
-        exclude_example="kv,64,128,2", parse_exclude=parse_exclude,
-        format_exclude=lambda kernel: ",".join(str(x) for x in kernel),
+        doc=__doc__, path=__file__, deadline=230, exclude_metavar="WHICH,HD,TILE,WG,OVERLAP",
+        exclude_example="kv,64,128,2,0", parse_exclude=parse_exclude,
+        format_exclude=lambda kernel: ",".join(str(int(x) if isinstance(x, bool) else x)
+                                               for x in kernel),
         kernel_name=kernel_name, self_test=self_test,
         make_checks=lambda torch, ext, excluded: Checks(torch, ext, excluded=excluded),
         run_checks=run_checks, timings=timings,

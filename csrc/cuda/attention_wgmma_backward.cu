@@ -57,8 +57,9 @@ namespace nanoblock::cuda {
 namespace {
 
 // grad_kv: head dim HD, BQ queries per query tile, WG warpgroups (64 keys
-// each), MIN_BLOCKS blocks per multiprocessor asked of the compiler.
-template <int HD, int BQ, int WG, int MIN_BLOCKS>
+// each), MIN_BLOCKS blocks per multiprocessor asked of the compiler,
+// OVERLAP the schedule (see the kernel).
+template <int HD, int BQ, int WG, int MIN_BLOCKS, bool OVERLAP>
 struct GradKvTiles {
   static_assert(HD == 64 || HD == 128, "wgmma N for dK, dV: 64 or 128");
   static_assert(BQ == 64 || BQ == 128, "wgmma N for S^T: 64 or 128 queries");
@@ -68,6 +69,7 @@ struct GradKvTiles {
   static constexpr int kWarpgroups = WG;
   static constexpr int kThreads = kWarpgroupThreads * WG;
   static constexpr int kMinBlocks = MIN_BLOCKS;
+  static constexpr bool kOverlap = OVERLAP;
   static constexpr int kBuffers = 2;  // query tiles in flight
   static constexpr int kKvBytes = kKeys * HD * 2;  // the K (or V) tile, 16-bit elements
   static constexpr int kQBytes = BQ * HD * 2;      // one Q (or dO) tile
@@ -91,6 +93,7 @@ struct GradQTiles {
   static constexpr int kWarpgroups = WG;
   static constexpr int kThreads = kWarpgroupThreads * WG;
   static constexpr int kMinBlocks = MIN_BLOCKS;
+  static constexpr bool kOverlap = false;
   static constexpr int kBuffers = 2;  // key / value tiles in flight
   static constexpr int kQBytes = kQueries * HD * 2;  // the Q (or dO) tile
   static constexpr int kKvBytes = BK * HD * 2;       // one K (or V) tile
@@ -143,6 +146,11 @@ __device__ __forceinline__ void store_accumulator_rows(scalar_t* dst, int64_t ro
 // query tiles wholly before its keys; the tiles that need the causal mask
 // (a query before one of its keys, or past T) run in loops of their own so
 // that the code between a wgmma's issue and its wait has no branch.
+// Schedule of a step: S^T, dP^T issued; wait for S^T; P^T (while dP^T runs);
+// wait for dP^T; dS^T; dV and dK issued, waited for. With OVERLAP, dV is
+// issued as soon as P^T is ready, so that it runs while dS^T is computed:
+// S^T, dP^T issued; wait for S^T; P^T; dV issued; wait for dP^T (dV may
+// still run); dS^T; dK issued; wait for both.
 template <typename scalar_t, typename Tiles>
 __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
     wgmma_grad_kv_kernel(const scalar_t* __restrict__ qkv, const scalar_t* __restrict__ grad_out,
@@ -236,7 +244,17 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
         st[4 * j + e] = p;
       }
     }
-    wgmma_wait<0>();  // dP^T is in
+    if constexpr (Tiles::kOverlap) {
+      scores_to_a<scalar_t, BQ>(p_a, st);
+      keep_in_order(dv);
+      keep_in_order(p_a);
+      wgmma_fence();
+      issue_values<scalar_t, HD, BQ>(dv, p_a, dob);  // dV += P^T dO
+      wgmma_commit();
+      wgmma_wait<1>();  // dP^T is in; dV may still run (dv untouched until the end)
+    } else {
+      wgmma_wait<0>();  // dP^T is in
+    }
     keep_in_order(dpt);
 #pragma unroll
     for (int j = 0; j < BQ / 8; j++) {
@@ -247,14 +265,16 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
         dpt[4 * j + e] = st[4 * j + e] * (dpt[4 * j + e] - row_d) * scale;
       }
     }
-    scores_to_a<scalar_t, BQ>(p_a, st);
+    if constexpr (!Tiles::kOverlap) scores_to_a<scalar_t, BQ>(p_a, st);
     scores_to_a<scalar_t, BQ>(ds_a, dpt);
-    keep_in_order(dv);
+    if constexpr (!Tiles::kOverlap) {
+      keep_in_order(dv);
+      keep_in_order(p_a);
+    }
     keep_in_order(dk);
-    keep_in_order(p_a);
     keep_in_order(ds_a);
     wgmma_fence();
-    issue_values<scalar_t, HD, BQ>(dv, p_a, dob);  // dV += P^T dO
+    if constexpr (!Tiles::kOverlap) issue_values<scalar_t, HD, BQ>(dv, p_a, dob);  // dV += P^T dO
     issue_values<scalar_t, HD, BQ>(dk, ds_a, qb);  // dK += dS^T Q
     wgmma_commit();
     wgmma_wait<0>();
@@ -446,13 +466,13 @@ void launch(Kernel kernel, const BackwardArgs& a, int64_t rows_per_block) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Launches the first of Tiles... whose (tile, warpgroups) is `want`; false
-// when none is. tile: BQ for grad_kv, BK for grad_q.
+// Launches the first of Tiles... whose (tile, warpgroups, overlap) is the
+// one asked for; false when none is. tile: BQ for grad_kv, BK for grad_q.
 template <typename scalar_t, bool GRAD_KV, typename... Tiles>
-bool launch_matching(int64_t tile, int64_t warpgroups, const BackwardArgs& a) {
+bool launch_matching(int64_t tile, int64_t warpgroups, bool overlap, const BackwardArgs& a) {
   const auto matches = [&](auto tiles) {
     using Shape = decltype(tiles);
-    return warpgroups == Shape::kWarpgroups &&
+    return warpgroups == Shape::kWarpgroups && overlap == Shape::kOverlap &&
            tile == (GRAD_KV ? Shape::kQueries : Shape::kKeys);
   };
   const auto run = [&](auto tiles) {
@@ -470,22 +490,26 @@ bool launch_matching(int64_t tile, int64_t warpgroups, const BackwardArgs& a) {
 // The tile shapes built, per head dim; the first of each list is the
 // default. Not yet timed on a GPU: scripts/try_wgmma_backward.py times them.
 template <typename scalar_t>
-bool launch_built_grad_kv(int64_t hd, int64_t tile, int64_t wg, const BackwardArgs& a) {
+bool launch_built_grad_kv(int64_t hd, int64_t tile, int64_t wg, bool overlap,
+                          const BackwardArgs& a) {
   if (hd == 64) {
-    return launch_matching<scalar_t, true, GradKvTiles<64, 64, 2, 1>, GradKvTiles<64, 128, 2, 1>,
-                           GradKvTiles<64, 64, 1, 2>>(tile, wg, a);
+    return launch_matching<scalar_t, true, GradKvTiles<64, 64, 2, 1, false>,
+                           GradKvTiles<64, 64, 2, 1, true>, GradKvTiles<64, 128, 2, 1, false>,
+                           GradKvTiles<64, 64, 1, 2, false>, GradKvTiles<64, 64, 1, 2, true>>(
+        tile, wg, overlap, a);
   }
-  return launch_matching<scalar_t, true, GradKvTiles<128, 64, 2, 1>, GradKvTiles<128, 64, 1, 2>>(
-      tile, wg, a);
+  return launch_matching<scalar_t, true, GradKvTiles<128, 64, 2, 1, false>,
+                         GradKvTiles<128, 64, 2, 1, true>, GradKvTiles<128, 64, 1, 2, false>>(
+      tile, wg, overlap, a);
 }
 template <typename scalar_t>
 bool launch_built_grad_q(int64_t hd, int64_t tile, int64_t wg, const BackwardArgs& a) {
   if (hd == 64) {
     return launch_matching<scalar_t, false, GradQTiles<64, 64, 2, 1>, GradQTiles<64, 128, 2, 1>,
-                           GradQTiles<64, 64, 1, 2>>(tile, wg, a);
+                           GradQTiles<64, 64, 1, 2>>(tile, wg, false, a);
   }
   return launch_matching<scalar_t, false, GradQTiles<128, 64, 2, 1>, GradQTiles<128, 64, 1, 2>>(
-      tile, wg, a);
+      tile, wg, false, a);
 }
 
 // Checks the arguments of both entry points; returns the head dim.
@@ -525,36 +549,38 @@ int64_t check_backward_args(const char* name, const Tensor& grad_out, const Tens
 template <bool GRAD_KV>
 void wgmma_backward_kernel(const char* name, const Tensor& grad_out, const Tensor& qkv,
                            const Tensor& lse, const Tensor& row_dot, int64_t n_head,
-                           const Tensor& grad_qkv, int64_t tile, int64_t warpgroups) {
+                           const Tensor& grad_qkv, int64_t tile, int64_t warpgroups,
+                           bool overlap) {
   const c10::cuda::CUDAGuard guard(qkv.device());
   const int64_t hd = check_backward_args(name, grad_out, qkv, lse, row_dot, n_head, grad_qkv);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   const BackwardArgs args{grad_out, qkv, lse, row_dot, n_head, grad_qkv, scale * kLog2e, scale};
   const auto launch_built = [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
-    return GRAD_KV ? launch_built_grad_kv<scalar_t>(hd, tile, warpgroups, args)
+    return GRAD_KV ? launch_built_grad_kv<scalar_t>(hd, tile, warpgroups, overlap, args)
                    : launch_built_grad_q<scalar_t>(hd, tile, warpgroups, args);
   };
   const bool launched = qkv.scalar_type() == at::kBFloat16 ? launch_built(at::BFloat16{})
                                                            : launch_built(at::Half{});
   NANOBLOCK_CHECK(launched, name, ": no kernel built for head dim ", hd, " with ",
-                  GRAD_KV ? "query" : "key", " tile ", tile, " and ", warpgroups, " warpgroups");
+                  GRAD_KV ? "query" : "key", " tile ", tile, ", ", warpgroups, " warpgroups",
+                  overlap ? ", overlapped" : "");
 }
 
 }  // namespace
 
 void wgmma_attention_grad_kv(const Tensor& grad_out, const Tensor& qkv, const Tensor& lse,
                              const Tensor& row_dot, int64_t n_head, const Tensor& grad_qkv,
-                             int64_t query_tile, int64_t warpgroups) {
+                             int64_t query_tile, int64_t warpgroups, bool overlap) {
   wgmma_backward_kernel<true>("wgmma_attention_grad_kv", grad_out, qkv, lse, row_dot, n_head,
-                              grad_qkv, query_tile, warpgroups);
+                              grad_qkv, query_tile, warpgroups, overlap);
 }
 
 void wgmma_attention_grad_q(const Tensor& grad_out, const Tensor& qkv, const Tensor& lse,
                             const Tensor& row_dot, int64_t n_head, const Tensor& grad_qkv,
                             int64_t key_tile, int64_t warpgroups) {
   wgmma_backward_kernel<false>("wgmma_attention_grad_q", grad_out, qkv, lse, row_dot, n_head,
-                               grad_qkv, key_tile, warpgroups);
+                               grad_qkv, key_tile, warpgroups, false);
 }
 
 }  // namespace nanoblock::cuda
