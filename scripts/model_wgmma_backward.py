@@ -24,7 +24,8 @@ import sys
 import numpy as np
 
 ROW_BYTES, ATOM = 128, 1024
-# (BQ, WG); grad_kv's overlap schedule has the same addresses, loops and indices.
+# (BQ, WG); grad_kv's schedules (serial, overlap, pipelined) share addresses, loops
+# and indices (pipelined: 3 query buffers instead of 2).
 GRAD_KV = {64: [(64, 2), (128, 2), (64, 1)], 128: [(64, 2), (64, 1)]}
 GRAD_Q = {64: [(64, 2), (128, 2), (64, 1)], 128: [(64, 2), (64, 1)]}  # (BK, WG)
 
@@ -109,9 +110,9 @@ def check_addresses():
             kv = bk * hd * 2
             k_s, v_s = base, base + kv
             q_s = v_s + kv
-            do_s = q_s + 2 * bq * hd * 2
+            do_s = q_s + 3 * bq * hd * 2  # 3 buffers (pipelined; the others use 2)
             bad = 0
-            for buf in range(2):
+            for buf in range(3):
                 qb, dob = q_s + buf * bq * hd * 2, do_s + buf * bq * hd * 2
                 for w in range(wg):
                     bad += check_scores(k_s, bk, 64 * w, qb, bq, bq, hd)  # S^T = K Q^T

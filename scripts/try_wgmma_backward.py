@@ -54,29 +54,30 @@ SHAPES = [(2, 1, 768, 12), (2, 17, 768, 12), (2, 64, 768, 12), (2, 1000, 768, 12
 QUICK_SHAPES = [(2, 1, 768, 12), (2, 17, 768, 12), (1, 200, 768, 12), (1, 130, 1024, 8)]
 BENCH_SHAPES = [(16, 1024, 768, 12), (4, 4096, 768, 12)]
 # Tile shapes built in attention_wgmma_backward.cu, the default first:
-# grad_kv: head dim -> [(query_tile, warpgroups, overlap)]; grad_q: [(key_tile,
-# warpgroups, False)].
-KERNELS = {"kv": {64: [(64, 2, False), (64, 2, True), (128, 2, False), (64, 1, False),
-                       (64, 1, True)],
-                  128: [(64, 2, False), (64, 2, True), (64, 1, False)]},
-           "q": {64: [(64, 2, False), (128, 2, False), (64, 1, False)],
-                 128: [(64, 2, False), (64, 1, False)]}}
+# grad_kv: head dim -> [(query_tile, warpgroups, schedule)]; grad_q: [(key_tile,
+# warpgroups, 0)]. Schedules: 0 serial, 1 overlap, 2 pipelined.
+KERNELS = {"kv": {64: [(64, 2, 0), (64, 2, 1), (64, 2, 2), (128, 2, 0), (128, 2, 1),
+                       (64, 1, 0), (64, 1, 1), (64, 1, 2)],
+                  128: [(64, 2, 0), (64, 2, 1), (64, 1, 0)]},
+           "q": {64: [(64, 2, 0), (128, 2, 0), (64, 1, 0)],
+                 128: [(64, 2, 0), (64, 1, 0)]}}
+SCHEDULES = ("", " overlap", " pipelined")
 PARTS = {"kv": ("dk", "dv"), "q": ("dq",)}
 COLUMNS = {"dq": 0, "dk": 1, "dv": 2}  # which C-wide block of grad_qkv
 
 
 def kernel_name(kernel):
-    """kernel: (which, hd, tile, warpgroups, overlap); which is 'kv' or 'q'."""
-    which, hd, tile, wg, overlap = kernel
+    """kernel: (which, hd, tile, warpgroups, schedule); which is 'kv' or 'q'."""
+    which, hd, tile, wg, schedule = kernel
     tile_kind = "query" if which == "kv" else "key"
-    return f"grad_{which} hd {hd} {tile_kind} tile {tile} wg={wg}{' overlap' if overlap else ''}"
+    return f"grad_{which} hd {hd} {tile_kind} tile {tile} wg={wg}{SCHEDULES[schedule]}"
 
 
 def launch(ext, kernel, grad_out, qkv, lse, dot, n_head, grads):
-    """Runs one kernel (which, hd, tile, warpgroups, overlap), writing its columns of grads."""
-    which, _, tile, wg, overlap = kernel
+    """Runs one kernel (which, hd, tile, warpgroups, schedule), writing its columns of grads."""
+    which, _, tile, wg, schedule = kernel
     if which == "kv":
-        ext.wgmma_grad_kv(grad_out, qkv, lse, dot, n_head, grads, tile, wg, overlap)
+        ext.wgmma_grad_kv(grad_out, qkv, lse, dot, n_head, grads, tile, wg, schedule)
     else:
         ext.wgmma_grad_q(grad_out, qkv, lse, dot, n_head, grads, tile, wg)
 
@@ -279,12 +280,12 @@ class FakeExtension:
     def mma_backward(self, grad_out, qkv, lse, dot, n_head):
         return self._grads(grad_out, qkv, lse, dot, n_head).to(qkv.dtype)
 
-    def _write(self, which, grad_out, qkv, lse, dot, n_head, grads, tile, wg, overlap=False):
+    def _write(self, which, grad_out, qkv, lse, dot, n_head, grads, tile, wg, schedule=0):
         full = self._grads(grad_out, qkv, lse, dot, n_head).to(qkv.dtype)
         hd = qkv.shape[2] // 3 // n_head
         for p in PARTS[which]:
             part(grads, p).copy_(part(full, p))
-        if (which, hd, tile, wg, overlap) == self.broken:
+        if (which, hd, tile, wg, schedule) == self.broken:
             first = part(grads, PARTS[which][0])
             first[..., [0, 1]] = first[..., [1, 0]].clone()
             first[0, -1, 5] = float("nan")
@@ -327,7 +328,7 @@ def run_checks(checks, quick):
 def self_test(torch):
     """The checks on the CPU against FakeExtension: every check of a good kernel must
     pass and every check of the broken one fail."""
-    broken = ("kv", 64, 128, 2, False)
+    broken = ("kv", 64, 128, 2, 0)
     checks = Checks(torch, FakeExtension(torch, broken), device="cpu")
     run_checks(checks, quick=True)
     expected = [label for label in checks.failed if kernel_name(broken) in label]
@@ -443,25 +444,24 @@ def timings(torch, ext, checks):
 
 
 def describe_kernel(name):
-    tiles = re.search(r"Grad(Kv|Q)TilesILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)E(Lb([01])E)?", name)
+    tiles = re.search(r"Grad(Kv|Q)TilesILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)E(Li(\d)E)?", name)
     if not tiles:
         return name
-    which, hd, tile, wg, blocks, _, overlap = tiles.groups()
-    kernel = ("kv" if which == "Kv" else "q", int(hd), int(tile), int(wg), overlap == "1")
+    which, hd, tile, wg, blocks, _, schedule = tiles.groups()
+    kernel = ("kv" if which == "Kv" else "q", int(hd), int(tile), int(wg), int(schedule or 0))
     return f"{kernel_name(kernel)}, min blocks {blocks}"
 
 
 def parse_exclude(text):
-    which, hd, tile, wg, overlap = text.split(",")
-    return (which, int(hd), int(tile), int(wg), bool(int(overlap)))
+    which, hd, tile, wg, schedule = text.split(",")
+    return (which, int(hd), int(tile), int(wg), int(schedule))
 
 
 def main():
     return harness.run_script(types.SimpleNamespace(
-        doc=__doc__, path=__file__, deadline=230, exclude_metavar="WHICH,HD,TILE,WG,OVERLAP",
+        doc=__doc__, path=__file__, deadline=230, exclude_metavar="WHICH,HD,TILE,WG,SCHEDULE",
         exclude_example="kv,64,128,2,0", parse_exclude=parse_exclude,
-        format_exclude=lambda kernel: ",".join(str(int(x) if isinstance(x, bool) else x)
-                                               for x in kernel),
+        format_exclude=lambda kernel: ",".join(str(x) for x in kernel),
         kernel_name=kernel_name, self_test=self_test,
         make_checks=lambda torch, ext, excluded: Checks(torch, ext, excluded=excluded),
         run_checks=run_checks, timings=timings,

@@ -151,16 +151,6 @@ __device__ __forceinline__ void copy_key_tile_async(scalar_t* k_s, scalar_t* v_s
   copy_async_commit();
 }
 
-// Starts copying values[first .. first + ROWS - 1] (zeros at or past T).
-template <int ROWS>
-__device__ __forceinline__ void copy_row_values_async(float* dst, const float* values, int first,
-                                                      int T) {
-  for (int r = threadIdx.x; r < ROWS; r += kThreads) {
-    const bool valid = first + r < T;
-    copy_async_4(dst + r, valid ? values + first + r : values, valid);
-  }
-}
-
 // Writes the fragment rows `row` (g) and `row + 8` of a [16][HD] float
 // accumulator held as acc[HD / 8][4] into dst (rows row_stride apart), as
 // 16-bit values; rows at or past T are skipped.
@@ -418,8 +408,8 @@ __global__ void __launch_bounds__(kThreads)
   const auto copy_query_tile = [&](int qt, int buffer) {
     copy_tile_async<BQ, HD>(q_s + buffer * BQ * S, head, row_stride, qt * BQ, T);
     copy_tile_async<BQ, HD>(do_s + buffer * BQ * S, grad_head, C, qt * BQ, T);
-    copy_row_values_async<BQ>(lse_s + buffer * BQ, lse_head, qt * BQ, T);
-    copy_row_values_async<BQ>(d_s + buffer * BQ, dot_head, qt * BQ, T);
+    copy_row_values_async<BQ, kThreads>(lse_s + buffer * BQ, lse_head, qt * BQ, T);
+    copy_row_values_async<BQ, kThreads>(d_s + buffer * BQ, dot_head, qt * BQ, T);
     copy_async_commit();
   };
   copy_tile_async<BK, HD>(k_s, head + C, row_stride, k0, T);

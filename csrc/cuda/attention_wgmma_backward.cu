@@ -56,10 +56,13 @@ namespace nanoblock::cuda {
 
 namespace {
 
+// The schedules of grad_kv (see the kernel).
+enum GradKvSchedule : int { kSerial = 0, kOverlap = 1, kPipelined = 2 };
+
 // grad_kv: head dim HD, BQ queries per query tile, WG warpgroups (64 keys
 // each), MIN_BLOCKS blocks per multiprocessor asked of the compiler,
-// OVERLAP the schedule (see the kernel).
-template <int HD, int BQ, int WG, int MIN_BLOCKS, bool OVERLAP>
+// SCHEDULE a GradKvSchedule.
+template <int HD, int BQ, int WG, int MIN_BLOCKS, int SCHEDULE>
 struct GradKvTiles {
   static_assert(HD == 64 || HD == 128, "wgmma N for dK, dV: 64 or 128");
   static_assert(BQ == 64 || BQ == 128, "wgmma N for S^T: 64 or 128 queries");
@@ -69,8 +72,8 @@ struct GradKvTiles {
   static constexpr int kWarpgroups = WG;
   static constexpr int kThreads = kWarpgroupThreads * WG;
   static constexpr int kMinBlocks = MIN_BLOCKS;
-  static constexpr bool kOverlap = OVERLAP;
-  static constexpr int kBuffers = 2;  // query tiles in flight
+  static constexpr int kSchedule = SCHEDULE;
+  static constexpr int kBuffers = SCHEDULE == kPipelined ? 3 : 2;  // query tiles in flight
   static constexpr int kKvBytes = kKeys * HD * 2;  // the K (or V) tile, 16-bit elements
   static constexpr int kQBytes = BQ * HD * 2;      // one Q (or dO) tile
   // k, v, then q [kBuffers], dO [kBuffers], then lse, D [kBuffers][BQ]
@@ -93,7 +96,7 @@ struct GradQTiles {
   static constexpr int kWarpgroups = WG;
   static constexpr int kThreads = kWarpgroupThreads * WG;
   static constexpr int kMinBlocks = MIN_BLOCKS;
-  static constexpr bool kOverlap = false;
+  static constexpr int kSchedule = kSerial;
   static constexpr int kBuffers = 2;  // key / value tiles in flight
   static constexpr int kQBytes = kQueries * HD * 2;  // the Q (or dO) tile
   static constexpr int kKvBytes = BK * HD * 2;       // one K (or V) tile
@@ -105,16 +108,50 @@ struct GradQTiles {
 
 #if NANOBLOCK_WGMMA_DEVICE
 
-// Starts copying values[first .. first + ROWS - 1] (zeros at or past T) to
-// dst (lse or D of a query tile; read by ordinary loads, not the tensor
-// cores).
-template <int ROWS, int THREADS>
-__device__ __forceinline__ void copy_row_values_async(float* dst, const float* values, int first,
-                                                      int T) {
-  for (int r = threadIdx.x; r < ROWS; r += THREADS) {
-    const bool valid = first + r < T;
-    copy_async_4(dst + r, valid ? values + first + r : values, valid);
-  }
+// Issues acc1 = A1 B1^T and acc2 = A2 B2^T (issue_scores: K-major tiles over
+// hd, A tiles of A_ROWS rows, B tiles of N rows), each in its own commit
+// group, and waits for the first: acc2 is still being written on return
+// (wgmma_wait<0> and keep_in_order(acc2) before it is read).
+template <typename scalar_t, int HD, int A_ROWS, int N>
+__device__ __forceinline__ void issue_score_pair(float (&acc1)[N / 2], uint32_t a1, uint32_t b1,
+                                                 float (&acc2)[N / 2], uint32_t a2, uint32_t b2) {
+  keep_in_order(acc1);
+  keep_in_order(acc2);
+  wgmma_fence();
+  issue_scores<scalar_t, HD, A_ROWS, N>(acc1, a1, b1);
+  wgmma_commit();
+  issue_scores<scalar_t, HD, A_ROWS, N>(acc2, a2, b2);
+  wgmma_commit();
+  wgmma_wait<1>();
+  keep_in_order(acc1);
+}
+
+// Where a block of either kernel works, from its index: tile `tile` of the
+// `tiles` per (batch, head) (blocks ordered by tile, most work first: small
+// key tiles in grad_kv, large query tiles in grad_q), head bh = b n_head + h,
+// and that head's row 0 in qkv (q; k at + C, v at + 2C; rows 3C apart),
+// grad_out (rows C apart) and grad_qkv (as qkv).
+template <typename scalar_t>
+struct BlockHead {
+  int tile, bh;
+  const scalar_t* qkv;
+  const scalar_t* grad_out;
+  scalar_t* grad_qkv;
+};
+
+template <int HD, typename scalar_t>
+__device__ __forceinline__ BlockHead<scalar_t> block_head(const scalar_t* qkv,
+                                                          const scalar_t* grad_out,
+                                                          scalar_t* grad_qkv, int T, int n_head,
+                                                          int64_t C, int tiles,
+                                                          bool small_tiles_first) {
+  const int heads = static_cast<int>(gridDim.x) / tiles;  // B * n_head
+  const int i = static_cast<int>(blockIdx.x) / heads;
+  const int bh = static_cast<int>(blockIdx.x) % heads;
+  const int64_t first_row = static_cast<int64_t>(bh / n_head) * T;
+  const int column = bh % n_head * HD;
+  return {small_tiles_first ? i : tiles - 1 - i, bh, qkv + first_row * 3 * C + column,
+          grad_out + first_row * C + column, grad_qkv + first_row * 3 * C + column};
 }
 
 // Writes rows row and row + 8 (those before T) of a [64][HD] float
@@ -146,11 +183,19 @@ __device__ __forceinline__ void store_accumulator_rows(scalar_t* dst, int64_t ro
 // query tiles wholly before its keys; the tiles that need the causal mask
 // (a query before one of its keys, or past T) run in loops of their own so
 // that the code between a wgmma's issue and its wait has no branch.
-// Schedule of a step: S^T, dP^T issued; wait for S^T; P^T (while dP^T runs);
-// wait for dP^T; dS^T; dV and dK issued, waited for. With OVERLAP, dV is
-// issued as soon as P^T is ready, so that it runs while dS^T is computed:
-// S^T, dP^T issued; wait for S^T; P^T; dV issued; wait for dP^T (dV may
-// still run); dS^T; dK issued; wait for both.
+// Schedules of a step (query tile qt, in buffer (qt - first tile) % kBuffers):
+//   serial:    S^T, dP^T issued; wait for S^T; P^T (while dP^T runs); wait
+//              for dP^T; dS^T; dV and dK issued, waited for.
+//   overlap:   dV issued as soon as P^T is ready, so that it runs while dS^T
+//              is computed: S^T, dP^T issued; wait for S^T; P^T; dV issued;
+//              wait for dP^T (dV may still run); dS^T; dK issued; wait for
+//              both.
+//   pipelined: overlap without the last wait: dK of tile qt runs on into
+//              step qt + 1 (its barrier, its copy, the issue of its S^T and
+//              dP^T), whose first wait (for S^T) also covers dV and dK of
+//              tile qt. Three query buffers: the copy made after the
+//              barrier of step qt + 1 goes to the buffer of tile qt - 1,
+//              whose products every warpgroup waited for in step qt.
 template <typename scalar_t, typename Tiles>
 __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
     wgmma_grad_kv_kernel(const scalar_t* __restrict__ qkv, const scalar_t* __restrict__ grad_out,
@@ -171,18 +216,16 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
   float* lse_s = reinterpret_cast<float*>(smem_raw + (do_s + kBuffers * kQBytes - smem_base));
   float* dot_s = lse_s + kBuffers * BQ;  // lse_s, dot_s: [kBuffers][BQ]
 
-  const int key_tiles = (T + BK - 1) / BK;
-  const int heads = static_cast<int>(gridDim.x) / key_tiles;  // B * n_head
-  const int kt = static_cast<int>(blockIdx.x) / heads;        // small kt = most work, first
-  const int bh = static_cast<int>(blockIdx.x) % heads;
-  const int b = bh / n_head, h = bh % n_head;
+  const auto place = block_head<HD>(qkv, grad_out, grad_qkv, T, n_head, C, (T + BK - 1) / BK,
+                                    true);
+  const int kt = place.tile;
+  const scalar_t* head = place.qkv;
+  const scalar_t* grad_head = place.grad_out;
+  const float* lse_head = lse + static_cast<int64_t>(place.bh) * T;
+  const float* dot_head = row_dot + static_cast<int64_t>(place.bh) * T;
+  const int64_t row_stride = 3 * C;
   const int wg = threadIdx.x / kWarpgroupThreads;
   const int warp = threadIdx.x % kWarpgroupThreads / 32, lane = threadIdx.x % 32, t = lane % 4;
-  const int64_t row_stride = 3 * C;
-  const scalar_t* head = qkv + static_cast<int64_t>(b) * T * row_stride + h * HD;
-  const scalar_t* grad_head = grad_out + static_cast<int64_t>(b) * T * C + h * HD;
-  const float* lse_head = lse + static_cast<int64_t>(bh) * T;
-  const float* dot_head = row_dot + static_cast<int64_t>(bh) * T;
 
   const int k0 = kt * BK;
   const int wg_k0 = k0 + kWarpgroupRows * wg;   // this warpgroup's first key
@@ -220,15 +263,8 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
     const float* lse_b = lse_s + i * BQ;
     const float* dot_b = dot_s + i * BQ;
     const int q0 = qt * BQ;
-    keep_in_order(st);
-    keep_in_order(dpt);
-    wgmma_fence();
-    issue_scores<scalar_t, HD, BK, BQ>(st, k_wg, qb);    // S^T = K Q^T
-    wgmma_commit();
-    issue_scores<scalar_t, HD, BK, BQ>(dpt, v_wg, dob);  // dP^T = V dO^T
-    wgmma_commit();
-    wgmma_wait<1>();  // S^T is in; dP^T may still run
-    keep_in_order(st);
+    // S^T = K Q^T is in; dP^T = V dO^T may still run.
+    issue_score_pair<scalar_t, HD, BK, BQ>(st, k_wg, qb, dpt, v_wg, dob);
     // P^T in place of S^T (query rows past T have lse 0 and are masked).
 #pragma unroll
     for (int j = 0; j < BQ / 8; j++) {
@@ -244,7 +280,8 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
         st[4 * j + e] = p;
       }
     }
-    if constexpr (Tiles::kOverlap) {
+    constexpr bool dv_early = Tiles::kSchedule != kSerial;  // overlap, pipelined
+    if constexpr (dv_early) {
       scores_to_a<scalar_t, BQ>(p_a, st);
       keep_in_order(dv);
       keep_in_order(p_a);
@@ -265,21 +302,23 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
         dpt[4 * j + e] = st[4 * j + e] * (dpt[4 * j + e] - row_d) * scale;
       }
     }
-    if constexpr (!Tiles::kOverlap) scores_to_a<scalar_t, BQ>(p_a, st);
+    if constexpr (!dv_early) scores_to_a<scalar_t, BQ>(p_a, st);
     scores_to_a<scalar_t, BQ>(ds_a, dpt);
-    if constexpr (!Tiles::kOverlap) {
+    if constexpr (!dv_early) {
       keep_in_order(dv);
       keep_in_order(p_a);
     }
     keep_in_order(dk);
     keep_in_order(ds_a);
     wgmma_fence();
-    if constexpr (!Tiles::kOverlap) issue_values<scalar_t, HD, BQ>(dv, p_a, dob);  // dV += P^T dO
+    if constexpr (!dv_early) issue_values<scalar_t, HD, BQ>(dv, p_a, dob);  // dV += P^T dO
     issue_values<scalar_t, HD, BQ>(dk, ds_a, qb);  // dK += dS^T Q
     wgmma_commit();
-    wgmma_wait<0>();
-    keep_in_order(dv);
-    keep_in_order(dk);
+    if constexpr (Tiles::kSchedule != kPipelined) {
+      wgmma_wait<0>();
+      keep_in_order(dv);
+      keep_in_order(dk);
+    }
   };
 
   // Warpgroup-uniform loop bounds: this warpgroup's first query tile (the
@@ -303,10 +342,12 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
     next_tile(qt);
     step(qt, std::true_type{});
   }
+  wgmma_wait<0>();  // the last dK (pipelined)
+  keep_in_order(dv);
+  keep_in_order(dk);
 
-  scalar_t* grad_head_kv = grad_qkv + static_cast<int64_t>(b) * T * row_stride + h * HD;
-  store_accumulator_rows<scalar_t, HD>(grad_head_kv + C, row_stride, key, T, dk);
-  store_accumulator_rows<scalar_t, HD>(grad_head_kv + 2 * C, row_stride, key, T, dv);
+  store_accumulator_rows<scalar_t, HD>(place.grad_qkv + C, row_stride, key, T, dk);
+  store_accumulator_rows<scalar_t, HD>(place.grad_qkv + 2 * C, row_stride, key, T, dv);
 #endif  // NANOBLOCK_WGMMA_DEVICE
 }
 
@@ -330,16 +371,14 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
   const uint32_t k_s = do_s + Tiles::kQBytes;      // [kBuffers] key tiles
   const uint32_t v_s = k_s + kBuffers * kKvBytes;  // [kBuffers] value tiles
 
-  const int tiles = (T + BQ - 1) / BQ;
-  const int heads = static_cast<int>(gridDim.x) / tiles;            // B * n_head
-  const int qt = tiles - 1 - static_cast<int>(blockIdx.x) / heads;  // longest rows first
-  const int bh = static_cast<int>(blockIdx.x) % heads;
-  const int b = bh / n_head, h = bh % n_head;
+  const auto place = block_head<HD>(qkv, grad_out, grad_qkv, T, n_head, C, (T + BQ - 1) / BQ,
+                                    false);
+  const int qt = place.tile, bh = place.bh;
+  const scalar_t* head = place.qkv;
+  const scalar_t* grad_head = place.grad_out;
+  const int64_t row_stride = 3 * C;
   const int wg = threadIdx.x / kWarpgroupThreads;
   const int warp = threadIdx.x % kWarpgroupThreads / 32, lane = threadIdx.x % 32, t = lane % 4;
-  const int64_t row_stride = 3 * C;
-  const scalar_t* head = qkv + static_cast<int64_t>(b) * T * row_stride + h * HD;
-  const scalar_t* grad_head = grad_out + static_cast<int64_t>(b) * T * C + h * HD;
 
   const int q0 = qt * BQ;
   const int wg_q0 = q0 + kWarpgroupRows * wg;    // this warpgroup's first query
@@ -380,15 +419,8 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
   };
   const auto step = [&](int kt, auto mask) {
     const int k0 = kt * BK;
-    keep_in_order(s);
-    keep_in_order(dp);
-    wgmma_fence();
-    issue_scores<scalar_t, HD, BQ, BK>(s, q_wg, key_buffer(kt));     // S = Q K^T
-    wgmma_commit();
-    issue_scores<scalar_t, HD, BQ, BK>(dp, do_wg, value_buffer(kt));  // dP = dO V^T
-    wgmma_commit();
-    wgmma_wait<1>();  // S is in; dP may still run
-    keep_in_order(s);
+    // S = Q K^T is in; dP = dO V^T may still run.
+    issue_score_pair<scalar_t, HD, BQ, BK>(s, q_wg, key_buffer(kt), dp, do_wg, value_buffer(kt));
 #pragma unroll
     for (int j = 0; j < BK / 8; j++) {
 #pragma unroll
@@ -434,8 +466,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
   }
   for (; kt < key_tiles; kt++) next_tile(kt);  // every thread: key_tiles barriers
 
-  scalar_t* grad_head_q = grad_qkv + static_cast<int64_t>(b) * T * row_stride + h * HD;
-  store_accumulator_rows<scalar_t, HD>(grad_head_q, row_stride, row, T, dq);
+  store_accumulator_rows<scalar_t, HD>(place.grad_qkv, row_stride, row, T, dq);
 #endif  // NANOBLOCK_WGMMA_DEVICE
 }
 
@@ -466,13 +497,13 @@ void launch(Kernel kernel, const BackwardArgs& a, int64_t rows_per_block) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Launches the first of Tiles... whose (tile, warpgroups, overlap) is the
+// Launches the first of Tiles... whose (tile, warpgroups, schedule) is the
 // one asked for; false when none is. tile: BQ for grad_kv, BK for grad_q.
 template <typename scalar_t, bool GRAD_KV, typename... Tiles>
-bool launch_matching(int64_t tile, int64_t warpgroups, bool overlap, const BackwardArgs& a) {
+bool launch_matching(int64_t tile, int64_t warpgroups, int64_t schedule, const BackwardArgs& a) {
   const auto matches = [&](auto tiles) {
     using Shape = decltype(tiles);
-    return warpgroups == Shape::kWarpgroups && overlap == Shape::kOverlap &&
+    return warpgroups == Shape::kWarpgroups && schedule == Shape::kSchedule &&
            tile == (GRAD_KV ? Shape::kQueries : Shape::kKeys);
   };
   const auto run = [&](auto tiles) {
@@ -490,26 +521,29 @@ bool launch_matching(int64_t tile, int64_t warpgroups, bool overlap, const Backw
 // The tile shapes built, per head dim; the first of each list is the
 // default. Not yet timed on a GPU: scripts/try_wgmma_backward.py times them.
 template <typename scalar_t>
-bool launch_built_grad_kv(int64_t hd, int64_t tile, int64_t wg, bool overlap,
+bool launch_built_grad_kv(int64_t hd, int64_t tile, int64_t wg, int64_t schedule,
                           const BackwardArgs& a) {
   if (hd == 64) {
-    return launch_matching<scalar_t, true, GradKvTiles<64, 64, 2, 1, false>,
-                           GradKvTiles<64, 64, 2, 1, true>, GradKvTiles<64, 128, 2, 1, false>,
-                           GradKvTiles<64, 64, 1, 2, false>, GradKvTiles<64, 64, 1, 2, true>>(
-        tile, wg, overlap, a);
+    return launch_matching<
+        scalar_t, true, GradKvTiles<64, 64, 2, 1, kSerial>, GradKvTiles<64, 64, 2, 1, kOverlap>,
+        GradKvTiles<64, 64, 2, 1, kPipelined>, GradKvTiles<64, 128, 2, 1, kSerial>,
+        GradKvTiles<64, 128, 2, 1, kOverlap>, GradKvTiles<64, 64, 1, 2, kSerial>,
+        GradKvTiles<64, 64, 1, 2, kOverlap>, GradKvTiles<64, 64, 1, 2, kPipelined>>(
+        tile, wg, schedule, a);
   }
-  return launch_matching<scalar_t, true, GradKvTiles<128, 64, 2, 1, false>,
-                         GradKvTiles<128, 64, 2, 1, true>, GradKvTiles<128, 64, 1, 2, false>>(
-      tile, wg, overlap, a);
+  // (pipelined at hd 128: 636 bytes of spills with ptxas 13.0; not built)
+  return launch_matching<scalar_t, true, GradKvTiles<128, 64, 2, 1, kSerial>,
+                         GradKvTiles<128, 64, 2, 1, kOverlap>,
+                         GradKvTiles<128, 64, 1, 2, kSerial>>(tile, wg, schedule, a);
 }
 template <typename scalar_t>
 bool launch_built_grad_q(int64_t hd, int64_t tile, int64_t wg, const BackwardArgs& a) {
   if (hd == 64) {
     return launch_matching<scalar_t, false, GradQTiles<64, 64, 2, 1>, GradQTiles<64, 128, 2, 1>,
-                           GradQTiles<64, 64, 1, 2>>(tile, wg, false, a);
+                           GradQTiles<64, 64, 1, 2>>(tile, wg, kSerial, a);
   }
   return launch_matching<scalar_t, false, GradQTiles<128, 64, 2, 1>, GradQTiles<128, 64, 1, 2>>(
-      tile, wg, false, a);
+      tile, wg, kSerial, a);
 }
 
 // Checks the arguments of both entry points; returns the head dim.
@@ -550,37 +584,37 @@ template <bool GRAD_KV>
 void wgmma_backward_kernel(const char* name, const Tensor& grad_out, const Tensor& qkv,
                            const Tensor& lse, const Tensor& row_dot, int64_t n_head,
                            const Tensor& grad_qkv, int64_t tile, int64_t warpgroups,
-                           bool overlap) {
+                           int64_t schedule) {
   const c10::cuda::CUDAGuard guard(qkv.device());
   const int64_t hd = check_backward_args(name, grad_out, qkv, lse, row_dot, n_head, grad_qkv);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   const BackwardArgs args{grad_out, qkv, lse, row_dot, n_head, grad_qkv, scale * kLog2e, scale};
   const auto launch_built = [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
-    return GRAD_KV ? launch_built_grad_kv<scalar_t>(hd, tile, warpgroups, overlap, args)
+    return GRAD_KV ? launch_built_grad_kv<scalar_t>(hd, tile, warpgroups, schedule, args)
                    : launch_built_grad_q<scalar_t>(hd, tile, warpgroups, args);
   };
   const bool launched = qkv.scalar_type() == at::kBFloat16 ? launch_built(at::BFloat16{})
                                                            : launch_built(at::Half{});
   NANOBLOCK_CHECK(launched, name, ": no kernel built for head dim ", hd, " with ",
-                  GRAD_KV ? "query" : "key", " tile ", tile, ", ", warpgroups, " warpgroups",
-                  overlap ? ", overlapped" : "");
+                  GRAD_KV ? "query" : "key", " tile ", tile, ", ", warpgroups,
+                  " warpgroups and schedule ", schedule);
 }
 
 }  // namespace
 
 void wgmma_attention_grad_kv(const Tensor& grad_out, const Tensor& qkv, const Tensor& lse,
                              const Tensor& row_dot, int64_t n_head, const Tensor& grad_qkv,
-                             int64_t query_tile, int64_t warpgroups, bool overlap) {
+                             int64_t query_tile, int64_t warpgroups, int64_t schedule) {
   wgmma_backward_kernel<true>("wgmma_attention_grad_kv", grad_out, qkv, lse, row_dot, n_head,
-                              grad_qkv, query_tile, warpgroups, overlap);
+                              grad_qkv, query_tile, warpgroups, schedule);
 }
 
 void wgmma_attention_grad_q(const Tensor& grad_out, const Tensor& qkv, const Tensor& lse,
                             const Tensor& row_dot, int64_t n_head, const Tensor& grad_qkv,
                             int64_t key_tile, int64_t warpgroups) {
   wgmma_backward_kernel<false>("wgmma_attention_grad_q", grad_out, qkv, lse, row_dot, n_head,
-                               grad_qkv, key_tile, warpgroups, false);
+                               grad_qkv, key_tile, warpgroups, kSerial);
 }
 
 }  // namespace nanoblock::cuda

@@ -43,6 +43,17 @@ __device__ __forceinline__ void copy_async_wait_all() {
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
 
+// Starts copying values[first .. first + ROWS - 1] (zeros at or past T) to
+// dst, one float a thread, THREADS threads (lse and D rows of a tile).
+template <int ROWS, int THREADS>
+__device__ __forceinline__ void copy_row_values_async(float* dst, const float* values, int first,
+                                                      int T) {
+  for (int r = threadIdx.x; r < ROWS; r += THREADS) {
+    const bool valid = first + r < T;
+    copy_async_4(dst + r, valid ? values + first + r : values, valid);
+  }
+}
+
 // Two floats as two 16-bit values in one register, lo in the low half.
 template <typename scalar_t>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
