@@ -24,10 +24,10 @@ import sys
 import numpy as np
 
 ROW_BYTES, ATOM = 128, 1024
-# (BQ, WG); grad_kv's schedules (serial, overlap, pipelined) share addresses, loops
-# and indices (pipelined: 3 query buffers instead of 2).
-GRAD_KV = {64: [(64, 2), (128, 2), (64, 1)], 128: [(64, 2), (64, 1)]}
-GRAD_Q = {64: [(64, 2), (128, 2), (64, 1)], 128: [(64, 2), (64, 1)]}  # (BK, WG)
+# (BQ, WG); the schedules (serial, overlap, pipelined) share addresses, loops and
+# indices (pipelined: 3 buffers instead of 2).
+GRAD_KV = {64: [(64, 2), (128, 2), (64, 1), (128, 1)], 128: [(64, 2), (64, 1)]}
+GRAD_Q = {64: [(64, 2), (128, 2), (64, 1), (128, 1)], 128: [(64, 2), (64, 1)]}  # (BK, WG)
 
 
 # ---------------------------------------------------------------------------
@@ -126,9 +126,9 @@ def check_addresses():
             q_s = base
             do_s = q_s + bq * hd * 2
             k_s = do_s + bq * hd * 2
-            v_s = k_s + 2 * bk * hd * 2
+            v_s = k_s + 3 * bk * hd * 2  # 3 buffers (pipelined; serial uses 2)
             bad = 0
-            for buf in range(2):
+            for buf in range(3):
                 kb, vb = k_s + buf * bk * hd * 2, v_s + buf * bk * hd * 2
                 for w in range(wg):
                     bad += check_scores(q_s, bq, 64 * w, kb, bk, bk, hd)  # S = Q K^T

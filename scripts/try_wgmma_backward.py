@@ -52,15 +52,15 @@ SHAPES = [(2, 1, 768, 12), (2, 17, 768, 12), (2, 64, 768, 12), (2, 1000, 768, 12
           (2, 1, 1024, 8), (2, 17, 1024, 8), (2, 64, 1024, 8), (2, 1000, 1024, 8),
           (2, 1024, 1024, 8), (1, 4096, 1024, 8)]
 QUICK_SHAPES = [(2, 1, 768, 12), (2, 17, 768, 12), (1, 200, 768, 12), (1, 130, 1024, 8)]
-BENCH_SHAPES = [(16, 1024, 768, 12), (4, 4096, 768, 12)]
+BENCH_SHAPES = [(16, 1024, 768, 12), (4, 4096, 768, 12), (8, 1024, 1024, 8)]
 # Tile shapes built in attention_wgmma_backward.cu, the default first:
 # grad_kv: head dim -> [(query_tile, warpgroups, schedule)]; grad_q: [(key_tile,
-# warpgroups, 0)]. Schedules: 0 serial, 1 overlap, 2 pipelined.
-KERNELS = {"kv": {64: [(64, 2, 0), (64, 2, 1), (64, 2, 2), (128, 2, 0), (128, 2, 1),
-                       (64, 1, 0), (64, 1, 1), (64, 1, 2)],
-                  128: [(64, 2, 0), (64, 2, 1), (64, 1, 0)]},
-           "q": {64: [(64, 2, 0), (128, 2, 0), (64, 1, 0)],
-                 128: [(64, 2, 0), (64, 1, 0)]}}
+# warpgroups, schedule)]. Schedules: 0 serial, 1 overlap (grad_kv), 2 pipelined.
+KERNELS = {"kv": {64: [(128, 2, 0), (128, 2, 1), (64, 2, 0), (64, 2, 2), (64, 1, 0)],
+                  128: [(64, 2, 1), (64, 2, 0), (64, 1, 0)]},
+           "q": {64: [(64, 1, 0), (64, 1, 2), (128, 2, 0), (128, 2, 2), (128, 1, 0),
+                      (64, 2, 0)],
+                 128: [(64, 2, 0), (64, 2, 2), (64, 1, 0)]}}
 SCHEDULES = ("", " overlap", " pipelined")
 PARTS = {"kv": ("dk", "dv"), "q": ("dq",)}
 COLUMNS = {"dq": 0, "dk": 1, "dv": 2}  # which C-wide block of grad_qkv
@@ -79,7 +79,7 @@ def launch(ext, kernel, grad_out, qkv, lse, dot, n_head, grads):
     if which == "kv":
         ext.wgmma_grad_kv(grad_out, qkv, lse, dot, n_head, grads, tile, wg, schedule)
     else:
-        ext.wgmma_grad_q(grad_out, qkv, lse, dot, n_head, grads, tile, wg)
+        ext.wgmma_grad_q(grad_out, qkv, lse, dot, n_head, grads, tile, wg, schedule)
 
 
 def kernels_of(hd):
@@ -328,7 +328,7 @@ def run_checks(checks, quick):
 def self_test(torch):
     """The checks on the CPU against FakeExtension: every check of a good kernel must
     pass and every check of the broken one fail."""
-    broken = ("kv", 64, 128, 2, 0)
+    broken = ("kv", 64, 64, 2, 0)
     checks = Checks(torch, FakeExtension(torch, broken), device="cpu")
     run_checks(checks, quick=True)
     expected = [label for label in checks.failed if kernel_name(broken) in label]

@@ -80,7 +80,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("schedule") = 0);
   m.def("wgmma_grad_q", &nanoblock::cuda::wgmma_attention_grad_q,
         "writes the q columns of grad_qkv: f(grad_out, qkv, lse, row_dot, n_head, grad_qkv, "
-        "key_tile, warpgroups)",
+        "key_tile, warpgroups, schedule: 0 serial, 2 pipelined)",
         py::arg("grad_out"), py::arg("qkv"), py::arg("lse"), py::arg("row_dot"),
-        py::arg("n_head"), py::arg("grad_qkv"), py::arg("key_tile"), py::arg("warpgroups"));
+        py::arg("n_head"), py::arg("grad_qkv"), py::arg("key_tile"), py::arg("warpgroups"),
+        py::arg("schedule") = 0);
 }

@@ -42,13 +42,15 @@ std::tuple<at::Tensor, at::Tensor> wgmma_attention_forward_tiles(const at::Tenso
 // x 64 keys a block, schedule 0 serial, 1 overlap: dV += P^T dO runs while
 // dS is computed, 2 pipelined: also dK runs on into the next query tile),
 // grad_q its q columns (key tiles of key_tile, warpgroups x 64 queries a
-// block). Raise for a shape that is not built.
+// block, schedule 0 serial, 2 pipelined: dQ runs on into the next key
+// tile). Raise for a shape that is not built.
 void wgmma_attention_grad_kv(const at::Tensor& grad_out, const at::Tensor& qkv,
                              const at::Tensor& lse, const at::Tensor& row_dot, int64_t n_head,
                              const at::Tensor& grad_qkv, int64_t query_tile, int64_t warpgroups,
                              int64_t schedule);
 void wgmma_attention_grad_q(const at::Tensor& grad_out, const at::Tensor& qkv,
                             const at::Tensor& lse, const at::Tensor& row_dot, int64_t n_head,
-                            const at::Tensor& grad_qkv, int64_t key_tile, int64_t warpgroups);
+                            const at::Tensor& grad_qkv, int64_t key_tile, int64_t warpgroups,
+                            int64_t schedule);
 
 }  // namespace nanoblock::cuda

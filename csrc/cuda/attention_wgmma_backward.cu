@@ -85,8 +85,9 @@ struct GradKvTiles {
 };
 
 // grad_q: head dim HD, BK keys per key tile, WG warpgroups (64 queries
-// each), MIN_BLOCKS as above.
-template <int HD, int BK, int WG, int MIN_BLOCKS>
+// each), MIN_BLOCKS as above, SCHEDULE kSerial or kPipelined (see the
+// kernel).
+template <int HD, int BK, int WG, int MIN_BLOCKS, int SCHEDULE>
 struct GradQTiles {
   static_assert(HD == 64 || HD == 128, "wgmma N for dQ: 64 or 128");
   static_assert(BK == 64 || BK == 128, "wgmma N for S: 64 or 128 keys");
@@ -96,8 +97,9 @@ struct GradQTiles {
   static constexpr int kWarpgroups = WG;
   static constexpr int kThreads = kWarpgroupThreads * WG;
   static constexpr int kMinBlocks = MIN_BLOCKS;
-  static constexpr int kSchedule = kSerial;
-  static constexpr int kBuffers = 2;  // key / value tiles in flight
+  static_assert(SCHEDULE == kSerial || SCHEDULE == kPipelined, "grad_q schedules");
+  static constexpr int kSchedule = SCHEDULE;
+  static constexpr int kBuffers = SCHEDULE == kPipelined ? 3 : 2;  // key / value tiles in flight
   static constexpr int kQBytes = kQueries * HD * 2;  // the Q (or dO) tile
   static constexpr int kKvBytes = BK * HD * 2;       // one K (or V) tile
   // q, dO, then k [kBuffers], v [kBuffers]; plus the alignment slack.
@@ -354,7 +356,13 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
 // ---------------------------------------------------------------------------
 // grad_q: one block per query tile (64 WG queries) of one (batch, head);
 // key tiles up to the diagonal, as in the forward (attention_wgmma.cu),
-// with lse and D of the thread's two rows in registers.
+// with lse and D of the thread's two rows in registers. Schedules of a step
+// (key tile kt): serial: S, dP issued; wait for S; P (while dP runs); wait
+// for dP; dS; dQ issued, waited for. pipelined: the same without the last
+// wait: dQ of tile kt runs on into step kt + 1, whose first wait covers it;
+// three key / value buffers (the copy after the barrier of step kt + 1 goes
+// to the buffer of tile kt - 1); the last dQ is waited for before the
+// barriers of the tiles after this warpgroup's diagonal.
 template <typename scalar_t, typename Tiles>
 __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
     wgmma_grad_q_kernel(const scalar_t* __restrict__ qkv, const scalar_t* __restrict__ grad_out,
@@ -448,8 +456,10 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
     wgmma_fence();
     issue_values<scalar_t, HD, BK>(dq, ds_a, key_buffer(kt));  // dQ += dS K
     wgmma_commit();
-    wgmma_wait<0>();
-    keep_in_order(dq);
+    if constexpr (Tiles::kSchedule != kPipelined) {
+      wgmma_wait<0>();
+      keep_in_order(dq);
+    }
   };
 
   // Tiles before first_masked lie wholly at or before this warpgroup's first
@@ -464,6 +474,8 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
     next_tile(kt);
     step(kt, std::true_type{});
   }
+  wgmma_wait<0>();  // the last dQ (pipelined), before its key tile's buffer is reused
+  keep_in_order(dq);
   for (; kt < key_tiles; kt++) next_tile(kt);  // every thread: key_tiles barriers
 
   store_accumulator_rows<scalar_t, HD>(place.grad_qkv, row_stride, row, T, dq);
@@ -519,31 +531,41 @@ bool launch_matching(int64_t tile, int64_t warpgroups, int64_t schedule, const B
 }
 
 // The tile shapes built, per head dim; the first of each list is the
-// default. Not yet timed on a GPU: scripts/try_wgmma_backward.py times them.
+// default. scripts/try_wgmma_backward.py times them; its first H200 run
+// (benchmarks/results/nvidia-h200/try_wgmma_backward.txt) picked the hd 64
+// defaults: grad_kv query tile 128, 2 warpgroups (189.6 us at gpt2-small,
+// 494.8 at T = 4096; query tile 64: 197-204 and 543-612), grad_q key tile 64,
+// 1 warpgroup (129.1 us; key tile 128, 2 warpgroups: 143.7 but 384.0 at
+// T = 4096 against 430.4). The rest are candidates not yet timed.
 template <typename scalar_t>
 bool launch_built_grad_kv(int64_t hd, int64_t tile, int64_t wg, int64_t schedule,
                           const BackwardArgs& a) {
   if (hd == 64) {
+    // (not built, ptxas 13.0: query tile 128 pipelined serializes its wgmmas
+    // for want of registers (C7512); query tile 128 with 1 warpgroup spills)
     return launch_matching<
-        scalar_t, true, GradKvTiles<64, 64, 2, 1, kSerial>, GradKvTiles<64, 64, 2, 1, kOverlap>,
-        GradKvTiles<64, 64, 2, 1, kPipelined>, GradKvTiles<64, 128, 2, 1, kSerial>,
-        GradKvTiles<64, 128, 2, 1, kOverlap>, GradKvTiles<64, 64, 1, 2, kSerial>,
-        GradKvTiles<64, 64, 1, 2, kOverlap>, GradKvTiles<64, 64, 1, 2, kPipelined>>(
-        tile, wg, schedule, a);
+        scalar_t, true, GradKvTiles<64, 128, 2, 1, kSerial>, GradKvTiles<64, 128, 2, 1, kOverlap>,
+        GradKvTiles<64, 64, 2, 1, kSerial>, GradKvTiles<64, 64, 2, 1, kPipelined>,
+        GradKvTiles<64, 64, 1, 2, kSerial>>(tile, wg, schedule, a);
   }
   // (pipelined at hd 128: 636 bytes of spills with ptxas 13.0; not built)
-  return launch_matching<scalar_t, true, GradKvTiles<128, 64, 2, 1, kSerial>,
-                         GradKvTiles<128, 64, 2, 1, kOverlap>,
+  return launch_matching<scalar_t, true, GradKvTiles<128, 64, 2, 1, kOverlap>,
+                         GradKvTiles<128, 64, 2, 1, kSerial>,
                          GradKvTiles<128, 64, 1, 2, kSerial>>(tile, wg, schedule, a);
 }
 template <typename scalar_t>
-bool launch_built_grad_q(int64_t hd, int64_t tile, int64_t wg, const BackwardArgs& a) {
+bool launch_built_grad_q(int64_t hd, int64_t tile, int64_t wg, int64_t schedule,
+                         const BackwardArgs& a) {
   if (hd == 64) {
-    return launch_matching<scalar_t, false, GradQTiles<64, 64, 2, 1>, GradQTiles<64, 128, 2, 1>,
-                           GradQTiles<64, 64, 1, 2>>(tile, wg, kSerial, a);
+    return launch_matching<
+        scalar_t, false, GradQTiles<64, 64, 1, 2, kSerial>, GradQTiles<64, 64, 1, 2, kPipelined>,
+        GradQTiles<64, 128, 2, 1, kSerial>, GradQTiles<64, 128, 2, 1, kPipelined>,
+        GradQTiles<64, 128, 1, 2, kSerial>, GradQTiles<64, 64, 2, 1, kSerial>>(tile, wg,
+                                                                              schedule, a);
   }
-  return launch_matching<scalar_t, false, GradQTiles<128, 64, 2, 1>, GradQTiles<128, 64, 1, 2>>(
-      tile, wg, kSerial, a);
+  return launch_matching<scalar_t, false, GradQTiles<128, 64, 2, 1, kSerial>,
+                         GradQTiles<128, 64, 2, 1, kPipelined>,
+                         GradQTiles<128, 64, 1, 2, kSerial>>(tile, wg, schedule, a);
 }
 
 // Checks the arguments of both entry points; returns the head dim.
@@ -592,7 +614,7 @@ void wgmma_backward_kernel(const char* name, const Tensor& grad_out, const Tenso
   const auto launch_built = [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
     return GRAD_KV ? launch_built_grad_kv<scalar_t>(hd, tile, warpgroups, schedule, args)
-                   : launch_built_grad_q<scalar_t>(hd, tile, warpgroups, args);
+                   : launch_built_grad_q<scalar_t>(hd, tile, warpgroups, schedule, args);
   };
   const bool launched = qkv.scalar_type() == at::kBFloat16 ? launch_built(at::BFloat16{})
                                                            : launch_built(at::Half{});
@@ -612,9 +634,9 @@ void wgmma_attention_grad_kv(const Tensor& grad_out, const Tensor& qkv, const Te
 
 void wgmma_attention_grad_q(const Tensor& grad_out, const Tensor& qkv, const Tensor& lse,
                             const Tensor& row_dot, int64_t n_head, const Tensor& grad_qkv,
-                            int64_t key_tile, int64_t warpgroups) {
+                            int64_t key_tile, int64_t warpgroups, int64_t schedule) {
   wgmma_backward_kernel<false>("wgmma_attention_grad_q", grad_out, qkv, lse, row_dot, n_head,
-                               grad_qkv, key_tile, warpgroups, kSerial);
+                               grad_qkv, key_tile, warpgroups, schedule);
 }
 
 }  // namespace nanoblock::cuda
