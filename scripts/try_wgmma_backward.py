@@ -373,8 +373,8 @@ def timings(torch, ext, checks):
         flops = 5 * B * H * T * T * hd  # causal backward: half of 5 products of 2 B H T^2 hd
         log(f"\ntiming bf16 B={B} T={T} C={C} H={H} (hd {hd}); median of do_bench; "
             f"{flops / 1e9:.1f} GFLOP (5 causal products)")
-        qkv = torch.randn(B, T, 3 * C, device="cuda", dtype=torch.bfloat16)
-        grad_out = torch.randn(B, T, C, device="cuda", dtype=torch.bfloat16)
+        qkv = torch.randn(B, T, 3 * C, device=checks.device, dtype=torch.bfloat16)
+        grad_out = torch.randn(B, T, C, device=checks.device, dtype=torch.bfloat16)
         out, lse = ext.mma_forward(qkv, H)
         dot = row_dot(torch, grad_out, out, H)
         grads = torch.empty_like(qkv)
@@ -404,6 +404,26 @@ def timings(torch, ext, checks):
                 cases.append((kernel, "wgmma " + kernel_name(kernel) + (" (default)" if i == 0 else ""),
                               lambda kernel=kernel: launch(ext, kernel, grad_out, qkv, lse, dot, H,
                                                            grads)))
+        defaults = [(which, hd, *KERNELS[which][hd][0]) for which in ("kv", "q")]
+        if not any(kernel in checks.excluded for kernel in defaults):
+            # The whole backward as the op would run it: the default grad_kv and grad_q
+            # one after the other, and on two streams at once (they only share inputs).
+            def serial():
+                for kernel in defaults:
+                    launch(ext, kernel, grad_out, qkv, lse, dot, H, grads)
+            streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+
+            def concurrent():
+                current = torch.cuda.current_stream()
+                for stream, kernel in zip(streams, defaults):
+                    stream.wait_stream(current)
+                    with torch.cuda.stream(stream):
+                        launch(ext, kernel, grad_out, qkv, lse, dot, H, grads)
+                for stream in streams:
+                    current.wait_stream(stream)
+            cases.append((defaults[0], "wgmma defaults, grad_kv then grad_q", serial))
+            cases.append((defaults[0], "wgmma defaults, grad_kv and grad_q on 2 streams",
+                          concurrent))
         results = {}
         for kernel, label, fn in cases:
             log.stage = f"timing {label} T={T}"
@@ -422,8 +442,9 @@ def timings(torch, ext, checks):
                 harness.mark_progress(None)
             results[label] = ms
             log(f"  {label:52s} {ms * 1e3:8.1f} us")
-        best = {w: min((ms for label, ms in results.items() if f"grad_{w} " in label),
-                       default=None) for w in ("kv", "q")}
+        best = {w: min((ms for label, ms in results.items()
+                        if f"grad_{w} " in label and "defaults" not in label), default=None)
+                for w in ("kv", "q")}
         if best["kv"] and best["q"]:
             log(f"  best wgmma grad_kv + best wgmma grad_q: {(best['kv'] + best['q']) * 1e3:.1f} us "
                 f"({flops / ((best['kv'] + best['q']) * 1e-3) / 1e12:.1f} TFLOP/s); row_dot "
