@@ -14,7 +14,9 @@ attention on the same (rounded) q, k, v and grad_out. Both backward kernels,
 ours (mma.sync) and wgmma, take the same inputs: out and lse of our mma.sync
 forward and row_dot = rowsum(grad_out * out) in float32, as the op computes
 them. Then times them against our mma.sync backward and SDPA's backward at
-gpt2-small (B=16, T=1024, 12 heads of 64) and T=4096.
+gpt2-small (B=16, T=1024, 12 heads of 64), at T=4096 and at head dim 128, and
+the default pair as the op would run it (one after the other, and on two
+streams).
 
 Pass rule (DESIGN.md's, FlashAttention's): on each of dq, dk, dv, the wgmma
 kernel's max error is at most 2x the larger of the mma kernel's and SDPA's
