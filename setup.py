@@ -6,7 +6,8 @@ torch has CUDA and nvcc is found, the CPU one otherwise; the build says which.
 
 Environment:
   NANOBLOCK_CPU_ONLY=1       build the CPU extension even where CUDA is there
-  TORCH_CUDA_ARCH_LIST       GPU archs to build for (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST       GPU archs to build for (default "8.0;9.0"; 9.0 is
+                             built as 9.0a, which Hopper's wgmma needs)
   MAX_JOBS                   parallel compile jobs (ninja)
 """
 import glob
@@ -63,6 +64,13 @@ def want_cuda():
     return True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, nvcc {nvcc}"
 
 
+def hopper_as_sm90a(arch_list):
+    """TORCH_CUDA_ARCH_LIST with 9.0 (or Hopper) spelt 9.0a, +PTX kept."""
+    archs = arch_list.replace(" ", ";").replace("Hopper", "9.0+PTX").split(";")
+    return ";".join("9.0a" + a[3:] if a == "9.0" or a.startswith("9.0+") else a
+                    for a in archs if a)
+
+
 def extension():
     sources = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/block.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -g0: no debug info, which triples the build time of the ATen headers.
@@ -81,11 +89,20 @@ def extension():
         return CppExtension("nanoblock._C", sources, extra_compile_args={"cxx": cxx},
                             extra_link_args=link), "cpu", why
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # Hopper's wgmma (csrc/cuda/attention_wgmma*.cu) exists only in the
+    # architecture-specific target sm_90a, so 9.0 is built as 9.0a (that code
+    # runs on compute capability 9.0 only, which is what 9.0 names). The
+    # device pass of any other arch compiles the wgmma kernels empty
+    # (NANOBLOCK_WGMMA_DEVICE, wgmma.cuh); NANOBLOCK_SM90A tells the host code
+    # that the build holds them.
+    os.environ["TORCH_CUDA_ARCH_LIST"] = hopper_as_sm90a(os.environ["TORCH_CUDA_ARCH_LIST"])
     print(f"nanoblock: building the CUDA extension ({why}) for archs "
           f"{os.environ['TORCH_CUDA_ARCH_LIST']}", flush=True)
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
             "-DNANOBLOCK_WITH_CUDA"]
+    if "9.0a" in os.environ["TORCH_CUDA_ARCH_LIST"]:
+        nvcc.append("-DNANOBLOCK_SM90A")  # the build holds the wgmma kernels
     return CUDAExtension("nanoblock._C", sources,
                          extra_compile_args={"cxx": cxx + ["-DNANOBLOCK_WITH_CUDA"], "nvcc": nvcc},
                          extra_link_args=link, libraries=["cublasLt"]), "cuda", why

@@ -45,6 +45,18 @@ namespace cpu {
 #ifdef NANOBLOCK_WITH_CUDA
 namespace cuda {
 #include "kernel_api.h"
+
+// Which kernels the CUDA causal attention may take for float16 / bfloat16
+// (attention.cu's dispatch): with wgmma allowed (the default), Hopper's
+// wgmma kernels where wgmma_attention_available() and they apply, else the
+// mma.sync ones. NANOBLOCK_ATTENTION_KERNELS=mma in the environment when the
+// library loads, or the op nanoblock::attention_kernels("mma") (ops.cpp),
+// forbids wgmma, so that tests run both paths on one GPU.
+bool wgmma_attention_allowed();
+void allow_wgmma_attention(bool allowed);
+// This build holds the wgmma kernels (sm_90a) and the current device is
+// compute capability 9.0 (asked of the driver once per device).
+bool wgmma_attention_available();
 }  // namespace cuda
 #endif
 

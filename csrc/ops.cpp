@@ -413,7 +413,39 @@ void autocast_kernel(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 
 #define NANOBLOCK_DROPOUT_PARAMS "float dropout_p=0., Tensor? rng=None"
 
+// nanoblock::attention_kernels(use): which kernels the CUDA attention may
+// take, "auto" (Hopper's wgmma ones where they apply) or "mma" (never
+// wgmma); None only asks. Returns the setting before the call. A process
+// setting, not an op on tensors; tests use it to run both paths.
+std::string attention_kernels(std::optional<std::string> use) {
+#ifdef NANOBLOCK_WITH_CUDA
+  const std::string before = cuda::wgmma_attention_allowed() ? "auto" : "mma";
+  if (use) {
+    NANOBLOCK_CHECK(*use == "auto" || *use == "mma",
+                    "nanoblock.attention_kernels: use must be 'auto' or 'mma', got '", *use, "'");
+    cuda::allow_wgmma_attention(*use == "auto");
+  }
+  return before;
+#else
+  NANOBLOCK_CHECK(!use || *use == "auto" || *use == "mma",
+                  "nanoblock.attention_kernels: use must be 'auto' or 'mma', got '", *use, "'");
+  return "auto";  // no CUDA kernels in this build
+#endif
+}
+
+// nanoblock::wgmma_attention_available(): whether the current CUDA device
+// runs this build's wgmma attention kernels (False without CUDA).
+bool wgmma_attention_available() {
+#ifdef NANOBLOCK_WITH_CUDA
+  return cuda::wgmma_attention_available();
+#else
+  return false;
+#endif
+}
+
 TORCH_LIBRARY(nanoblock, m) {
+  m.def("attention_kernels(str? use=None) -> str", &attention_kernels);
+  m.def("wgmma_attention_available() -> bool", &wgmma_attention_available);
   m.def("layer_norm_forward(Tensor x, Tensor weight, Tensor? bias, float eps) "
         "-> (Tensor out, Tensor mean, Tensor rstd)");
   m.def("add_layer_norm_forward(Tensor x, Tensor residual, Tensor weight, Tensor? bias, "

@@ -52,6 +52,31 @@ def _needs_cuda_build():
 DEV = "cuda"
 
 
+# Which kernels the float16 / bfloat16 attention takes (csrc/ops.cpp,
+# nanoblock::attention_kernels): "wgmma" (Hopper's, where the device and the
+# build have them; skipped elsewhere) or "mma" (mma.sync, forced). Tests of
+# head dims the wgmma kernels take (64, 128) run both.
+ATTENTION_PATHS = ["wgmma", "mma"]
+
+
+@pytest.fixture(params=ATTENTION_PATHS)
+def attention_path(request):
+    path = request.param
+    if path == "wgmma" and not _ops.wgmma_attention_available():
+        pytest.skip("the wgmma attention needs a compute capability 9.0 GPU and an sm_90a build")
+    before = _ops.attention_kernels("auto" if path == "wgmma" else "mma")
+    try:
+        yield path
+    finally:
+        _ops.attention_kernels(before)
+
+
+def skip_unless_wgmma_takes(path, hd):
+    """The wgmma path only differs where it applies (head dims 64 and 128)."""
+    if path == "wgmma" and hd not in (64, 128):
+        pytest.skip(f"head dim {hd}: the wgmma kernels do not take it (the mma path runs)")
+
+
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
@@ -475,9 +500,23 @@ def attention_fwd_bwd(fn, qkv, gy):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hd", [32, 64, 80, 96, 128, 48])
 @pytest.mark.parametrize("T", [1, 17, 64, 65, 200])
-def test_attention_low_precision_small(dtype, hd, T, misaligned=False):
+def test_attention_low_precision_small(dtype, hd, T, attention_path):
+    skip_unless_wgmma_takes(attention_path, hd)
+    check_attention_low_precision(dtype, hd, T)
+
+
+# Lengths around and past the wgmma kernels' tiles (64 and 128 positions,
+# blocks of up to 128): partial last tiles, many key tiles.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hd", [64, 128])
+@pytest.mark.parametrize("T", [97, 1025, 2048])
+def test_attention_low_precision_long(dtype, hd, T, attention_path):
+    check_attention_low_precision(dtype, hd, T, B=1)
+
+
+def check_attention_low_precision(dtype, hd, T, B=2, misaligned=False):
     torch.manual_seed(15)
-    B, nh = 2, 2
+    nh = 2
     C = nh * hd
     qkv64 = torch.randn(B, T, 3 * C, device=DEV, dtype=torch.float64)
     gy64 = torch.randn(B, T, C, device=DEV, dtype=torch.float64)
@@ -496,8 +535,49 @@ def test_attention_low_precision_small(dtype, hd, T, misaligned=False):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_attention_low_precision_misaligned_small(dtype):
-    test_attention_low_precision_small(dtype, 64, 65, misaligned=True)
+def test_attention_low_precision_misaligned_small(dtype, attention_path):
+    check_attention_low_precision(dtype, 64, 65, misaligned=True)
+
+
+@pytest.mark.parametrize("dtype,hd", [(torch.bfloat16, 64), (torch.float16, 128)])
+def test_attention_low_precision_deterministic(dtype, hd, attention_path):
+    """Two runs of the forward and backward, bit for bit."""
+    torch.manual_seed(17)
+    qkv = torch.randn(2, 1025, 3 * 2 * hd, device=DEV, dtype=dtype)
+    gy = torch.randn(2, 1025, 2 * hd, device=DEV, dtype=dtype)
+    out1, lse1 = _ops.causal_attention_forward(qkv, 2)
+    out2, lse2 = _ops.causal_attention_forward(qkv, 2)
+    assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
+    g1 = _ops.causal_attention_backward(gy, qkv, out1, lse1, 2)
+    g2 = _ops.causal_attention_backward(gy, qkv, out1, lse1, 2)
+    assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("dtype,hd", [(torch.bfloat16, 64), (torch.float16, 128)])
+def test_attention_low_precision_in_cuda_graph(dtype, hd, attention_path):
+    """The forward and backward captured in a CUDA graph (no host sync, the
+    current stream, PyTorch's allocator) replay to the eager bits."""
+    torch.manual_seed(18)
+    qkv = torch.randn(2, 300, 3 * 2 * hd, device=DEV, dtype=dtype)
+    gy = torch.randn(2, 300, 2 * hd, device=DEV, dtype=dtype)
+    out, lse = _ops.causal_attention_forward(qkv, 2)
+    grad = _ops.causal_attention_backward(gy, qkv, out, lse, 2)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture
+        _ops.causal_attention_backward(gy, qkv, *_ops.causal_attention_forward(qkv, 2), 2)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out, g_lse = _ops.causal_attention_forward(qkv, 2)
+        g_grad = _ops.causal_attention_backward(gy, qkv, g_out, g_lse, 2)
+    qkv_clean = qkv.clone()
+    qkv.normal_()  # the replay must read the inputs anew
+    graph.replay()
+    qkv.copy_(qkv_clean)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(g_out, out) and torch.equal(g_lse, lse) and torch.equal(g_grad, grad)
 
 
 # ---------------------------------------------------------------------------
@@ -529,10 +609,13 @@ def check_nan_is_causal(dtype, T, hd, part, positions, n_head=2, dropout_p=0.0):
 
 # Tensor-core kernels: forward warps of 32 (head dims <= 64) or 16 queries,
 # grad_q key tiles of 64 or 32, grad_kv query tiles of 32.
+# wgmma kernels (attention_path "wgmma", head dims 64, 128): query blocks
+# of 64 or 128, key tiles of 64, grad_kv query tiles of 64 or 128.
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hd", [32, 64, 80, 128])
 @pytest.mark.parametrize("part", [0, 1, 2, 3])  # q, k, v, grad_out
-def test_nan_is_causal_in_attention_mma(dtype, hd, part):
+def test_nan_is_causal_in_attention_mma(dtype, hd, part, attention_path):
+    skip_unless_wgmma_takes(attention_path, hd)
     check_nan_is_causal(dtype, 300, hd, part, NAN_POSITIONS)
     check_nan_is_causal(dtype, 7, hd, part, [0, 3, 6])
 

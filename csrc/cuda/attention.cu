@@ -46,10 +46,17 @@
 //
 // float16 / bfloat16 with head dims 32, 64, 80, 96, 128 go to the
 // tensor-core kernels of attention_mma.cu instead (same layouts, same
-// determinism); the launchers below pick the path.
+// determinism); on a compute capability 9.0 GPU of an sm_90a build, head
+// dims 64 and 128 without dropout go to Hopper's wgmma kernels
+// (attention_wgmma.cu, attention_wgmma_backward.cu) unless
+// allow_wgmma_attention(false) (kernels.h). The launchers below pick the path.
 #include "../check.h"
 #include "attention_mma.cuh"
+#include "attention_wgmma.cuh"
 #include "common.cuh"
+
+#include <atomic>
+#include <cstdlib>
 
 namespace nanoblock::cuda {
 
@@ -547,7 +554,27 @@ size_t grad_q_shared_bytes(int64_t hd) {
   return sizeof(acc_t) * (2 * kTile * hd + 2 * kTile * (hd + 1) + kTile * kTile);
 }
 
+// Whether the wgmma kernels take this call: float16 / bfloat16 (the mma
+// path's checks: dtype, alignment), head dim 64 or 128, no dropout, allowed,
+// and a compute capability 9.0 device with sm_90a code in the build.
+bool use_wgmma(const Tensor& qkv, int64_t hd, const Tensor& other, const DropoutArgs& drop) {
+  return (hd == 64 || hd == 128) && drop.p == 0 && wgmma_attention_allowed() &&
+         mma_attention_supported(qkv, hd, other) && wgmma_attention_available();
+}
+
+// Read once, when the library loads; then changed only by
+// allow_wgmma_attention (the op nanoblock::attention_kernels).
+std::atomic<bool> wgmma_allowed{[] {
+  const char* v = std::getenv("NANOBLOCK_ATTENTION_KERNELS");
+  return v == nullptr || std::string(v) != "mma";
+}()};
+
 }  // namespace
+
+bool wgmma_attention_allowed() { return wgmma_allowed.load(std::memory_order_relaxed); }
+void allow_wgmma_attention(bool allowed) {
+  wgmma_allowed.store(allowed, std::memory_order_relaxed);
+}
 
 std::tuple<Tensor, Tensor> causal_attention_forward(const Tensor& qkv, int64_t n_head,
                                                     const Dropout& dropout) {
@@ -558,6 +585,10 @@ std::tuple<Tensor, Tensor> causal_attention_forward(const Tensor& qkv, int64_t n
   const int64_t hd = C / n_head;
   check_head_dim("nanoblock.causal_attention_forward", hd);
   const DropoutArgs drop = dropout_args(dropout);
+  if (use_wgmma(qkv, hd, Tensor(), drop)) {
+    wgmma_attention_forward_into(qkv, n_head, out, lse);
+    return {out, lse};
+  }
   if (mma_attention_supported(qkv, hd, Tensor())) {
     mma_attention_forward(qkv, n_head, out, lse, drop);
     return {out, lse};
@@ -616,6 +647,10 @@ Tensor causal_attention_backward(const Tensor& grad_out, const Tensor& qkv, cons
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     const acc_t* dot_ptr = row_dot.const_data_ptr<acc_t>();
+    if (use_wgmma(qkv, hd, grad_out, drop)) {
+      wgmma_attention_backward_into(grad_out, qkv, lse, row_dot, n_head, grad_qkv);
+      return;
+    }
     if (mma_attention_supported(qkv, hd, grad_out)) {
       mma_attention_backward(grad_out, qkv, lse, row_dot, n_head, grad_qkv, drop);
       return;

@@ -48,9 +48,7 @@
 // queries q, q + 1 of a key, T apart in the mask, one Philox call each.
 #include "../check.h"
 #include "attention_mma.cuh"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "tensor_core.cuh"
 
 #include <cstdlib>
 #include <type_traits>
@@ -61,32 +59,10 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 // ---------------------------------------------------------------------------
-// Primitives: asynchronous copies, ldmatrix, mma.
-
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 (or 4) bytes from global to shared memory without a register round
-// trip; zero-filled when !valid (src is then not read).
-__device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)),
-               "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void copy_async_4(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(shared_address(dst)),
-               "l"(src), "r"(valid ? 4 : 0));
-}
-__device__ __forceinline__ void copy_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-__device__ __forceinline__ void copy_async_wait_all() {
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
+// Primitives (asynchronous copies and 16-bit packing: tensor_core.cuh),
+// ldmatrix, mma.
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -123,18 +99,6 @@ __device__ __forceinline__ void mma_pair(float (&c0)[4], float (&c1)[4], const u
                                          const uint32_t (&b)[4]) {
   mma_16816<scalar_t>(c0, a, b[0], b[1]);
   mma_16816<scalar_t>(c1, a, b[2], b[3]);
-}
-
-// Two floats as two 16-bit values in one register, lo in the low half.
-template <typename scalar_t>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  } else {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
 }
 
 // Probabilities (or dS) of two neighbouring C tiles as the A fragment of one
@@ -198,16 +162,6 @@ __device__ __forceinline__ void copy_key_tile_async(scalar_t* k_s, scalar_t* v_s
   copy_async_commit();
 }
 
-// Starts copying values[first .. first + ROWS - 1] (zeros at or past T).
-template <int ROWS>
-__device__ __forceinline__ void copy_row_values_async(float* dst, const float* values, int first,
-                                                      int T) {
-  for (int r = threadIdx.x; r < ROWS; r += kThreads) {
-    const bool valid = first + r < T;
-    copy_async_4(dst + r, valid ? values + first + r : values, valid);
-  }
-}
-
 // Writes the fragment rows `row` (g) and `row + 8` of a [16][HD] float
 // accumulator held as acc[HD / 8][4] into dst (rows row_stride apart), as
 // 16-bit values; rows at or past T are skipped.
@@ -253,8 +207,7 @@ __device__ __forceinline__ void store_rows(scalar_t* dst, int64_t row_stride, in
 // c >= r (TRANSPOSED, rows are keys: grad_kv).
 
 // Whether rows first .. first + ROWS - 1 of a shared tile [*][S] (HD
-// columns) are all finite, voted over the warp: x * 0 + acc stays +0 for
-// finite x, and turns NaN for a NaN or an Inf.
+// columns) are all finite, voted over the warp (accumulate_nonfinite).
 template <int ROWS, int HD, int S, typename scalar_t>
 __device__ __forceinline__ bool rows_finite(const scalar_t* tile, int first) {
   constexpr int kChunks = HD / 8;  // 16 bytes each
@@ -266,35 +219,9 @@ __device__ __forceinline__ bool rows_finite(const scalar_t* tile, int first) {
     const int idx = lane + 32 * i;
     const uint4 w = *reinterpret_cast<const uint4*>(tile + (first + idx / kChunks) * S +
                                                     idx % kChunks * 8);
-    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-    for (int wi = 0; wi < 4; wi++) {
-      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-        asm("fma.rn.bf16x2 %0, %1, %2, %0;" : "+r"(acc) : "r"(words[wi]), "r"(0u));
-      } else {
-        asm("fma.rn.f16x2 %0, %1, %2, %0;" : "+r"(acc) : "r"(words[wi]), "r"(0u));
-      }
-    }
+    acc = accumulate_nonfinite<scalar_t>(acc, w);
   }
   return !__any_sync(0xffffffffu, acc != 0u);
-}
-
-// w's two 16-bit values with the non-finite ones replaced by 0.
-template <typename scalar_t>
-__device__ __forceinline__ uint32_t zero_nonfinite(uint32_t w) {
-  constexpr uint32_t kExponent = std::is_same_v<scalar_t, at::BFloat16> ? 0x7f80u : 0x7c00u;
-  if ((w & kExponent) == kExponent) w &= 0xffff0000u;
-  if ((w >> 16 & kExponent) == kExponent) w &= 0x0000ffffu;
-  return w;
-}
-
-template <typename scalar_t>
-__device__ __forceinline__ float2 unpack2(uint32_t w) {
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
-  } else {
-    return __half22float2(*reinterpret_cast<const __half2*>(&w));
-  }
 }
 
 // Which chunks of a tile accumulate_product multiplies: all, or on a
@@ -347,10 +274,8 @@ __device__ __forceinline__ void accumulate_product(float (&acc)[M][HD / 8][4],
 // of acc[mi][nd] has index (mi * HD / 8 + nd) * 4 + i), 2 bits each. The sum
 // of non-finite values has the same kind in any order (NaN where any is NaN
 // or both infinities meet), so adding one value of that kind to acc gives
-// the exact kind of acc + the sum. p[row][c] is held by lane
-// 4 g + (c % 8) / 2 of the row's quad.
-enum : uint32_t { kNone = 0, kNaN = 1, kPlusInf = 2, kMinusInf = 3 };
-
+// the exact kind of acc + the sum (merge_kind, add_kind: tensor_core.cuh).
+// p[row][c] is held by lane 4 g + (c % 8) / 2 of the row's quad.
 template <int M, int K>
 struct Fragments {
   float p[M][K / 8][4];
@@ -384,11 +309,7 @@ __device__ __noinline__ Kinds<M, HD> nonfinite_products(const Fragments<M, K> f,
             const int row = 16 * (diag + mi) + g + 8 * h;
             if (TRANSPOSED ? c < row : c > row) continue;  // row does not see c
             const float x = pc[mi][h] * v;
-            const uint32_t kind = isnan(x) ? kNaN : x > 0.f ? kPlusInf : kMinusInf;
-            const int i = (mi * HD / 8 + nd) * 4 + 2 * h + e;
-            const uint32_t old = kinds.bits[i / 16] >> (2 * (i % 16)) & 3u;
-            const uint32_t merged = old == kNone || old == kind ? kind : kNaN;
-            kinds.bits[i / 16] ^= (old ^ merged) << (2 * (i % 16));
+            merge_kind(kinds.bits, (mi * HD / 8 + nd) * 4 + 2 * h + e, x);
           }
         }
       }
@@ -422,12 +343,7 @@ __device__ __forceinline__ void accumulate_product_causal(float (&acc)[M][HD / 8
     for (int nd = 0; nd < HD / 8; nd++) {
 #pragma unroll
       for (int e = 0; e < 4; e++) {
-        const int i = (mi * HD / 8 + nd) * 4 + e;
-        const uint32_t kind = kinds.bits[i / 16] >> (2 * (i % 16)) & 3u;
-        if (kind != kNone) {
-          acc[mi][nd][e] += kind == kNaN ? __int_as_float(0x7fffffff)
-                                         : kind == kPlusInf ? INFINITY : -INFINITY;
-        }
+        add_kind(acc[mi][nd][e], kinds.bits, (mi * HD / 8 + nd) * 4 + e);
       }
     }
   }
@@ -572,17 +488,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       float m_scaled[2], correction[2];
-#pragma unroll
-      for (int i = 0; i < 2; i++) {
-        tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 1));
-        tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 2));
-        const float m_new = fmaxf(m[mi][i], tile_max[i]);
-        // A row that has seen no key yet keeps max -inf; exp2(-inf - 0) = 0 then.
-        m_scaled[i] = m_new == -INFINITY ? 0.f : m_new * scale_log2;
-        correction[i] = exp2f(m[mi][i] * scale_log2 - m_scaled[i]);
-        m[mi][i] = m_new;
-        l[mi][i] *= correction[i];
-      }
+      update_row_max(tile_max, m[mi], l[mi], scale_log2, m_scaled, correction);
 #pragma unroll
       for (int nt = 0; nt < BK / 8; nt++) {
 #pragma unroll
@@ -624,12 +530,11 @@ __global__ void __launch_bounds__(kThreads)
     float inv[2];
 #pragma unroll
     for (int i = 0; i < 2; i++) {
-      l[mi][i] += __shfl_xor_sync(0xffffffffu, l[mi][i], 1);
-      l[mi][i] += __shfl_xor_sync(0xffffffffu, l[mi][i], 2);
+      l[mi][i] = quad_sum(l[mi][i]);
       inv[i] = 1.f / l[mi][i];
       const int row = row0 + 8 * i;
       if (t == 0 && row < T) {
-        lse[static_cast<int64_t>(bh) * T + row] = (m[mi][i] * scale_log2 + log2f(l[mi][i])) * kLn2;
+        lse[static_cast<int64_t>(bh) * T + row] = row_lse(m[mi][i], l[mi][i], scale_log2);
       }
     }
     store_rows<scalar_t, HD>(out_head, C, row0, T, o[mi], inv[0], inv[1]);
@@ -718,8 +623,8 @@ __global__ void __launch_bounds__(kThreads)
   const auto copy_query_tile = [&](int qt, int buffer) {
     copy_tile_async<BQ, HD>(q_s + buffer * BQ * S, head, row_stride, qt * BQ, T);
     copy_tile_async<BQ, HD>(do_s + buffer * BQ * S, grad_head, C, qt * BQ, T);
-    copy_row_values_async<BQ>(lse_s + buffer * BQ, lse_head, qt * BQ, T);
-    copy_row_values_async<BQ>(d_s + buffer * BQ, dot_head, qt * BQ, T);
+    copy_row_values_async<BQ, kThreads>(lse_s + buffer * BQ, lse_head, qt * BQ, T);
+    copy_row_values_async<BQ, kThreads>(d_s + buffer * BQ, dot_head, qt * BQ, T);
     copy_async_commit();
   };
   copy_tile_async<BK, HD>(k_s, head + C, row_stride, k0, T);

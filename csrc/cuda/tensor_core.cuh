@@ -1,0 +1,163 @@
+// Device pieces shared by the tensor-core attention kernels (attention_mma.cu,
+// attention_wgmma.cu): asynchronous copies into shared memory, two floats
+// packed as 16-bit values, and the online-softmax bookkeeping of rows that
+// the 4 lanes of a quad share (the accumulator layout of mma.m16n8 and of
+// wgmma.m64nN alike: lanes 4g .. 4g + 3 hold row g). Device code: include
+// from .cu files only.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace nanoblock::cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 (or 4) bytes from global to shared memory (a pointer, or a shared-space
+// address) without a register round trip; zero-filled when !valid (src is
+// then not read).
+__device__ __forceinline__ void copy_async_16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool valid) {
+  copy_async_16(shared_address(dst), src, valid);
+}
+__device__ __forceinline__ void copy_async_4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(shared_address(dst)),
+               "l"(src), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void copy_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+__device__ __forceinline__ void copy_async_wait_all() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+// Starts copying values[first .. first + ROWS - 1] (zeros at or past T) to
+// dst, one float a thread, THREADS threads (lse and D rows of a tile).
+template <int ROWS, int THREADS>
+__device__ __forceinline__ void copy_row_values_async(float* dst, const float* values, int first,
+                                                      int T) {
+  for (int r = threadIdx.x; r < ROWS; r += THREADS) {
+    const bool valid = first + r < T;
+    copy_async_4(dst + r, valid ? values + first + r : values, valid);
+  }
+}
+
+// Two floats as two 16-bit values in one register, lo in the low half.
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+}
+
+// Sum over the 4 lanes of a quad (lane ^ 1, lane ^ 2); every lane gets it.
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// The online-softmax step of a thread's two rows once its own maxima of the
+// new score tile are known (tile_max: raw scores, masked keys -inf): takes
+// the quad's max, updates the running maxima m (raw; -inf until a key is
+// seen) and scales the partial sums l by the correction. Gives, per row, the
+// new max in the log2 domain (m * scale_log2; 0 for a row with no key yet,
+// so that exp2(-inf - 0) = 0) and the factor the old sums and outputs take.
+__device__ __forceinline__ void update_row_max(float (&tile_max)[2], float (&m)[2], float (&l)[2],
+                                               float scale_log2, float (&m_scaled)[2],
+                                               float (&correction)[2]) {
+#pragma unroll
+  for (int i = 0; i < 2; i++) {
+    tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 1));
+    tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 2));
+    const float m_new = fmaxf(m[i], tile_max[i]);
+    m_scaled[i] = m_new == -INFINITY ? 0.f : m_new * scale_log2;
+    correction[i] = exp2f(m[i] * scale_log2 - m_scaled[i]);
+    m[i] = m_new;
+    l[i] *= correction[i];
+  }
+}
+
+// Natural-log log-sum-exp of a row from its max m (raw score) and its full
+// sum l of exp2(s * scale_log2 - m * scale_log2).
+__device__ __forceinline__ float row_lse(float m, float l, float scale_log2) {
+  return (m * scale_log2 + log2f(l)) * kLn2;
+}
+
+// ---------------------------------------------------------------------------
+// Non-finite values on the causal diagonal (attention_mma.cu's header and
+// wgmma.cuh's say why and how): finding them, zeroing them, and adding the
+// exact kind of the products that a row sees.
+
+// acc (two 16-bit lanes) after adding w * 0: stays +0 while every value of w
+// seen is finite (x * 0 + 0 is +0), turns NaN for a NaN or an Inf.
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t accumulate_nonfinite(uint32_t acc, uint4 w) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int wi = 0; wi < 4; wi++) {
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      asm("fma.rn.bf16x2 %0, %1, %2, %0;" : "+r"(acc) : "r"(words[wi]), "r"(0u));
+    } else {
+      asm("fma.rn.f16x2 %0, %1, %2, %0;" : "+r"(acc) : "r"(words[wi]), "r"(0u));
+    }
+  }
+  return acc;
+}
+
+// w's two 16-bit values with the non-finite ones replaced by 0.
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t zero_nonfinite(uint32_t w) {
+  constexpr uint32_t kExponent = std::is_same_v<scalar_t, at::BFloat16> ? 0x7f80u : 0x7c00u;
+  if ((w & kExponent) == kExponent) w &= 0xffff0000u;
+  if ((w >> 16 & kExponent) == kExponent) w &= 0x0000ffffu;
+  return w;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ float2 unpack2(uint32_t w) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
+  } else {
+    return __half22float2(*reinterpret_cast<const __half2*>(&w));
+  }
+}
+
+// The kind of a sum of non-finite products, 2 bits an element: the sum of
+// non-finite values has the same kind in any order (NaN where any is NaN or
+// both infinities meet), so adding one value of that kind gives the exact
+// kind of acc + the sum.
+enum : uint32_t { kNone = 0, kNaN = 1, kPlusInf = 2, kMinusInf = 3 };
+
+// Merges the kind of the non-finite product x into element i of bits.
+__device__ __forceinline__ void merge_kind(uint32_t* bits, int i, float x) {
+  const uint32_t kind = isnan(x) ? kNaN : x > 0.f ? kPlusInf : kMinusInf;
+  const uint32_t old = bits[i / 16] >> (2 * (i % 16)) & 3u;
+  const uint32_t merged = old == kNone || old == kind ? kind : kNaN;
+  bits[i / 16] ^= (old ^ merged) << (2 * (i % 16));
+}
+
+// acc plus a value of element i's kind, if it has one.
+__device__ __forceinline__ void add_kind(float& acc, const uint32_t* bits, int i) {
+  const uint32_t kind = bits[i / 16] >> (2 * (i % 16)) & 3u;
+  if (kind != kNone) {
+    acc += kind == kNaN ? __int_as_float(0x7fffffff) : kind == kPlusInf ? INFINITY : -INFINITY;
+  }
+}
+
+}  // namespace nanoblock::cuda
