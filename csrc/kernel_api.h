@@ -62,8 +62,9 @@ Tensor causal_attention_backward(const Tensor& grad_out, const Tensor& qkv,
                                  const Tensor& out, const Tensor& lse,
                                  int64_t n_head, const Dropout& dropout);
 // out = residual + dropout(x), or dropout(x) alone when residual is
-// undefined; x [N, C], residual [N, C]. The Block's final add (which 2), and
-// in the backward the gradient through a residual dropout (Z o grad).
+// undefined; x [N, C], residual [N, C]. The Block's final add (which 2; with
+// dropout inactive, the plain add), and in the backward the gradient through
+// a residual dropout (Z o grad).
 Tensor dropout_add(const Tensor& x, const Tensor& residual, const Dropout& dropout);
 // out = gelu(x + bias); x [N, F], bias [F] or undefined.
 // tanh: the tanh approximation (GPT-2) instead of the exact erf form.

@@ -194,12 +194,15 @@ class Block(nn.Module):
 
     def block_params(self):
         """The twelve parameters in the Block op's order (None for absent biases)."""
-        return (self.ln_1.weight, self.ln_1.bias,
-                self.attn.c_attn.weight, self.attn.c_attn.bias,
-                self.attn.c_proj.weight, self.attn.c_proj.bias,
-                self.ln_2.weight, self.ln_2.bias,
-                self.mlp.c_fc.weight, self.mlp.c_fc.bias,
-                self.mlp.c_proj.weight, self.mlp.c_proj.bias)
+        # Read from the modules' _parameters dicts: the same tensors as
+        # self.ln_1.weight etc. (nn.Module.__getattr__ reads those dicts), but
+        # 3 us a call instead of 35 on this project's CPU (twelve attribute
+        # chains through __getattr__): host time decides small Blocks' speed.
+        m = self._modules
+        attn, mlp = m["attn"]._modules, m["mlp"]._modules
+        return tuple(p for mod in (m["ln_1"], attn["c_attn"], attn["c_proj"], m["ln_2"],
+                                   mlp["c_fc"], mlp["c_proj"])
+                     for p in (mod._parameters["weight"], mod._parameters.get("bias")))
 
     def forward(self, x):
         if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):

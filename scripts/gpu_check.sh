@@ -16,6 +16,9 @@
 #   SANITIZERS             which compute-sanitizer tools run (default:
 #                          "memcheck racecheck initcheck")
 #   INITCHECK_K            pytest -k of initcheck's tests (default below)
+#   INITCHECK_FLAGS        initcheck's compute-sanitizer flags (default:
+#                          --print-limit 10000; "--print-limit 0
+#                          --show-backtrace no" counts every report, fast)
 #   SANITIZER_TIMEOUT      seconds each sanitizer run may take (default: no limit;
 #                          one cut off counts as failed)
 # Exit status: non-zero if the build, the tests or a sanitizer check failed.
@@ -93,12 +96,15 @@ if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
   if wants initcheck; then
     NANOBLOCK_SDPA_MATH=1 sanitize initcheck "$OUT/initcheck.log" \
         "${INITCHECK_K:-small and not gradcheck and not nan_is_causal_in_the_block}" \
-        --print-limit 10000 &
+        ${INITCHECK_FLAGS:---print-limit 10000} &
     sanitizers+=($!)
     { PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "${SANITIZER_TIMEOUT:-0}" \
           compute-sanitizer --tool initcheck --print-limit 100 \
           $PY scripts/initcheck_probe.py >"$OUT/initcheck_probe.log" 2>&1
-      $PY scripts/initcheck_summary.py "$OUT/initcheck_probe.log" >"$OUT/initcheck_probe.txt"; } &
+      { $PY scripts/initcheck_summary.py "$OUT/initcheck_probe.log"
+        echo "reports by the size of the memory copied (float32 result 4,718,592 bytes, bfloat16 2,359,296):"
+        grep -o "of size [0-9,]* bytes" "$OUT/initcheck_probe.log" | sort | uniq -c
+        grep -E "GEMM then copy done" "$OUT/initcheck_probe.log"; } >"$OUT/initcheck_probe.txt"; } &
     sanitizers+=($!)
   fi
 fi

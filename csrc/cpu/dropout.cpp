@@ -10,6 +10,7 @@
 namespace nanoblock::cpu {
 
 Tensor dropout_add(const Tensor& x, const Tensor& residual, const Dropout& dropout) {
+  if (!dropout.active()) return residual.defined() ? residual + x : x.clone();
   if (is_bf16(x)) {
     return to_bf16(dropout_add(to_float(x), to_float(residual), dropout));
   }

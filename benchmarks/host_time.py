@@ -1,0 +1,106 @@
+"""Where a small Block's host time goes: the host's time to issue each piece
+of a forward+backward, nanoblock's ops and the PyTorch ops they sit beside.
+
+    python benchmarks/host_time.py --device cuda                 # tiny config
+    python benchmarks/host_time.py --device cuda --config 16,1024,768,12
+
+At small sizes (the tiny config, 64 x 256 x 384) a Block's step is bound by
+the host: profile_block.py shows the kernels of a forward+backward take
+0.74 ms replayed from a CUDA graph but 1.2-1.7 ms run from Python. This
+script times how long each piece takes the host to issue while the GPU is
+held busy by a sleep kernel, so no launch waits for the GPU: the numbers are
+host microseconds per call, not GPU time. On the CPU (no sleep kernel) they
+include the computation, so use a tiny --config there.
+"""
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+import nanoblock
+from nanoblock import GPTConfig
+from nanoblock.reference import ReferenceBlock
+
+
+def host_us(fn, device, calls=200, rounds=5):
+    """Best over rounds of the mean host time per call of fn, in us."""
+    for _ in range(10):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU time: launches never wait
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return 1e6 * best
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--config", default="64,256,384,6", help="B,T,C,n_head")
+    p.add_argument("--dtype", default=None, help="default bfloat16 on cuda, float32 on cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    B, T, C, H = map(int, args.config.split(","))
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_embd=C, n_head=H, block_size=T, bias=True, dropout=0.0)
+    ours = nanoblock.Block(cfg).to(device, dtype)
+    ref = ReferenceBlock(cfg).to(device, dtype)
+    x = torch.randn(B, T, C, device=device, dtype=dtype, requires_grad=True)
+    gy = torch.randn_like(x)
+    params = ours.block_params()
+    w = [q for q in params if q is not None]
+    wr = [q for q in ref.parameters()]
+    xd = x.detach()
+    rows = xd.view(-1, C)
+    qkv = torch.randn(B, T, 3 * C, device=device, dtype=dtype)
+    fc = torch.randn(B, T, 4 * C, device=device, dtype=dtype)
+    W = torch.randn(3 * C, C, device=device, dtype=dtype)
+    b = torch.randn(3 * C, device=device, dtype=dtype)
+    lnw, lnb = params[0].detach(), params[1].detach()
+    fc_bias = params[9].detach()
+    nb = torch.ops.nanoblock
+    with torch.no_grad():
+        saved = nb.block_forward(xd, *[q.detach() for q in params], H, "none", 0.0, None)
+
+    print(f"host time per call, us ({device}, {dtype}, config B={B} T={T} C={C} heads={H}; "
+          f"torch {torch.__version__}{', ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''})")
+    pieces = [
+        ("nanoblock: Block forward+backward (autograd.grad)",
+         lambda: torch.autograd.grad(ours(x), [x] + w, gy)),
+        ("eager:     Block forward+backward (autograd.grad)",
+         lambda: torch.autograd.grad(ref(x), [x] + wr, gy)),
+        ("nanoblock: Block forward, autograd on", lambda: ours(x)),
+        ("eager:     Block forward, autograd on", lambda: ref(x)),
+        ("nanoblock: block_params()", lambda: ours.block_params()),
+        ("nanoblock: block_forward op, no grad",
+         lambda: nb.block_forward(xd, *[q.detach() for q in params], H, "none", 0.0, None)),
+        ("nanoblock: block_backward op",
+         lambda: nb.block_backward(gy, xd, *[q.detach() for q in params], *saved[1:], H, "none",
+                                   0.0, None)),
+        ("nanoblock: layer_norm_forward op", lambda: nb.layer_norm_forward(xd, lnw, lnb, 1e-5)),
+        ("nanoblock: causal_attention_forward op",
+         lambda: nb.causal_attention_forward(qkv, H, 0.0, None)),
+        ("nanoblock: gelu_forward op (bias)", lambda: nb.gelu_forward(fc, fc_bias, "none")),
+        ("torch:     F.layer_norm", lambda: F.layer_norm(xd, (C,), lnw, lnb)),
+        ("torch:     torch.mm [N, C] x [C, 3C]", lambda: torch.mm(rows, W.t())),
+        ("torch:     torch.addmm (bias) [N, C] x [C, 3C]", lambda: torch.addmm(b, rows, W.t())),
+        ("torch:     F.gelu [B, T, 4C]", lambda: F.gelu(fc)),
+        ("torch:     torch.empty_like [B, T, 4C]", lambda: torch.empty_like(fc)),
+        ("torch:     x + y [B, T, C]", lambda: xd + xd),
+    ]
+    for name, fn in pieces:
+        with torch.no_grad() if "no grad" in name else torch.enable_grad():
+            print(f"  {name:52s} {host_us(fn, device):8.1f}")
+
+
+if __name__ == "__main__":
+    main()
