@@ -11,6 +11,13 @@ script times how long each piece takes the host to issue while the GPU is
 held busy by a sleep kernel, so no launch waits for the GPU: the numbers are
 host microseconds per call, not GPU time. On the CPU (no sleep kernel) they
 include the computation, so use a tiny --config there.
+
+The backward rows split autograd's share: torch.autograd.grad's Python
+wrapper (autograd.grad minus "engine only", its engine.run_backward), the
+engine around our one node (engine only minus the block_backward op, no
+grad) and the engine's floor for a node with 13 inputs (the torch.cat rows).
+On CUDA the engine runs a backward on its device thread, on the CPU on the
+caller's: compare the floor on the device measured.
 """
 import argparse
 import time
@@ -73,6 +80,15 @@ def main():
     nb = torch.ops.nanoblock
     with torch.no_grad():
         saved = nb.block_forward(xd, *[q.detach() for q in params], H, "none", 0.0, None)
+    # The backward alone, kept for repeated calls (retain_graph), split into
+    # torch.autograd.grad's Python wrapper and the engine under it; and the
+    # engine's floor: one builtin node with the same 13 inputs (torch.cat's
+    # backward slices its gradient: views, no kernel).
+    y = ours(x)
+    engine = torch.autograd.Variable._execution_engine
+    leaves = [torch.randn(4, device=device, dtype=dtype, requires_grad=True) for _ in range(13)]
+    cat = torch.cat(leaves)
+    gcat = torch.randn_like(cat)
 
     print(f"host time per call, us ({device}, {dtype}, config B={B} T={T} C={C} heads={H}; "
           f"torch {torch.__version__}{', ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''})")
@@ -81,12 +97,23 @@ def main():
          lambda: torch.autograd.grad(ours(x), [x] + w, gy)),
         ("eager:     Block forward+backward (autograd.grad)",
          lambda: torch.autograd.grad(ref(x), [x] + wr, gy)),
+        ("nanoblock: Block backward alone (autograd.grad)",
+         lambda: torch.autograd.grad(y, [x] + w, gy, retain_graph=True)),
+        ("nanoblock: Block backward alone (engine only)",
+         lambda: engine.run_backward((y,), (gy,), True, False, tuple([x] + w), False, False)),
+        ("torch:     13-input cat backward (autograd.grad)",
+         lambda: torch.autograd.grad(cat, leaves, gcat, retain_graph=True)),
+        ("torch:     13-input cat backward (engine only)",
+         lambda: engine.run_backward((cat,), (gcat,), True, False, tuple(leaves), False, False)),
         ("nanoblock: Block forward, autograd on", lambda: ours(x)),
         ("eager:     Block forward, autograd on", lambda: ref(x)),
         ("nanoblock: block_params()", lambda: ours.block_params()),
         ("nanoblock: block_forward op, no grad",
          lambda: nb.block_forward(xd, *[q.detach() for q in params], H, "none", 0.0, None)),
         ("nanoblock: block_backward op",
+         lambda: nb.block_backward(gy, xd, *[q.detach() for q in params], *saved[1:], H, "none",
+                                   0.0, None)),
+        ("nanoblock: block_backward op, no grad (as in bwd)",
          lambda: nb.block_backward(gy, xd, *[q.detach() for q in params], *saved[1:], H, "none",
                                    0.0, None)),
         ("nanoblock: layer_norm_forward op", lambda: nb.layer_norm_forward(xd, lnw, lnb, 1e-5)),
