@@ -20,35 +20,17 @@ On CUDA the engine runs a backward on its device thread, on the CPU on the
 caller's: compare the floor on the device measured.
 """
 import argparse
-import time
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 
-import nanoblock
-from nanoblock import GPTConfig
-from nanoblock.reference import ReferenceBlock
-
-
-def host_us(fn, device, calls=10, rounds=20):
-    """Best over rounds of the mean host time per call of fn, in us. Few
-    calls a round: a stream holds about a thousand pending launches, and a
-    host that fills it waits for the GPU (a first version with 200 calls a
-    round measured 2.6 ms for a forward: the GPU's time, not the host's)."""
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(rounds):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda._sleep(100_000_000)  # ~50 ms of GPU time: launches never wait
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return 1e6 * best
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import nanoblock  # noqa: E402
+from benchmarks import common  # noqa: E402
+from nanoblock import GPTConfig  # noqa: E402
+from nanoblock.reference import ReferenceBlock  # noqa: E402
 
 
 def main():
@@ -129,7 +111,7 @@ def main():
     ]
     for name, fn in pieces:
         with torch.no_grad() if "no grad" in name else torch.enable_grad():
-            print(f"  {name:52s} {host_us(fn, device):8.1f}")
+            print(f"  {name:52s} {common.host_us(fn, device):8.1f}")
 
 
 if __name__ == "__main__":

@@ -57,15 +57,8 @@ def host_and_wall_ms(step, model, x, gy, reps=20):
     (measured while the GPU is held busy by a sleep kernel, so launches
     never wait for it), the time per step of steps run back to back, and the
     time per replay of the step captured as a CUDA graph (no host work)."""
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time: the queue stays ahead
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        step()
-    host = (time.perf_counter() - t0) / reps
-    torch.cuda.synchronize()
+    host_ms = 1e-3 * common.host_us(step, x.device, calls=reps, rounds=1,
+                                    sleep_cycles=200_000_000)  # ~0.1 s of GPU time
     t0 = time.perf_counter()
     for _ in range(reps):
         step()
@@ -81,7 +74,7 @@ def host_and_wall_ms(step, model, x, gy, reps=20):
         graph.replay()
     torch.cuda.synchronize()
     replay = (time.perf_counter() - t0) / reps
-    return 1e3 * host, 1e3 * wall, 1e3 * replay
+    return host_ms, 1e3 * wall, 1e3 * replay
 
 
 def host_table(step, steps):
