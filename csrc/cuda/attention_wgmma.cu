@@ -75,7 +75,8 @@ struct WgmmaTiles {
   static constexpr int kSchedule = SCHEDULE;
   static constexpr bool kPipelined = SCHEDULE == Schedule::kPipelined;
   static constexpr bool kHasProducer = SCHEDULE == Schedule::kProducer;
-  static constexpr int kBuffers = SCHEDULE == Schedule::kSerial ? 2 : 3;  // key / value tiles in flight
+  // Key / value tiles in flight.
+  static constexpr int kBuffers = SCHEDULE == Schedule::kSerial ? 2 : 3;
   static constexpr int kQueries = kWarpgroupRows * WG;
   static constexpr int kConsumers = WG;
   static constexpr int kThreads = kWarpgroupThreads * (WG + (kHasProducer ? 1 : 0));
@@ -96,10 +97,11 @@ struct WgmmaTiles {
   // which only computes addresses, drops to kProducerRegisters and the
   // consumers take what it gave back (the pipelined step keeps S, O and P
   // live at once: 212 registers at hd 64, BK 128 in the 2-warpgroup
-  // pipelined kernel). 40 for the producer spilled (ptxas keeps the copies'
-  // addresses of every round live across the tile loop; every spill store
-  // of the SASS lay after its setmaxnreg.dec); at 56 the consumers get 224
-  // (2 of them) or 152 (3).
+  // pipelined kernel). With its copy rounds unrolled the producer spilled
+  // at 40 and at 56 (ptxas kept every round's addresses live across the
+  // tile loop; all spill stores of the SASS lay after setmaxnreg.dec), so
+  // it copies with the rounds rolled (nothing spills then; 40 not tried
+  // since). At 56 the consumers get 224 (2 of them) or 152 (3).
   static constexpr int kLaunchRegisters = 65536 / kThreads / 8 * 8;
   static constexpr int kProducerRegisters = 56;
   static constexpr int kConsumerRegisters =
@@ -476,10 +478,14 @@ __global__ void __launch_bounds__(Tiles::kThreads, 1)
     };
     for (int kt = 0; kt < key_tiles; kt++) {
       if (kt >= kBuffers) mbarrier_wait(empty_s + 8 * buffer(kt), parity(kt) ^ 1);
-      if (kt == 0) copy_tile_async<BQ, HD, kWarpgroupThreads>(q_s, head, row_stride, q0, T);
-      copy_tile_async<BK, HD, kWarpgroupThreads>(key_buffer(kt), head + C, row_stride, kt * BK, T);
-      copy_tile_async<BK, HD, kWarpgroupThreads>(value_buffer(kt), head + 2 * C, row_stride,
-                                                 kt * BK, T);
+      // Rounds not unrolled (copy_tile_async says why).
+      if (kt == 0) {
+        copy_tile_async<BQ, HD, kWarpgroupThreads, scalar_t, 1>(q_s, head, row_stride, q0, T);
+      }
+      copy_tile_async<BK, HD, kWarpgroupThreads, scalar_t, 1>(key_buffer(kt), head + C, row_stride,
+                                                              kt * BK, T);
+      copy_tile_async<BK, HD, kWarpgroupThreads, scalar_t, 1>(value_buffer(kt), head + 2 * C,
+                                                              row_stride, kt * BK, T);
       copy_async_commit();
       if (kt > 0) {
         copy_async_wait_for_tensor_cores<1>();
@@ -660,7 +666,7 @@ bool launch_built(int64_t hd, const TileChoice& want, const Tensor& qkv, int64_t
 // 128: 145.0 but 375.0 against 414.4 at T = 4096). The producer schedule is
 // NOT yet timed on a GPU: GPU_RUN.txt times both; set this to false if it
 // is slower or fails there.
-constexpr bool kForwardProducerByDefault = false;
+constexpr bool kForwardProducerByDefault = true;
 
 TileChoice default_forward_tiles(int64_t hd) {
   if (kForwardProducerByDefault) return TileChoice{hd == 64 ? 128 : 64, 2, kProducer};

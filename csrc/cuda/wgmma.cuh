@@ -180,13 +180,16 @@ __device__ __forceinline__ uint32_t swizzled_offset(int row, int chunk) {
 // Starts copying rows first .. first + ROWS - 1 (zeros at or past T) of one
 // head's HD columns, rows row_stride elements apart in global memory, into
 // the swizzled tile at shared address `tile`. Neighbouring threads take
-// neighbouring 16-byte chunks of a row (coalesced reads).
-template <int ROWS, int HD, int THREADS, typename scalar_t>
+// neighbouring 16-byte chunks of a row (coalesced reads). UNROLL: rounds
+// unrolled (all by default; the producer warpgroup of attention_wgmma.cu
+// takes 1, or ptxas keeps every round's addresses live across its tile loop
+// and spills them at the producer's small register limit).
+template <int ROWS, int HD, int THREADS, typename scalar_t, int UNROLL = ROWS * (HD / 8) / THREADS>
 __device__ __forceinline__ void copy_tile_async(uint32_t tile, const scalar_t* src,
                                                 int64_t row_stride, int first, int T) {
   constexpr int kChunks = HD / 8;
   static_assert(ROWS * kChunks % THREADS == 0, "whole rounds of chunks");
-#pragma unroll
+#pragma unroll UNROLL
   for (int round = 0; round < ROWS * kChunks / THREADS; round++) {
     const int idx = round * THREADS + static_cast<int>(threadIdx.x);
     const int r = idx / kChunks, c = idx % kChunks;
