@@ -48,11 +48,16 @@ CSRC = os.path.join(ROOT, "csrc")
 SHAPES = [(2, 1, 768, 12), (2, 97, 768, 12), (2, 1025, 768, 12), (16, 1024, 768, 12),
           (4, 4096, 768, 12), (2, 1000, 1024, 8)]  # the last: head dim 128
 QUICK_SHAPES = [(2, 1, 768, 12), (2, 97, 768, 12), (1, 300, 1024, 8)]
-BENCH_SHAPES = [(16, 1024, 768, 12), (4, 4096, 768, 12)]
+BENCH_SHAPES = [(16, 1024, 768, 12), (16, 1024, 2048, 16), (4, 4096, 768, 12),
+                (4, 4096, 2048, 16)]  # head dims 64, 128, 64, 128
 # Tile shapes built in attention_wgmma.cu: head dim -> [(key_tile, warpgroups,
-# pipelined)], the default first.
-TILES = {64: [(128, 2, False), (128, 2, True), (64, 2, False), (128, 1, False)],
-         128: [(64, 2, False), (64, 2, True), (128, 2, False), (128, 2, True)]}
+# schedule)], the dispatch's default first (with kForwardProducerByDefault),
+# the serial default of session 5 second. Schedules: 0 serial, 1 pipelined,
+# 2 producer (warpgroups counts the consumers; the block has one more).
+SCHEDULES = ("serial", "pipelined", "producer")
+TILES = {64: [(128, 2, 2), (64, 2, 0), (64, 2, 2), (64, 3, 2), (128, 2, 0), (128, 2, 1),
+              (128, 1, 0)],
+         128: [(64, 2, 2), (64, 2, 0), (64, 2, 1), (128, 2, 0), (128, 2, 1)]}
 TILE_CHECK_SHAPES = [(2, 97, 768, 12), (2, 1025, 768, 12), (16, 1024, 768, 12),
                      (3, 515, 1024, 8), (2, 1000, 1024, 8)]
 
@@ -145,7 +150,7 @@ def build(verbose):
     return ext
 
 
-def kernel_resources(so_path, kernel_word="wgmma_forward_kernel", describe=None):
+def kernel_resources(so_path, kernel_word="wgmma_forward", describe=None):
     """Registers, stack and HGMMA count of the kernels whose mangled name holds
     kernel_word (cuobjdump, when present); describe(name) names a kernel's tile shape
     (the forward's by default)."""
@@ -173,21 +178,20 @@ def kernel_resources(so_path, kernel_word="wgmma_forward_kernel", describe=None)
 
 
 def describe_forward_kernel(name):
-    tiles = re.search(r"WgmmaTilesILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELb([01])E", name)
+    tiles = re.search(r"WgmmaTilesILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi([012])E", name)
     if not tiles:
         return name
-    hd, keys, wg, blocks, pipelined = tiles.groups()
-    return (f"hd {hd} keys={keys} wg={wg} "
-            f"{'pipelined' if pipelined == '1' else 'serial'}, min blocks {blocks}")
+    hd, keys, wg, blocks, schedule = tiles.groups()
+    return f"hd {hd} keys={keys} wg={wg} {SCHEDULES[int(schedule)]}, min blocks {blocks}"
 
 
 def tiles_name(tiles):
-    key_tile, warpgroups, pipelined = tiles
-    return f"keys={key_tile} wg={warpgroups} {'pipelined' if pipelined else 'serial'}"
+    key_tile, warpgroups, schedule = tiles
+    return f"keys={key_tile} wg={warpgroups} {SCHEDULES[schedule]}"
 
 
 def kernel_name(kernel):
-    """kernel: (head dim, key_tile, warpgroups, pipelined), one compiled kernel (per dtype)."""
+    """kernel: (head dim, key_tile, warpgroups, schedule), one compiled kernel (per dtype)."""
     return f"hd {kernel[0]} {tiles_name(kernel[1:])}"
 
 
@@ -270,7 +274,7 @@ class Checks:
     def run(self, label, fn, kernel):
         """fn() inside a guard: an exception is a FAIL, a CUDA error stops the GPU work.
 
-        kernel: (hd, key_tile, warpgroups, pipelined) that fn runs (skipped when excluded)."""
+        kernel: (hd, key_tile, warpgroups, schedule) that fn runs (skipped when excluded)."""
         if self.fatal:
             return
         if kernel in self.excluded:
@@ -416,8 +420,8 @@ class FakeExtension:
     def wgmma_forward(self, qkv, n_head):
         return self.attention(qkv, n_head)
 
-    def wgmma_forward_tiles(self, qkv, n_head, key_tile, warpgroups, pipelined):
-        if (key_tile, warpgroups, pipelined) != self.broken:
+    def wgmma_forward_tiles(self, qkv, n_head, key_tile, warpgroups, schedule):
+        if (key_tile, warpgroups, schedule) != self.broken:
             return self.attention(qkv, n_head)
         C = qkv.shape[2] // 3
         qkv = qkv.clone()
@@ -429,7 +433,7 @@ class FakeExtension:
 
 
 def run_checks(checks, quick):
-    """Serial tile shapes before pipelined ones in each stage: a crash in one stops the
+    """Serial tile shapes before pipelined and producer ones in each stage: a crash in one stops the
     process (and the rest runs again in a fresh one without it)."""
     torch = checks.torch
     log("\n== layout probes (float16, one-hot attention: out[i] must be v[i] exactly)")
@@ -680,13 +684,13 @@ def run_script(script):
 
 
 def parse_exclude(text):
-    hd, keys, wg, pipelined = (int(x) for x in text.split(","))
-    return (hd, keys, wg, bool(pipelined))
+    hd, keys, wg, schedule = (int(x) for x in text.split(","))
+    return (hd, keys, wg, schedule)
 
 
 def main():
     return run_script(types.SimpleNamespace(
-        doc=__doc__, path=__file__, deadline=540, exclude_metavar="HD,KEYS,WG,PIPELINED",
+        doc=__doc__, path=__file__, deadline=540, exclude_metavar="HD,KEYS,WG,SCHEDULE",
         exclude_example="64,128,2,1", parse_exclude=parse_exclude,
         format_exclude=lambda kernel: ",".join(str(int(x)) for x in kernel),
         kernel_name=kernel_name, self_test=self_test,

@@ -64,8 +64,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wgmma_forward", &nanoblock::cuda::wgmma_attention_forward, "(out, lse) = f(qkv, n_head)",
         py::arg("qkv"), py::arg("n_head"));
   m.def("wgmma_forward_tiles", &nanoblock::cuda::wgmma_attention_forward_tiles,
-        "(out, lse) = f(qkv, n_head, key_tile, warpgroups, pipelined)", py::arg("qkv"),
-        py::arg("n_head"), py::arg("key_tile"), py::arg("warpgroups"), py::arg("pipelined"));
+        "(out, lse) = f(qkv, n_head, key_tile, warpgroups, schedule: 0 serial, 1 pipelined, "
+        "2 producer)",
+        py::arg("qkv"), py::arg("n_head"), py::arg("key_tile"), py::arg("warpgroups"),
+        py::arg("schedule"));
   m.def("mma_forward", &mma_forward, "the mma.sync forward: (out, lse) = f(qkv, n_head)",
         py::arg("qkv"), py::arg("n_head"));
   m.def("mma_backward", &mma_backward,

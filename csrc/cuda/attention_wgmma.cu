@@ -11,11 +11,13 @@
 //        sums of exp(scale * q k^T) over keys 0..row), scale = 1/sqrt(hd)
 //
 // Block: WG warpgroups ("consumers"), each owning 64 consecutive queries of
-// the block's query tile (64 * WG queries). Every thread also copies tiles
-// in (cp.async; no producer warp yet). Shared memory holds the query tile
-// and two (three when pipelined) buffers each of a key tile and a value
-// tile (BK keys): tile kt + 1 is copied while tile kt is used. Per key tile
-// and warpgroup:
+// the block's query tile (64 * WG queries). In the serial and pipelined
+// schedules every thread also copies tiles in (cp.async); in the producer
+// schedule one more warpgroup does the copies alone (see the producer
+// kernel). Shared memory holds the query tile and two (three when pipelined
+// or with a producer) buffers each of a key tile and a value tile (BK keys):
+// the next tiles are copied while tile kt is used. Per key tile and
+// warpgroup:
 //   S = Q K^T     wgmma m64n{BK}k16, A (Q) and B (K) from shared memory,
 //                 HD / 16 instructions, float32 accumulators in registers
 //   online softmax on those registers (mask, row max, exp2, row sum)
@@ -23,8 +25,10 @@
 //                 registers, B (V) from shared memory, BK / 16 instructions
 // in that order ("serial"), or with S of tile kt issued before P V of tile
 // kt - 1 so that the softmax overlaps a product ("pipelined"; the kernel's
-// comment has the schedules). Blocks are ordered longest query tiles first
-// (as in attention_mma.cu).
+// comment has the schedules), the latter also with a producer warpgroup
+// ("producer": no block barrier per key tile, copies several tiles ahead,
+// more registers for the consumers). Blocks are ordered longest query tiles
+// first (as in attention_mma.cu).
 // Scores are kept in the log2 domain (scaled by scale * log2 e) and
 // exponentiated with exp2f; lse is written in natural log units. Masked
 // scores are set to -inf by select. A NaN or Inf in v stays causal: on the
@@ -45,32 +49,64 @@ namespace nanoblock::cuda {
 
 namespace {
 
+// The schedules (the kernels' comments say what each does): every warpgroup
+// copies and multiplies, S, softmax and P V one after the other (serial) or
+// the softmax of one tile overlapping P V of the one before (pipelined); or
+// the latter with a producer warpgroup that does all the copies (producer).
+enum Schedule : int { kSerial = 0, kPipelined = 1, kProducer = 2 };
+
 // Tile shape and schedule of one kernel: HD head dim, BK keys per key tile,
 // WG consumer warpgroups (64 queries each), MIN_BLOCKS blocks per
 // multiprocessor asked of the compiler (a register cap of 64K / (threads *
-// MIN_BLOCKS)), PIPELINED the schedule (see the kernel): false = serial
-// (S, softmax, P V, one after the other; 2 key/value buffers), true = S of
-// tile kt issued before P V of tile kt - 1, so the softmax of one overlaps
-// the other product (3 key/value buffers).
-template <int HD, int BK, int WG, int MIN_BLOCKS, bool PIPELINED>
+// MIN_BLOCKS)), SCHEDULE one of Schedule. Buffers of key / value tiles:
+// serial 2 (tile kt + 1 copied while tile kt is used), pipelined 3 (tile kt
+// - 1's values are still read while tile kt + 1 is copied), producer 3 (see
+// the producer kernel).
+template <int HD, int BK, int WG, int MIN_BLOCKS, int SCHEDULE>
 struct WgmmaTiles {
   static_assert(HD % kPanelCols == 0, "head dim: whole 64-column panels");
   static_assert(BK == 64 || BK == 128, "wgmma N for S: 64 or 128 keys");
   static_assert(HD == 64 || HD == 128, "wgmma N for O: 64 or 128");
+  static_assert(SCHEDULE != Schedule::kProducer || MIN_BLOCKS == 1,
+                "setmaxnreg counts one block an SM");
   static constexpr int kHeadDim = HD;
   static constexpr int kKeys = BK;
   static constexpr int kMinBlocks = MIN_BLOCKS;
-  static constexpr bool kPipelined = PIPELINED;
-  static constexpr int kBuffers = PIPELINED ? 3 : 2;  // key / value tiles in flight
+  static constexpr int kSchedule = SCHEDULE;
+  static constexpr bool kPipelined = SCHEDULE == Schedule::kPipelined;
+  static constexpr bool kHasProducer = SCHEDULE == Schedule::kProducer;
+  // Key / value tiles in flight.
+  static constexpr int kBuffers = SCHEDULE == Schedule::kSerial ? 2 : 3;
   static constexpr int kQueries = kWarpgroupRows * WG;
-  static constexpr int kThreads = kWarpgroupThreads * WG;
+  static constexpr int kConsumers = WG;
+  static constexpr int kThreads = kWarpgroupThreads * (WG + (kHasProducer ? 1 : 0));
   static constexpr int kQBytes = kQueries * HD * 2;  // 16-bit elements
   static constexpr int kKvBytes = BK * HD * 2;       // one K (or V) tile
-  // q, then k [kBuffers], then v [kBuffers]; plus the slack to align the
-  // start to 1024.
-  static constexpr int kSharedBytes = kQBytes + 2 * kBuffers * kKvBytes + kAtomBytes;
+  // Producer schedule: per buffer a "full" and an "empty" mbarrier (8 bytes
+  // each) and the non-finite vote of the tile in it (4 bytes).
+  static constexpr int kHandshakeBytes = kHasProducer ? kBuffers * (8 + 8 + 4) : 0;
+  // q, then k [kBuffers], then v [kBuffers], then the handshake; plus the
+  // slack to align the start to 1024.
+  static constexpr int kSharedBytes =
+      kQBytes + 2 * kBuffers * kKvBytes + kHandshakeBytes + kAtomBytes;
   static_assert(kQBytes % kAtomBytes == 0 && kKvBytes % kAtomBytes == 0, "1024-aligned tiles");
   static_assert(kSharedBytes <= 227 * 1024, "shared memory of one block");
+  // Registers a thread under the producer schedule (setmaxnreg, multiples of
+  // 8): the block is launched with kLaunchRegisters (the most that lets
+  // kThreads threads fit in the 64K registers of an SM); the producer,
+  // which only computes addresses, drops to kProducerRegisters and the
+  // consumers take what it gave back (the pipelined step keeps S, O and P
+  // live at once: 212 registers at hd 64, BK 128 in the 2-warpgroup
+  // pipelined kernel). With its copy rounds unrolled the producer spilled
+  // at 40 and at 56 (ptxas kept every round's addresses live across the
+  // tile loop; all spill stores of the SASS lay after setmaxnreg.dec), so
+  // it copies with the rounds rolled (nothing spills then; 40 not tried
+  // since). At 56 the consumers get 224 (2 of them) or 152 (3).
+  static constexpr int kLaunchRegisters = 65536 / kThreads / 8 * 8;
+  static constexpr int kProducerRegisters = 56;
+  static constexpr int kConsumerRegisters =
+      (kLaunchRegisters + (kLaunchRegisters - kProducerRegisters) / WG) / 8 * 8;
+  static_assert(!kHasProducer || kConsumerRegisters <= 256, "setmaxnreg: at most 256");
 };
 
 // ---------------------------------------------------------------------------
@@ -124,6 +160,31 @@ __device__ __forceinline__ void rescale(float (&o)[HD / 2], const float (&correc
   for (int j = 0; j < HD / 8; j++) {
 #pragma unroll
     for (int e = 0; e < 4; e++) o[4 * j + e] *= correction[e >> 1];
+  }
+}
+
+// Normalizes this thread's rows (row, row + 8) of o and writes them (layout
+// (b): columns 8j + 2t, 8j + 2t + 1) to out_head [T][C] (the head's first
+// column), and their lse (natural log) to lse_head [T]. Every lane of the
+// warp calls it (the row sums are summed over the quad here).
+template <int HD, typename scalar_t>
+__device__ __forceinline__ void store_rows(const float (&o)[HD / 2], const float (&m)[2],
+                                           float (&l)[2], scalar_t* out_head, float* lse_head,
+                                           int row, int T, int64_t C, float scale_log2) {
+  const int t = threadIdx.x % 4;
+#pragma unroll
+  for (int i = 0; i < 2; i++) {
+    l[i] = quad_sum(l[i]);  // before the branch: all 32 lanes take part
+    const int r = row + 8 * i;
+    if (r >= T) continue;
+    const float inv = 1.f / l[i];
+    if (t == 0) lse_head[r] = row_lse(m[i], l[i], scale_log2);
+    scalar_t* dst = out_head + static_cast<int64_t>(r) * C + 2 * t;
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) {
+      *reinterpret_cast<uint32_t*>(dst + 8 * j) =
+          pack2<scalar_t>(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
+    }
   }
 }
 
@@ -320,29 +381,230 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
     for (; kt < key_tiles; kt++) next_tile(kt);  // every thread: key_tiles barriers
   }
 
-  // Normalize, write out (layout (b): columns 8j + 2t, 8j + 2t + 1 of rows
-  // row and row + 8) and lse (natural log).
-  const int t = lane % 4;
-  scalar_t* out_head = out + static_cast<int64_t>(b) * T * C + h * HD;
-#pragma unroll
-  for (int i = 0; i < 2; i++) {
-    l[i] = quad_sum(l[i]);  // before the branch: all 32 lanes take part
-    const int r = row + 8 * i;
-    if (r >= T) continue;
-    const float inv = 1.f / l[i];
-    if (t == 0) lse[static_cast<int64_t>(bh) * T + r] = row_lse(m[i], l[i], scale_log2);
-    scalar_t* dst = out_head + static_cast<int64_t>(r) * C + 2 * t;
-#pragma unroll
-    for (int j = 0; j < HD / 8; j++) {
-      *reinterpret_cast<uint32_t*>(dst + 8 * j) =
-          pack2<scalar_t>(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
+  store_rows<HD>(o, m, l, out + static_cast<int64_t>(b) * T * C + h * HD,
+                 lse + static_cast<int64_t>(bh) * T, row, T, C, scale_log2);
+#endif  // NANOBLOCK_WGMMA_DEVICE
+}
+
+// The producer schedule. One block: query tile qt (64 * WG queries) of one
+// (batch, head), grid and order as above; WG + 1 warpgroups: warpgroup 0
+// copies (the producer), warpgroups 1 .. WG multiply (consumers, consumer c
+// owning queries 64c .. 64c + 63 of the tile).
+//
+// Why: the serial kernel runs S, softmax and P V of a warpgroup one after
+// the other, and every key tile starts with a block barrier that holds each
+// warpgroup to the slowest one, after copies whose address arithmetic the
+// consumers do themselves. Here each consumer runs the pipelined step (S of
+// tile kt issued before P V of tile kt - 1: its softmax of S_kt runs while
+// the tensor cores do P V), meets the other consumers at no barrier (so one
+// consumer's softmax also overlaps another's products), and finds its tiles
+// already copied, up to kBuffers tiles ahead. The pipelined step keeps S, O
+// and P live at once, more registers than a 256-thread block may have at 1
+// block an SM when the same threads also copy; setmaxnreg moves the
+// producer's registers to the consumers (WgmmaTiles::kConsumerRegisters).
+//
+// Handshake (wgmma.cuh (e)), for tile kt in buffer kt % kBuffers, phase
+// parity (kt / kBuffers) % 2:
+//   full:  128 arrivals: each producer thread, once its own copies of the
+//          tile are in (cp.async.wait_group) and fenced for the tensor cores
+//          (as the other schedules do before their barrier). On diagonal
+//          tiles the producer first votes on the value tile (wgmma.cuh (d);
+//          its own barrier, not the block's) and leaves the answer in the
+//          buffer's vote word for the consumers.
+//   empty: 4 WG arrivals: lane 0 of each consumer warp once its products
+//          reading the buffer are done (the wgmma wait after P V).
+// The producer copies tile kt (after the empty phase of tile kt - kBuffers),
+// then publishes tile kt - 1 (cp.async.wait_group 1: all but the newest
+// group are in), so two tiles are in flight while it waits; with 3 buffers
+// tile kt - 1 is published while the consumers still work on kt - 2.
+// A consumer that skips tile kt (wholly after its queries) still waits for
+// its full phase and arrives on empty, in order: an arrival of tile kt
+// must not count in the phase of tile kt - kBuffers.
+template <typename scalar_t, typename Tiles>
+__global__ void __launch_bounds__(Tiles::kThreads, 1)
+    wgmma_forward_producer_kernel(const scalar_t* __restrict__ qkv, scalar_t* __restrict__ out,
+                                  float* __restrict__ lse, int T, int n_head, int64_t C,
+                                  float scale_log2) {
+#if NANOBLOCK_WGMMA_DEVICE
+  constexpr int HD = Tiles::kHeadDim, BK = Tiles::kKeys, BQ = Tiles::kQueries;
+  constexpr int kBuffers = Tiles::kBuffers;
+  extern __shared__ unsigned char smem_raw[];
+  // Shared-space addresses; every tile 1024-byte aligned (layout (a)).
+  const uint32_t q_s = (shared_address(smem_raw) + kAtomBytes - 1) & ~uint32_t(kAtomBytes - 1);
+  const uint32_t k_s = q_s + Tiles::kQBytes;              // [kBuffers] key tiles
+  const uint32_t v_s = k_s + kBuffers * Tiles::kKvBytes;  // [kBuffers] value tiles
+  const uint32_t full_s = v_s + kBuffers * Tiles::kKvBytes;  // [kBuffers] mbarriers
+  const uint32_t empty_s = full_s + 8 * kBuffers;            // [kBuffers] mbarriers
+  const uint32_t vote_s = empty_s + 8 * kBuffers;            // [kBuffers] int
+  int* vote = reinterpret_cast<int*>(smem_raw + (vote_s - shared_address(smem_raw)));
+
+  const int tiles = (T + BQ - 1) / BQ;
+  const int heads = static_cast<int>(gridDim.x) / tiles;  // B * n_head
+  const int qt = tiles - 1 - static_cast<int>(blockIdx.x) / heads;  // longest rows first
+  const int bh = static_cast<int>(blockIdx.x) % heads;
+  const int b = bh / n_head, h = bh % n_head;
+  const int wg = threadIdx.x / kWarpgroupThreads;
+  const int64_t row_stride = 3 * C;
+  const scalar_t* head = qkv + static_cast<int64_t>(b) * T * row_stride + h * HD;
+  const int q0 = qt * BQ;
+  const int key_tiles = (min(q0 + BQ, T) - 1) / BK + 1;
+
+  const auto buffer = [](int kt) { return static_cast<uint32_t>(kt % kBuffers); };
+  const auto parity = [](int kt) { return static_cast<uint32_t>(kt / kBuffers % 2); };
+  const auto key_buffer = [&](int kt) { return k_s + buffer(kt) * Tiles::kKvBytes; };
+  const auto value_buffer = [&](int kt) { return v_s + buffer(kt) * Tiles::kKvBytes; };
+
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kBuffers; i++) {
+      mbarrier_init(full_s + 8 * i, kWarpgroupThreads);
+      mbarrier_init(empty_s + 8 * i, 4 * Tiles::kConsumers);
     }
   }
+  __syncthreads();  // the last block-wide barrier: the warpgroups part here
+
+  if (wg == 0) {  // the producer; threadIdx.x = 0 .. 127
+    setmaxnreg_dec<Tiles::kProducerRegisters>();
+    // Tile kt's copies are in (the caller waited): vote on the diagonal
+    // tiles, then hand the tile over.
+    const auto publish = [&](int kt) {
+      bool zeroed = false;
+      if (kt * BK + BK - 1 > q0) {  // some key after the block's first query
+        barrier_sync<1, kWarpgroupThreads>();  // every producer thread's copies are in
+        const uint32_t values[1] = {value_buffer(kt)};
+        zeroed = zero_nonfinite_tiles<scalar_t, Tiles::kKvBytes, kWarpgroupThreads, 1, 1>(values);
+      }
+      if (threadIdx.x == 0) vote[buffer(kt)] = zeroed;
+      mbarrier_arrive(full_s + 8 * buffer(kt));
+    };
+    for (int kt = 0; kt < key_tiles; kt++) {
+      if (kt >= kBuffers) mbarrier_wait(empty_s + 8 * buffer(kt), parity(kt) ^ 1);
+      // Rounds not unrolled (copy_tile_async says why).
+      if (kt == 0) {
+        copy_tile_async<BQ, HD, kWarpgroupThreads, scalar_t, 1>(q_s, head, row_stride, q0, T);
+      }
+      copy_tile_async<BK, HD, kWarpgroupThreads, scalar_t, 1>(key_buffer(kt), head + C, row_stride,
+                                                              kt * BK, T);
+      copy_tile_async<BK, HD, kWarpgroupThreads, scalar_t, 1>(value_buffer(kt), head + 2 * C,
+                                                              row_stride, kt * BK, T);
+      copy_async_commit();
+      if (kt > 0) {
+        copy_async_wait_for_tensor_cores<1>();
+        publish(kt - 1);
+      }
+    }
+    copy_async_wait_for_tensor_cores<0>();
+    publish(key_tiles - 1);
+    return;
+  }
+
+  // A consumer.
+  setmaxnreg_inc<Tiles::kConsumerRegisters>();
+  const int c = wg - 1;
+  const int warp = threadIdx.x % kWarpgroupThreads / 32, lane = threadIdx.x % 32;
+  const int wg_q0 = q0 + kWarpgroupRows * c;     // this warpgroup's first query
+  const int row = wg_q0 + 16 * warp + lane / 4;  // this thread's rows: row, row + 8
+  const int my_tiles = wg_q0 >= T ? 0 : min(key_tiles, (wg_q0 + kWarpgroupRows - 1) / BK + 1);
+  const uint32_t q_wg = q_s + c * kWarpgroupRows * kRowBytes;  // panel stride BQ rows
+
+  // Waits until tile kt is in; whether its non-finite values were zeroed.
+  const auto acquire = [&](int kt) {
+    mbarrier_wait(full_s + 8 * buffer(kt), parity(kt));
+    return vote[buffer(kt)] != 0;
+  };
+  // This warp is done with tile kt's buffer (its products were waited for).
+  const auto release = [&](int kt) {
+    __syncwarp();
+    if (lane == 0) mbarrier_arrive(empty_s + 8 * buffer(kt));
+  };
+
+  float s[BK / 2] = {};
+  float o[HD / 2] = {};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  uint32_t p[BK / 16][4] = {};
+  bool zeroed_before = false;  // tile kt - 1's vote, for the step of tile kt
+  // o plus the kinds of P_kt times tile kt's non-finite values.
+  const auto add_nonfinite = [&](int kt) {
+    add_nonfinite_products<BK, HD, false>(o, p, head + 2 * C + kt * BK * row_stride, row_stride,
+                                          row, kt * BK, T);
+  };
+  // S_kt and O += P_{kt-1} V_{kt-1}, as in the pipelined schedule. Straight
+  // line between the issue and the waits (a branch there that ptxas could
+  // take for divergent makes it serialize the wgmmas).
+  const auto step = [&](int kt, auto mask) {
+    const bool zeroed = acquire(kt);
+    keep_in_order(s);
+    keep_in_order(o);
+    keep_in_order(p);
+    wgmma_fence();
+    issue_scores<scalar_t, HD, BQ, BK>(s, q_wg, key_buffer(kt));
+    wgmma_commit();
+    issue_values<scalar_t, HD, BK>(o, p, value_buffer(kt - 1));
+    wgmma_commit();
+    wgmma_wait<1>();  // S_kt is done; P V may still run
+    keep_in_order(s);
+    float correction[2];
+    online_softmax<BK>(s, m, l, row, kt * BK, T, decltype(mask)::value, scale_log2, correction);
+    wgmma_wait<0>();  // P_{kt-1} V_{kt-1} is in o; p and buffer kt - 1 are free
+    keep_in_order(o);
+    release(kt - 1);
+    if (zeroed_before) add_nonfinite(kt - 1);
+    zeroed_before = zeroed;
+    rescale<HD>(o, correction);
+    scores_to_a<scalar_t, BK>(p, s);
+  };
+
+  if (my_tiles > 0) {  // S_0 and its softmax alone
+    zeroed_before = acquire(0);
+    keep_in_order(s);
+    wgmma_fence();
+    issue_scores<scalar_t, HD, BQ, BK>(s, q_wg, key_buffer(0));
+    wgmma_commit();
+    wgmma_wait<0>();
+    keep_in_order(s);
+    float correction[2];  // o is still 0: nothing to rescale
+    const bool needs_mask = BK - 1 > wg_q0 || BK > T;
+    online_softmax<BK>(s, m, l, row, 0, T, needs_mask, scale_log2, correction);
+    scores_to_a<scalar_t, BK>(p, s);
+  }
+  // Tiles before first_masked lie wholly at or before this warpgroup's
+  // first query (and so before T): (kt + 1) * BK <= wg_q0 + 1.
+  const int first_masked = min(my_tiles, (wg_q0 + 1) / BK);
+  int kt = 1;
+  for (; kt < first_masked; kt++) step(kt, std::false_type{});
+  for (; kt < my_tiles; kt++) step(kt, std::true_type{});
+  if (my_tiles > 0) {  // the drain: P V of the last tile
+    keep_in_order(o);
+    keep_in_order(p);
+    wgmma_fence();
+    issue_values<scalar_t, HD, BK>(o, p, value_buffer(my_tiles - 1));
+    wgmma_commit();
+    wgmma_wait<0>();
+    keep_in_order(o);
+    release(my_tiles - 1);
+    if (zeroed_before) add_nonfinite(my_tiles - 1);
+  }
+  for (kt = my_tiles; kt < key_tiles; kt++) {  // skipped tiles, in order (see above)
+    acquire(kt);
+    release(kt);
+  }
+
+  store_rows<HD>(o, m, l, out + static_cast<int64_t>(b) * T * C + h * HD,
+                 lse + static_cast<int64_t>(bh) * T, row, T, C, scale_log2);
 #endif  // NANOBLOCK_WGMMA_DEVICE
 }
 
 // ---------------------------------------------------------------------------
 // Launchers.
+
+// The kernel of a tile shape's schedule.
+template <typename scalar_t, typename Tiles>
+constexpr auto forward_kernel() {
+  if constexpr (Tiles::kHasProducer) {
+    return wgmma_forward_producer_kernel<scalar_t, Tiles>;
+  } else {
+    return wgmma_forward_kernel<scalar_t, Tiles>;
+  }
+}
 
 template <typename scalar_t, typename Tiles>
 void launch_wgmma_forward(const Tensor& qkv, int64_t n_head, const Tensor& out, const Tensor& lse,
@@ -350,7 +612,7 @@ void launch_wgmma_forward(const Tensor& qkv, int64_t n_head, const Tensor& out, 
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
   if (B * T == 0) return;
   const size_t smem = Tiles::kSharedBytes;
-  auto kernel = wgmma_forward_kernel<scalar_t, Tiles>;
+  auto kernel = forward_kernel<scalar_t, Tiles>();
   allow_shared_memory(kernel, smem);
   kernel<<<B * n_head * ceil_div(T, Tiles::kQueries), Tiles::kThreads, smem, current_stream()>>>(
       qkv.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
@@ -361,8 +623,7 @@ void launch_wgmma_forward(const Tensor& qkv, int64_t n_head, const Tensor& out, 
 
 // A tile shape asked for by name (wgmma_attention_forward_tiles).
 struct TileChoice {
-  int64_t key_tile, warpgroups;
-  bool pipelined;
+  int64_t key_tile, warpgroups, schedule;  // warpgroups: consumers; schedule: Schedule
 };
 
 // Launches the first of Tiles... that `want` names; false when none does.
@@ -372,36 +633,44 @@ bool launch_matching(const TileChoice& want, const Tensor& qkv, int64_t n_head, 
   const auto matches = [&](auto tiles) {
     using Shape = decltype(tiles);
     return want.key_tile == Shape::kKeys && want.warpgroups * kWarpgroupRows == Shape::kQueries &&
-           want.pipelined == Shape::kPipelined;
+           want.schedule == Shape::kSchedule;
   };
   return ((matches(Tiles{}) &&
            (launch_wgmma_forward<scalar_t, Tiles>(qkv, n_head, out, lse, scale_log2), true)) ||
           ...);
 }
 
-// The tile shapes built, per head dim; the first of each list is the
-// default. Not yet timed on a GPU: scripts/try_wgmma.py times them all.
+// The tile shapes built, per head dim (scripts/try_wgmma.py times them all;
+// its TILES lists the same).
 template <typename scalar_t>
 bool launch_built(int64_t hd, const TileChoice& want, const Tensor& qkv, int64_t n_head,
                   const Tensor& out, const Tensor& lse, float scale_log2) {
   if (hd == 64) {
-    return launch_matching<scalar_t, WgmmaTiles<64, 128, 2, 1, false>,
-                           WgmmaTiles<64, 128, 2, 1, true>, WgmmaTiles<64, 64, 2, 2, false>,
-                           WgmmaTiles<64, 128, 1, 2, false>>(want, qkv, n_head, out, lse,
-                                                              scale_log2);
+    return launch_matching<
+        scalar_t, WgmmaTiles<64, 64, 2, 2, kSerial>, WgmmaTiles<64, 128, 2, 1, kProducer>,
+        WgmmaTiles<64, 64, 2, 1, kProducer>, WgmmaTiles<64, 64, 3, 1, kProducer>,
+        WgmmaTiles<64, 128, 2, 1, kSerial>, WgmmaTiles<64, 128, 2, 1, kPipelined>,
+        WgmmaTiles<64, 128, 1, 2, kSerial>>(want, qkv, n_head, out, lse, scale_log2);
   }
-  return launch_matching<scalar_t, WgmmaTiles<128, 64, 2, 1, false>,
-                         WgmmaTiles<128, 64, 2, 1, true>, WgmmaTiles<128, 128, 2, 1, false>,
-                         WgmmaTiles<128, 128, 2, 1, true>>(want, qkv, n_head, out, lse,
-                                                            scale_log2);
+  return launch_matching<
+      scalar_t, WgmmaTiles<128, 64, 2, 1, kSerial>, WgmmaTiles<128, 64, 2, 1, kProducer>,
+      WgmmaTiles<128, 64, 2, 1, kPipelined>, WgmmaTiles<128, 128, 2, 1, kSerial>,
+      WgmmaTiles<128, 128, 2, 1, kPipelined>>(want, qkv, n_head, out, lse, scale_log2);
 }
 
-// The shape the op dispatch takes: the fastest serial one of the first H200
-// run (benchmarks/results/nvidia-h200/try_wgmma.txt, gpt2-small: key tile
-// 64, 2 warpgroups, 126.7 us; key tile 128: 159.0; pipelined key tile 128:
-// 145.0 but 375.0 against 414.4 at T = 4096). hd 128: not yet timed.
-TileChoice default_forward_tiles(int64_t /*hd*/) {
-  return TileChoice{64, 2, false};
+// Whether the op dispatch takes the producer schedule (key tile 128 at hd
+// 64, 64 at hd 128, where its pipelined step fits the consumers' 224
+// registers) instead of the serial one measured in
+// session 5 (benchmarks/results/nvidia-h200/try_wgmma.txt, gpt2-small: key
+// tile 64, 2 warpgroups, 126.7 us; key tile 128: 159.0; pipelined key tile
+// 128: 145.0 but 375.0 against 414.4 at T = 4096). The producer schedule is
+// NOT yet timed on a GPU: GPU_RUN.txt times both; set this to false if it
+// is slower or fails there.
+constexpr bool kForwardProducerByDefault = true;
+
+TileChoice default_forward_tiles(int64_t hd) {
+  if (kForwardProducerByDefault) return TileChoice{hd == 64 ? 128 : 64, 2, kProducer};
+  return TileChoice{64, 2, kSerial};
 }
 
 // Launches the kernel of `choice` on the current stream; false when no such
@@ -440,7 +709,7 @@ bool wgmma_attention_available() {
 
 std::tuple<Tensor, Tensor> wgmma_attention_forward_tiles(const Tensor& qkv_in, int64_t n_head,
                                                          int64_t key_tile, int64_t warpgroups,
-                                                         bool pipelined) {
+                                                         int64_t schedule) {
   NANOBLOCK_CHECK(qkv_in.is_cuda() && qkv_in.dim() == 3,
                   "wgmma_attention_forward: qkv must be a 3-d CUDA tensor [B, T, 3C]");
   const auto dtype = qkv_in.scalar_type();
@@ -463,9 +732,10 @@ std::tuple<Tensor, Tensor> wgmma_attention_forward_tiles(const Tensor& qkv_in, i
                   "wgmma_attention_forward: qkv must be 16-byte aligned");
   Tensor out = at::empty({B, T, C}, qkv.options());
   Tensor lse = at::empty({B, n_head, T}, qkv.options().dtype(at::kFloat));
-  NANOBLOCK_CHECK(launch_forward(qkv, n_head, out, lse, {key_tile, warpgroups, pipelined}),
+  NANOBLOCK_CHECK(launch_forward(qkv, n_head, out, lse, {key_tile, warpgroups, schedule}),
                   "wgmma_attention_forward: no kernel built for head dim ", hd, " with key tile ",
-                  key_tile, ", ", warpgroups, " warpgroups, ", pipelined ? "pipelined" : "serial");
+                  key_tile, ", ", warpgroups, " warpgroups, schedule ", schedule,
+                  " (0 serial, 1 pipelined, 2 producer)");
   return {out, lse};
 }
 
@@ -473,7 +743,7 @@ std::tuple<Tensor, Tensor> wgmma_attention_forward(const Tensor& qkv, int64_t n_
   const int64_t hd = qkv.dim() == 3 && n_head > 0 ? qkv.size(2) / 3 / n_head : 0;
   const TileChoice choice = default_forward_tiles(hd);
   return wgmma_attention_forward_tiles(qkv, n_head, choice.key_tile, choice.warpgroups,
-                                       choice.pipelined);
+                                       choice.schedule);
 }
 
 void wgmma_attention_forward_into(const Tensor& qkv, int64_t n_head, const Tensor& out,

@@ -40,14 +40,16 @@ void wgmma_attention_backward_into(const at::Tensor& grad_out, const at::Tensor&
                                    int64_t n_head, const at::Tensor& grad_qkv);
 
 // The same with the tile shape named: key_tile keys per shared-memory tile
-// (64 or 128), warpgroups (1 or 2, 64 queries each) per block, and the
-// schedule (pipelined: the softmax of one key tile overlaps the P V product
-// of the one before). For timing the shapes against each other; raises for
-// a shape that is not built (attention_wgmma.cu lists them).
+// (64 or 128), warpgroups (1 to 3 consumers, 64 queries each) per block, and
+// the schedule: 0 serial, 1 pipelined (the softmax of one key tile overlaps
+// the P V product of the one before), 2 producer (pipelined consumers and
+// one more warpgroup that does the copies). For timing the shapes against
+// each other; raises for a shape that is not built (attention_wgmma.cu
+// lists them).
 std::tuple<at::Tensor, at::Tensor> wgmma_attention_forward_tiles(const at::Tensor& qkv,
                                                                  int64_t n_head, int64_t key_tile,
                                                                  int64_t warpgroups,
-                                                                 bool pipelined);
+                                                                 int64_t schedule);
 
 // Backward (attention_wgmma_backward.cu), the two kernels of
 // attention_mma.cu's backward: grad_out [B, T, C], qkv [B, T, 3C] (float16 /

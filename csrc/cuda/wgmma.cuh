@@ -130,6 +130,14 @@ __device__ __forceinline__ void copy_async_wait_all_for_tensor_cores() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// The same for the copies of this thread's older commit groups: all but the
+// newest N are in (groups complete in commit order) and fenced.
+template <int N>
+__device__ __forceinline__ void copy_async_wait_for_tensor_cores() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
 __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
@@ -172,13 +180,16 @@ __device__ __forceinline__ uint32_t swizzled_offset(int row, int chunk) {
 // Starts copying rows first .. first + ROWS - 1 (zeros at or past T) of one
 // head's HD columns, rows row_stride elements apart in global memory, into
 // the swizzled tile at shared address `tile`. Neighbouring threads take
-// neighbouring 16-byte chunks of a row (coalesced reads).
-template <int ROWS, int HD, int THREADS, typename scalar_t>
+// neighbouring 16-byte chunks of a row (coalesced reads). UNROLL: rounds
+// unrolled (all by default; the producer warpgroup of attention_wgmma.cu
+// takes 1, or ptxas keeps every round's addresses live across its tile loop
+// and spills them at the producer's small register limit).
+template <int ROWS, int HD, int THREADS, typename scalar_t, int UNROLL = ROWS * (HD / 8) / THREADS>
 __device__ __forceinline__ void copy_tile_async(uint32_t tile, const scalar_t* src,
                                                 int64_t row_stride, int first, int T) {
   constexpr int kChunks = HD / 8;
   static_assert(ROWS * kChunks % THREADS == 0, "whole rounds of chunks");
-#pragma unroll
+#pragma unroll UNROLL
   for (int round = 0; round < ROWS * kChunks / THREADS; round++) {
     const int idx = round * THREADS + static_cast<int>(threadIdx.x);
     const int r = idx / kChunks, c = idx % kChunks;
@@ -354,11 +365,32 @@ __device__ __forceinline__ void issue_values(float (&o)[HD / 2], const uint32_t 
 // see a non-finite value are non-finite through lse or D anyway, but their
 // kind can differ from exact math's where inputs of both signs meet.)
 
+// Barriers of part of a block: hardware barrier ID (0 is __syncthreads's)
+// over THREADS threads, each warp of them taking part whole.
+template <int ID, int THREADS>
+__device__ __forceinline__ void barrier_sync() {
+  asm volatile("bar.sync %0, %1;\n" ::"n"(ID), "n"(THREADS) : "memory");
+}
+// The same barrier, giving every thread whether `vote` was true in any.
+template <int ID, int THREADS>
+__device__ __forceinline__ bool barrier_any(bool vote) {
+  uint32_t any;
+  asm volatile(
+      "{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbar.red.or.pred q, %2, %3, p;\n"
+      "selp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(any)
+      : "r"(static_cast<uint32_t>(vote)), "n"(ID), "n"(THREADS)
+      : "memory");
+  return any != 0u;
+}
+
 // Block-wide (every thread, right after the barrier that made the tiles
 // visible): whether some element of the N shared tiles of BYTES bytes is not
 // finite; if so, sets those elements to 0, fences the writes for the tensor
-// cores (async proxy) and ends with a barrier.
-template <typename scalar_t, int BYTES, int THREADS, int N>
+// cores (async proxy) and ends with a barrier. BARRIER = 0: the block's
+// barrier (THREADS = the block); else threads 0 .. THREADS - 1 alone (the
+// producer warpgroup), with that named barrier.
+template <typename scalar_t, int BYTES, int THREADS, int N, int BARRIER = 0>
 __device__ __forceinline__ bool zero_nonfinite_tiles(const uint32_t (&tiles)[N]) {
   static_assert(BYTES % (16 * THREADS) == 0, "whole 16-byte chunks per thread");
   constexpr int kChunks = BYTES / 16 / THREADS;
@@ -374,7 +406,9 @@ __device__ __forceinline__ bool zero_nonfinite_tiles(const uint32_t (&tiles)[N])
       acc = accumulate_nonfinite<scalar_t>(acc, w);
     }
   }
-  if (!__syncthreads_or(acc != 0u)) return false;
+  const bool any =
+      BARRIER == 0 ? __syncthreads_or(acc != 0u) != 0 : barrier_any<BARRIER, THREADS>(acc != 0u);
+  if (!any) return false;
   for (int n = 0; n < N; n++) {
     for (int i = 0; i < kChunks; i++) {
       const uint32_t address = tiles[n] + 16 * (threadIdx.x + i * THREADS);
@@ -389,7 +423,11 @@ __device__ __forceinline__ bool zero_nonfinite_tiles(const uint32_t (&tiles)[N])
     }
   }
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  __syncthreads();
+  if constexpr (BARRIER == 0) {
+    __syncthreads();
+  } else {
+    barrier_sync<BARRIER, THREADS>();
+  }
   return true;
 }
 
@@ -460,6 +498,50 @@ __device__ __forceinline__ void add_nonfinite_products(float (&acc)[HD / 2],
   const AccumulatorKinds<HD> kinds = nonfinite_kinds<N, HD, TRANSPOSED>(f, b, b_stride, row, c0, T);
 #pragma unroll
   for (int i = 0; i < HD / 2; i++) add_kind(acc[i], kinds.bits, i);
+}
+
+// ---------------------------------------------------------------------------
+// (e) Warp specialization (attention_wgmma.cu's producer schedule): one
+// warpgroup copies, the others multiply, and they hand the shared-memory
+// stages to each other through mbarriers (PTX "Parallel Synchronization and
+// Communication Instructions: mbarrier"): 8-byte objects in shared memory
+// that complete a phase when the expected number of threads have arrived;
+// arrive is a release and a successful wait an acquire (CTA scope), so what
+// a thread wrote before arriving is seen by whoever waited for that phase.
+// Phases alternate parity 0, 1, 0, ..; a wait names the parity of the phase
+// it waits for. setmaxnreg moves registers between warpgroups of a block.
+
+// One thread, before a block barrier that every user of bar passes after.
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, int arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+  uint64_t state;  // the phase arrived on; not needed
+  asm volatile("mbarrier.arrive.shared::cta.b64 %0, [%1];\n" : "=l"(state) : "r"(bar) : "memory");
+}
+// Returns once the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// Every thread of a warpgroup: this warpgroup's register limit becomes N a
+// thread (dec: gives registers back to the block's pool; inc: waits until
+// the pool has them). ptxas allocates the code after it within N.
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 }
 
 #endif  // NANOBLOCK_WGMMA_DEVICE
