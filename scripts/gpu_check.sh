@@ -15,7 +15,8 @@
 #   SKIP_SANITIZER=1, SKIP_LONG_RUN=1, SKIP_BENCH=1   leave those steps out
 #   SANITIZERS             which compute-sanitizer tools run (default:
 #                          "memcheck racecheck initcheck")
-#   INITCHECK_K            pytest -k of initcheck's tests (default below)
+#   MEMCHECK_K, RACECHECK_K, INITCHECK_K
+#                          pytest -k of each tool's tests (defaults below)
 #   INITCHECK_FLAGS        initcheck's compute-sanitizer flags (default:
 #                          --print-limit 10000; "--print-limit 0
 #                          --show-backtrace no" counts every report, fast)
@@ -73,7 +74,7 @@ if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
   tools="${SANITIZERS:-memcheck racecheck initcheck}"
   wants() { [[ " $tools " == *" $1 "* ]]; }
   if wants memcheck; then
-    sanitize memcheck "$OUT/memcheck.log" "small and not gradcheck" --print-limit 20 &
+    sanitize memcheck "$OUT/memcheck.log" "${MEMCHECK_K:-small and not gradcheck}" --print-limit 20 &
     sanitizers+=($!)
   fi
   # racecheck (shared-memory hazards) on a test of every kernel's backward,
@@ -83,7 +84,7 @@ if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
   # used up the print limit in session 5 and hid whatever came after.
   if wants racecheck; then
     NANOBLOCK_SDPA_MATH=1 sanitize racecheck "$OUT/racecheck.log" \
-        "ops_backward_deterministic_small or attention_float32_vs_sdpa_small or dropout_masks_of_every_attention_kernel or dropout_attention_low_precision_small and 65-64 or attention_low_precision_small and wgmma-65-" \
+        "${RACECHECK_K:-ops_backward_deterministic_small or attention_float32_vs_sdpa_small or dropout_masks_of_every_attention_kernel or dropout_attention_low_precision_small and 65-64 or attention_low_precision_small and wgmma-65-}" \
         --print-limit 200 &
     sanitizers+=($!)
   fi

@@ -43,6 +43,8 @@
 #include "wgmma.cuh"
 
 #include <atomic>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 namespace nanoblock::cuda {
@@ -658,19 +660,19 @@ bool launch_built(int64_t hd, const TileChoice& want, const Tensor& qkv, int64_t
       WgmmaTiles<128, 128, 2, 1, kPipelined>>(want, qkv, n_head, out, lse, scale_log2);
 }
 
-// Whether the op dispatch takes the producer schedule (key tile 128 at hd
+// The op dispatch's forward schedule: the producer one (key tile 128 at hd
 // 64, 64 at hd 128, where its pipelined step fits the consumers' 224
-// registers) instead of the serial one measured in
-// session 5 (benchmarks/results/nvidia-h200/try_wgmma.txt, gpt2-small: key
-// tile 64, 2 warpgroups, 126.7 us; key tile 128: 159.0; pipelined key tile
-// 128: 145.0 but 375.0 against 414.4 at T = 4096). The producer schedule is
-// NOT yet timed on a GPU: GPU_RUN.txt times both; set this to false if it
-// is slower or fails there.
-constexpr bool kForwardProducerByDefault = true;
-
+// registers), or, with NANOBLOCK_WGMMA_FORWARD=serial in the environment
+// (read once), the serial one of session 5 (key tile 64, 2 warpgroups;
+// benchmarks/results/nvidia-h200/try_wgmma.txt), kept to time one against
+// the other in the same build (benchmarks/bench_attention.py).
 TileChoice default_forward_tiles(int64_t hd) {
-  if (kForwardProducerByDefault) return TileChoice{hd == 64 ? 128 : 64, 2, kProducer};
-  return TileChoice{64, 2, kSerial};
+  static const bool serial = [] {
+    const char* v = std::getenv("NANOBLOCK_WGMMA_FORWARD");
+    return v != nullptr && std::string(v) == "serial";
+  }();
+  if (serial) return TileChoice{64, 2, kSerial};
+  return TileChoice{hd == 64 ? 128 : 64, 2, kProducer};
 }
 
 // Launches the kernel of `choice` on the current stream; false when no such
