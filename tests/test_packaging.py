@@ -34,21 +34,24 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("nanoblock/_C") and n.endswith(".so") for n in names), names
 
-    # A fresh venv that sees the installed torch (no download), the wheel in it.
+    # A fresh venv that sees the installed torch (no download), the wheel in
+    # it; without PYTHONPATH, which could point it at a source tree instead.
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", "--system-site-packages", str(venv), cwd=tmp_path)
     python = str(venv / "bin" / "python")
-    run(python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel), cwd=tmp_path)
+    venv_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run(python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel), cwd=tmp_path,
+        env=venv_env)
     out = run(python, "-c", (
         "import torch, nanoblock, nanoblock.info;"
         f"assert nanoblock.__file__.startswith({str(venv)!r}), nanoblock.__file__;"
         "b = nanoblock.Block(nanoblock.GPTConfig(n_embd=32, n_head=2));"
         "x = torch.randn(2, 5, 32, requires_grad=True); b(x).sum().backward();"
         "assert torch.isfinite(x.grad).all();"
-        "print(nanoblock.__version__)"), cwd=tmp_path)
+        "print(nanoblock.__version__)"), cwd=tmp_path, env=venv_env)
     assert out.strip() == nanoblock.__version__
     # the bug-report command works from the installed package
-    assert "nanoblock" in run(python, "-m", "nanoblock.info", cwd=tmp_path)
+    assert "nanoblock" in run(python, "-m", "nanoblock.info", cwd=tmp_path, env=venv_env)
 
 
 def run_setup(tmp_path, prelude, env=None):
