@@ -13,6 +13,8 @@
 #   PYTEST_TARGETS         what pytest runs (default: tests/)
 #   PYTEST_FLAGS           default: -x -q
 #   SKIP_SANITIZER=1, SKIP_LONG_RUN=1, SKIP_BENCH=1   leave those steps out
+#   NCU=1                  also Nsight Compute's counters of every kernel of one
+#                          Block step (scripts/ncu_block.py -> $OUT/ncu_block.txt)
 #   SANITIZERS             which compute-sanitizer tools run (default:
 #                          "memcheck racecheck initcheck")
 #   MEMCHECK_K, RACECHECK_K, INITCHECK_K
@@ -172,6 +174,12 @@ fi
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
   step "benchmark suite (python -m benchmarks.run_all --device cuda) -> $OUT/bench"
   $PY -m benchmarks.run_all --device cuda --out "$OUT/bench" || failed+=("benchmarks")
+fi
+
+if [ "${NCU:-0}" = "1" ]; then
+  step "ncu counters per kernel (python scripts/ncu_block.py) -> $OUT/ncu_block.txt"
+  $PY scripts/ncu_block.py >"$OUT/ncu_block.txt" 2>&1 || failed+=("ncu")
+  tail -n 40 "$OUT/ncu_block.txt"
 fi
 
 step "summary"
