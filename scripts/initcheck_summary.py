@@ -61,14 +61,19 @@ def events(lines):
             yield "overflow", None, last_names, test
         elif is_test:
             test = is_test.group(1)
-        elif access is not None and (WHERE.match(line) or FRAME.match(line)):
-            names.append((WHERE.match(line) or FRAME.match(line)).group(1))
+        elif access is not None and (where := WHERE.match(line) or FRAME.match(line)):
+            names.append(where.group(1))
     if access is not None:
         yield "report", access, names, test
 
 
 def short(name, width=110):
     return name if len(name) <= width else name[:width - 3] + "..."
+
+
+def print_counts(counts, out):
+    for name, n in counts.most_common(20):
+        out(f"  {n:8d}  {name}")
 
 
 def summarize(lines, out=print):
@@ -90,17 +95,14 @@ def summarize(lines, out=print):
             ours.append((access, names, test))
     out(f"initcheck: {sum(per_kernel.values())} report(s) in {len(per_kernel)} kernel(s); "
         f"{len(ours)} in nanoblock's kernels or not placed")
-    for kernel, n in per_kernel.most_common(20):
-        out(f"  {n:8d}  {kernel}")
+    print_counts(per_kernel, out)
     if overflows:
         out(f"record buffer overflows (records dropped) after the reports of: "
             f"{ours_overflowed} in nanoblock's kernels or not placed")
-        for kernel, n in overflows.most_common(20):
-            out(f"  {n:8d}  {kernel}")
+        print_counts(overflows, out)
     if len(per_test) > 1 or "(before any test)" not in per_test:
         out("reports per test:")
-        for test, n in per_test.most_common(20):
-            out(f"  {n:8d}  {test}")
+        print_counts(per_test, out)
     for access, names, test in ours[:10]:
         out(f"  nanoblock or not placed: {access}  ({test})")
         for n in names:
