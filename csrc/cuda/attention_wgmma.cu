@@ -43,8 +43,9 @@
 #include "wgmma.cuh"
 
 #include <atomic>
+#include <cinttypes>
+#include <cstdio>
 #include <cstdlib>
-#include <string>
 #include <type_traits>
 
 namespace nanoblock::cuda {
@@ -357,15 +358,10 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
     // Tiles before first_masked lie wholly at or before this warpgroup's
     // first query (and so before T): (kt + 1) * BK <= wg_q0 + 1.
     const int first_masked = min(my_tiles, (wg_q0 + 1) / BK);
-    int kt = 1;
-    for (; kt < first_masked; kt++) {
-      next_tile(kt);
-      step(kt, std::false_type{});
-    }
-    for (; kt < my_tiles; kt++) {
-      next_tile(kt);
-      step(kt, std::true_type{});
-    }
+    int kt = for_each_key_tile(1, first_masked, my_tiles, [&](int key_tile, auto masked) {
+      next_tile(key_tile);
+      step(key_tile, masked);
+    });
     if (my_tiles > 0) {  // the drain, in iteration kt = my_tiles
       // zeroed holds tile my_tiles - 1's flag until the next barrier.
       const bool zeroed_last = zeroed;
@@ -571,9 +567,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, 1)
   // Tiles before first_masked lie wholly at or before this warpgroup's
   // first query (and so before T): (kt + 1) * BK <= wg_q0 + 1.
   const int first_masked = min(my_tiles, (wg_q0 + 1) / BK);
-  int kt = 1;
-  for (; kt < first_masked; kt++) step(kt, std::false_type{});
-  for (; kt < my_tiles; kt++) step(kt, std::true_type{});
+  for_each_key_tile(1, first_masked, my_tiles, step);
   if (my_tiles > 0) {  // the drain: P V of the last tile
     keep_in_order(o);
     keep_in_order(p);
@@ -585,7 +579,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, 1)
     release(my_tiles - 1);
     if (zeroed_before) add_nonfinite(my_tiles - 1);
   }
-  for (kt = my_tiles; kt < key_tiles; kt++) {  // skipped tiles, in order (see above)
+  for (int kt = my_tiles; kt < key_tiles; kt++) {  // skipped tiles, in order (see above)
     acquire(kt);
     release(kt);
   }
@@ -660,20 +654,17 @@ bool launch_built(int64_t hd, const TileChoice& want, const Tensor& qkv, int64_t
       WgmmaTiles<128, 128, 2, 1, kPipelined>>(want, qkv, n_head, out, lse, scale_log2);
 }
 
-// The op dispatch's forward schedule: the serial one (key tile 64, 2
-// warpgroups). The producer schedule (one copying warpgroup, key tile 128 at
-// hd 64, 64 at hd 128) passed the tests but was slower on the H200 in
-// session 6 (benchmarks/bench_attention.py, same build, forward ms serial
-// vs producer: gpt2-small 0.129 vs 0.183, T = 4096 0.423 vs 0.521, hd 128
-// 0.081 vs 0.104; benchmarks/results/nvidia-h200/attention_producer_vs_serial.txt).
-// NANOBLOCK_WGMMA_FORWARD=producer in the environment (read once) selects
-// it, to time it again as it is tuned.
-TileChoice default_forward_tiles(int64_t hd) {
-  static const bool producer = [] {
-    const char* v = std::getenv("NANOBLOCK_WGMMA_FORWARD");
-    return v != nullptr && std::string(v) == "producer";
-  }();
-  if (producer) return TileChoice{hd == 64 ? 128 : 64, 2, kProducer};
+// The op dispatch's forward shape: the serial schedule, key tile 64, 2
+// warpgroups, unless NANOBLOCK_WGMMA_FORWARD names another (read once;
+// wgmma_shape_from_env). The producer schedule (one copying warpgroup; key
+// tile 128 at hd 64: "128,2,2", 64 at hd 128: "64,2,2") passed the tests but
+// was slower on the H200 in session 6 (benchmarks/bench_attention.py, same
+// build, forward ms serial vs producer: gpt2-small 0.129 vs 0.183, T = 4096
+// 0.423 vs 0.521, hd 128 0.081 vs 0.104;
+// benchmarks/results/nvidia-h200/attention_producer_vs_serial.txt).
+TileChoice default_forward_tiles() {
+  static const std::optional<WgmmaShape> chosen = wgmma_shape_from_env("NANOBLOCK_WGMMA_FORWARD");
+  if (chosen) return TileChoice{chosen->tile, chosen->warpgroups, chosen->schedule};
   return TileChoice{64, 2, kSerial};
 }
 
@@ -689,6 +680,18 @@ bool launch_forward(const Tensor& qkv, int64_t n_head, const Tensor& out, const 
 }
 
 }  // namespace
+
+std::optional<WgmmaShape> wgmma_shape_from_env(const char* name) {
+  const char* v = std::getenv(name);
+  if (v == nullptr) return std::nullopt;
+  WgmmaShape shape{};
+  char end = 0;
+  NANOBLOCK_CHECK(std::sscanf(v, "%" SCNd64 ",%" SCNd64 ",%" SCNd64 "%c", &shape.tile,
+                              &shape.warpgroups, &shape.schedule, &end) == 3,
+                  name, " must be TILE,WARPGROUPS,SCHEDULE (three integers, e.g. 128,2,2), got '",
+                  v, "'");
+  return shape;
+}
 
 bool wgmma_attention_available() {
 #ifdef NANOBLOCK_SM90A
@@ -744,16 +747,19 @@ std::tuple<Tensor, Tensor> wgmma_attention_forward_tiles(const Tensor& qkv_in, i
 }
 
 std::tuple<Tensor, Tensor> wgmma_attention_forward(const Tensor& qkv, int64_t n_head) {
-  const int64_t hd = qkv.dim() == 3 && n_head > 0 ? qkv.size(2) / 3 / n_head : 0;
-  const TileChoice choice = default_forward_tiles(hd);
+  const TileChoice choice = default_forward_tiles();
   return wgmma_attention_forward_tiles(qkv, n_head, choice.key_tile, choice.warpgroups,
                                        choice.schedule);
 }
 
 void wgmma_attention_forward_into(const Tensor& qkv, int64_t n_head, const Tensor& out,
                                   const Tensor& lse) {
-  const int64_t hd = qkv.size(2) / 3 / n_head;
-  launch_forward(qkv, n_head, out, lse, default_forward_tiles(hd));
+  const TileChoice choice = default_forward_tiles();
+  NANOBLOCK_CHECK(launch_forward(qkv, n_head, out, lse, choice),
+                  "wgmma attention forward: no kernel built for head dim ",
+                  qkv.size(2) / 3 / n_head, " with key tile ", choice.key_tile, ", ",
+                  choice.warpgroups, " warpgroups, schedule ", choice.schedule,
+                  " (NANOBLOCK_WGMMA_FORWARD)");
 }
 
 }  // namespace nanoblock::cuda
