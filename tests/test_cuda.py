@@ -367,9 +367,27 @@ LOW_PRECISION_CASES = [
 
 @pytest.mark.parametrize("B,T,n_head,hd,dtype,gelu", LOW_PRECISION_CASES)
 def test_block_low_precision_vs_reference(B, T, n_head, hd, dtype, gelu):
+    check_block_low_precision(B, T, n_head, hd, dtype, gelu, bias=False)
+
+
+@pytest.mark.parametrize("B,T,n_head,hd,dtype", [
+    (8, 64, 6, 64, torch.bfloat16),  # C = 384, the tiny config's rows: one warp a row
+    (2, 97, 12, 64, torch.float16),  # C = 768: two warps a row
+    (3, 33, 6, 66, torch.bfloat16),  # C = 396: 8-byte vectors, four slots a thread
+    (2, 65, 3, 64, torch.float32),
+])
+def test_block_low_precision_biases_vs_reference(B, T, n_head, hd, dtype):
+    """bias=True without dropout: both c_proj bias gradients are column sums
+    that ln_2's backward takes in its sweep (grad_out's and d_x1's, block.cpp)."""
+    check_block_low_precision(B, T, n_head, hd, dtype, "exact", bias=True)
+
+
+def check_block_low_precision(B, T, n_head, hd, dtype, gelu, bias):
+    """The Block's output and every gradient in dtype: at most 2x the error of
+    the reference Block in dtype, against it in float64."""
     torch.manual_seed(11)
     C = n_head * hd
-    cfg = make_config(C, n_head, bias=False, gelu=gelu)
+    cfg = make_config(C, n_head, bias=bias, gelu=gelu)
     ours = randomize(nanoblock.Block(cfg)).to(DEV)
     ref = ReferenceBlock(cfg).to(DEV)
     ref.load_state_dict(ours.state_dict())
