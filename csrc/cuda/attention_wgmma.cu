@@ -156,6 +156,35 @@ __device__ __forceinline__ void online_softmax(float (&s)[BK / 2], float (&m)[2]
   }
 }
 
+// The products of the pipelined step (pipelined and producer schedules), per
+// warpgroup: issues S_kt = Q K_kt^T and O += P_{kt-1} V_{kt-1}, runs the
+// online softmax of S_kt while the tensor cores still do P V, and waits for
+// both; then o holds P_{kt-1} V_{kt-1} added (not yet rescaled: correction
+// says by what), s the exponentiated scores, and p and the buffers of tile
+// kt - 1 are free. Straight line between the issues and the waits (a branch
+// there that ptxas could take for divergent makes it serialize the wgmmas).
+// key0 = kt * BK; MASK: the tile holds keys past some of these rows' queries.
+template <typename scalar_t, int HD, int BQ, int BK, bool MASK>
+__device__ __forceinline__ void pipelined_products(float (&s)[BK / 2], float (&o)[HD / 2],
+                                                   uint32_t (&p)[BK / 16][4], float (&m)[2],
+                                                   float (&l)[2], uint32_t q_wg, uint32_t keys,
+                                                   uint32_t values, int row, int key0, int T,
+                                                   float scale_log2, float (&correction)[2]) {
+  keep_in_order(s);
+  keep_in_order(o);
+  keep_in_order(p);
+  wgmma_fence();
+  issue_scores<scalar_t, HD, BQ, BK>(s, q_wg, keys);
+  wgmma_commit();
+  issue_values<scalar_t, HD, BK>(o, p, values);
+  wgmma_commit();
+  wgmma_wait<1>();  // S_kt is done; P V may still run
+  keep_in_order(s);
+  online_softmax<BK>(s, m, l, row, key0, T, MASK, scale_log2, correction);
+  wgmma_wait<0>();  // P_{kt-1} V_{kt-1} is in o
+  keep_in_order(o);
+}
+
 // o (layout (b), N = HD) times each row's correction.
 template <int HD>
 __device__ __forceinline__ void rescale(float (&o)[HD / 2], const float (&correction)[2]) {
@@ -325,20 +354,10 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
       zeroed = zero_nonfinite_values(kt);
     };
     const auto step = [&](int kt, auto mask) {  // S_kt and O += P_{kt-1} V_{kt-1}
-      keep_in_order(s);
-      keep_in_order(o);
-      keep_in_order(p);
-      wgmma_fence();
-      issue_scores<scalar_t, HD, BQ, BK>(s, q_wg, key_buffer(kt));
-      wgmma_commit();
-      issue_values<scalar_t, HD, BK>(o, p, value_buffer(kt - 1));
-      wgmma_commit();
-      wgmma_wait<1>();  // S_kt is done; P V may still run
-      keep_in_order(s);
       float correction[2];
-      online_softmax<BK>(s, m, l, row, kt * BK, T, decltype(mask)::value, scale_log2, correction);
-      wgmma_wait<0>();  // P_{kt-1} V_{kt-1} is in o; p is free
-      keep_in_order(o);
+      pipelined_products<scalar_t, HD, BQ, BK, decltype(mask)::value>(
+          s, o, p, m, l, q_wg, key_buffer(kt), value_buffer(kt - 1), row, kt * BK, T, scale_log2,
+          correction);
       if (zeroed_before) add_nonfinite(kt - 1);
       rescale<HD>(o, correction);
       scores_to_a<scalar_t, BK>(p, s);
@@ -525,25 +544,14 @@ __global__ void __launch_bounds__(Tiles::kThreads, 1)
     add_nonfinite_products<BK, HD, false>(o, p, head + 2 * C + kt * BK * row_stride, row_stride,
                                           row, kt * BK, T);
   };
-  // S_kt and O += P_{kt-1} V_{kt-1}, as in the pipelined schedule. Straight
-  // line between the issue and the waits (a branch there that ptxas could
-  // take for divergent makes it serialize the wgmmas).
+  // S_kt and O += P_{kt-1} V_{kt-1}, as in the pipelined schedule; then
+  // buffer kt - 1 goes back to the producer.
   const auto step = [&](int kt, auto mask) {
     const bool zeroed = acquire(kt);
-    keep_in_order(s);
-    keep_in_order(o);
-    keep_in_order(p);
-    wgmma_fence();
-    issue_scores<scalar_t, HD, BQ, BK>(s, q_wg, key_buffer(kt));
-    wgmma_commit();
-    issue_values<scalar_t, HD, BK>(o, p, value_buffer(kt - 1));
-    wgmma_commit();
-    wgmma_wait<1>();  // S_kt is done; P V may still run
-    keep_in_order(s);
     float correction[2];
-    online_softmax<BK>(s, m, l, row, kt * BK, T, decltype(mask)::value, scale_log2, correction);
-    wgmma_wait<0>();  // P_{kt-1} V_{kt-1} is in o; p and buffer kt - 1 are free
-    keep_in_order(o);
+    pipelined_products<scalar_t, HD, BQ, BK, decltype(mask)::value>(
+        s, o, p, m, l, q_wg, key_buffer(kt), value_buffer(kt - 1), row, kt * BK, T, scale_log2,
+        correction);
     release(kt - 1);
     if (zeroed_before) add_nonfinite(kt - 1);
     zeroed_before = zeroed;
