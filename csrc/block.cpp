@@ -97,8 +97,9 @@ BlockGrads block_backward(const Kernels& k, const Tensor& grad_out, const Tensor
 
   // MLP c_proj (out = x1 + gelu @ W^T + b), then GELU and the c_fc bias: one
   // pass turns d_gelu into d_fc in place and recomputes gelu for c_proj's
-  // weight gradient.
-  gw.mlp_c_proj_bias = k.bias_grad(dy);
+  // weight gradient. c_proj's bias gradient, the column sums of dy, comes
+  // from ln_2's backward below when dy is grad_out.
+  if (d.mlp_residual.active()) gw.mlp_c_proj_bias = k.bias_grad(dy);
   Tensor d_fc = at::mm(dy, w.mlp_c_proj_weight).view_as(s.fc);  // d_gelu, then d_fc [B, T, 4C]
   Tensor gelu;
   std::tie(gelu, gw.c_fc_bias) = k.gelu_backward_recompute(d_fc, s.fc, w.c_fc_bias, tanh);
@@ -113,18 +114,23 @@ BlockGrads block_backward(const Kernels& k, const Tensor& grad_out, const Tensor
   Tensor d_ln_2 = at::mm(rows(d_fc), w.c_fc_weight).view_as(s.x1);
   d_fc.reset();
 
-  // ln_2, plus the residual: d_x1 = grad_out + ln_2's input gradient.
-  Tensor d_x1;
-  std::tie(d_x1, gw.ln_2_weight, gw.ln_2_bias) =
-      k.layer_norm_backward(d_ln_2, s.x1, w.ln_2_weight, mean_2, rstd_2, grad_out);
+  // ln_2, plus the residual: d_x1 = grad_out + ln_2's input gradient. Its
+  // sweep over the rows also sums grad_out and d_x1 over rows [C]: the two
+  // c_proj bias gradients when the residual dropouts are inactive (dy =
+  // grad_out, d_proj = d_x1), two passes over [N, C] fewer than bias_grad's.
+  const bool column_sums = !d.mlp_residual.active() || !d.attention_residual.active();
+  Tensor d_x1, grad_out_sum, d_x1_sum;
+  std::tie(d_x1, gw.ln_2_weight, gw.ln_2_bias, grad_out_sum, d_x1_sum) = k.layer_norm_backward(
+      d_ln_2, s.x1, w.ln_2_weight, mean_2, rstd_2, grad_out, column_sums);
   d_ln_2.reset();
+  if (!d.mlp_residual.active()) gw.mlp_c_proj_bias = grad_out_sum;
 
   // Attention c_proj: x1 = x + dropout(attn @ W^T + b); d_proj [N, C].
   const Tensor d_proj = d.attention_residual.active()
                             ? k.dropout_add(rows(d_x1), Tensor(), d.attention_residual)
                             : rows(d_x1);
   gw.attn_c_proj_weight = at::mm(d_proj.t(), rows(s.attn));  // [C, C]
-  gw.attn_c_proj_bias = k.bias_grad(d_proj);
+  gw.attn_c_proj_bias = d.attention_residual.active() ? k.bias_grad(d_proj) : d_x1_sum;
   Tensor d_attn = at::mm(d_proj, w.attn_c_proj_weight).view_as(s.attn);
 
   // Attention, then c_attn: qkv = ln_1 @ W^T + b.
@@ -140,8 +146,9 @@ BlockGrads block_backward(const Kernels& k, const Tensor& grad_out, const Tensor
   d_qkv.reset();
 
   // ln_1, plus the residual: dx = d_x1 + ln_1's input gradient.
-  std::tie(g.x, gw.ln_1_weight, gw.ln_1_bias) =
-      k.layer_norm_backward(d_ln_1, x, w.ln_1_weight, mean_1, rstd_1, d_x1);
+  std::tie(g.x, gw.ln_1_weight, gw.ln_1_bias, std::ignore, std::ignore) =
+      k.layer_norm_backward(d_ln_1, x, w.ln_1_weight, mean_1, rstd_1, d_x1,
+                            /*column_sums=*/false);
   return g;
 }
 

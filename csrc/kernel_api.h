@@ -41,10 +41,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_forward(
 // grad_out [N, C], x [N, C] (the LayerNorm's input), mean/rstd [N],
 // grad_residual [N, C] or undefined: added to grad_x when given (the
 // gradient that reaches the LayerNorm's input through the residual).
-// -> grad_x [N, C], grad_weight [C], grad_bias [C]
-std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(
+// column_sums (grad_residual given): also grad_residual and grad_x (as
+// written, rounded to the dtype) summed over rows in a fixed order, from the
+// same sweep; the Block's backward takes them as the c_proj bias gradients
+// instead of two bias_grad passes. Otherwise they are returned undefined.
+// -> grad_x [N, C], grad_weight [C], grad_bias [C],
+//    grad_residual_sum [C], grad_x_sum [C]
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_norm_backward(
     const Tensor& grad_out, const Tensor& x, const Tensor& weight,
-    const Tensor& mean, const Tensor& rstd, const Tensor& grad_residual);
+    const Tensor& mean, const Tensor& rstd, const Tensor& grad_residual,
+    bool column_sums);
 // Causal self-attention straight from c_attn's output.
 // qkv [B, T, 3C] (q, k, v in that order, heads of hd = C / n_head)
 // -> out [B, T, C] (heads merged), lse [B, n_head, T] (stats dtype)

@@ -214,8 +214,11 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_op(const Tensor& grad_out
   check.stats(mean, "mean", x, leading(x));
   check.stats(rstd, "rstd", x, leading(x));
   check.like(grad_residual, "grad_residual", x, "x", x.sizes());
-  return K->layer_norm_backward(contiguous(grad_out), contiguous(x), contiguous(weight),
-                                contiguous(mean), contiguous(rstd), contiguous(grad_residual));
+  Tensor grad_x, grad_weight, grad_bias;
+  std::tie(grad_x, grad_weight, grad_bias, std::ignore, std::ignore) = K->layer_norm_backward(
+      contiguous(grad_out), contiguous(x), contiguous(weight), contiguous(mean), contiguous(rstd),
+      contiguous(grad_residual), /*column_sums=*/false);
+  return {grad_x, grad_weight, grad_bias};
 }
 
 // ---------------------------------------------------------------------------

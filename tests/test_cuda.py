@@ -367,9 +367,27 @@ LOW_PRECISION_CASES = [
 
 @pytest.mark.parametrize("B,T,n_head,hd,dtype,gelu", LOW_PRECISION_CASES)
 def test_block_low_precision_vs_reference(B, T, n_head, hd, dtype, gelu):
+    check_block_low_precision(B, T, n_head, hd, dtype, gelu, bias=False)
+
+
+@pytest.mark.parametrize("B,T,n_head,hd,dtype", [
+    (8, 64, 6, 64, torch.bfloat16),  # C = 384, the tiny config's rows: one warp a row
+    (2, 97, 12, 64, torch.float16),  # C = 768: two warps a row
+    (3, 33, 6, 66, torch.bfloat16),  # C = 396: 8-byte vectors, four slots a thread
+    (2, 65, 3, 64, torch.float32),
+])
+def test_block_low_precision_biases_vs_reference(B, T, n_head, hd, dtype):
+    """bias=True without dropout: both c_proj bias gradients are column sums
+    that ln_2's backward takes in its sweep (grad_out's and d_x1's, block.cpp)."""
+    check_block_low_precision(B, T, n_head, hd, dtype, "exact", bias=True)
+
+
+def check_block_low_precision(B, T, n_head, hd, dtype, gelu, bias):
+    """The Block's output and every gradient in dtype: at most 2x the error of
+    the reference Block in dtype, against it in float64."""
     torch.manual_seed(11)
     C = n_head * hd
-    cfg = make_config(C, n_head, bias=False, gelu=gelu)
+    cfg = make_config(C, n_head, bias=bias, gelu=gelu)
     ours = randomize(nanoblock.Block(cfg)).to(DEV)
     ref = ReferenceBlock(cfg).to(DEV)
     ref.load_state_dict(ours.state_dict())
@@ -551,6 +569,57 @@ def test_attention_low_precision_deterministic(dtype, hd, attention_path):
     g1 = _ops.causal_attention_backward(gy, qkv, out1, lse1, 2)
     g2 = _ops.causal_attention_backward(gy, qkv, out1, lse1, 2)
     assert torch.equal(g1, g2)
+
+
+# Run in a fresh process (the dispatch reads NANOBLOCK_WGMMA_* once): the
+# wgmma attention's forward and backward at head dim HD, errors of out and
+# of grad_qkv against float64, as JSON.
+_WGMMA_SHAPE_WORKER = """
+import json, sys, torch
+import nanoblock
+_ops = torch.ops.nanoblock
+hd = int(sys.argv[1])
+torch.manual_seed(21)
+B, T, nh = 2, 300, 2
+qkv64 = torch.randn(B, T, 3 * nh * hd, device="cuda", dtype=torch.float64)
+gy64 = torch.randn(B, T, nh * hd, device="cuda", dtype=torch.float64)
+def run(qkv, gy):
+    out, lse = _ops.causal_attention_forward(qkv, nh)
+    return out, _ops.causal_attention_backward(gy, qkv, out, lse, nh)
+out64, g64 = run(qkv64, gy64)
+out, g = run(qkv64.bfloat16(), gy64.bfloat16())
+err = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+print(json.dumps({"out": err(out, out64), "grad": err(g, g64)}))
+"""
+
+
+def run_wgmma_shape_worker(hd, env):
+    import json, os, subprocess, sys
+    done = subprocess.run([sys.executable, "-c", _WGMMA_SHAPE_WORKER, str(hd)],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    return done, (json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None)
+
+
+@pytest.mark.parametrize("hd,forward,grad_kv,grad_q", [
+    (64, "128,2,2", "64,2,2", "128,2,2"),   # producer forward, pipelined grad_kv and grad_q
+    (128, "64,2,2", "64,2,0", "64,2,2"),
+])
+def test_wgmma_tile_shapes_from_the_environment(hd, forward, grad_kv, grad_q):
+    """NANOBLOCK_WGMMA_FORWARD / _GRAD_KV / _GRAD_Q put other built shapes in
+    the dispatch (for timing them): those runs are as accurate as the
+    default shapes', and a malformed shape raises, naming the variable."""
+    if not _ops.wgmma_attention_available():
+        pytest.skip("the wgmma attention needs a compute capability 9.0 GPU and an sm_90a build")
+    names = ("NANOBLOCK_WGMMA_FORWARD", "NANOBLOCK_WGMMA_GRAD_KV", "NANOBLOCK_WGMMA_GRAD_Q")
+    done, default = run_wgmma_shape_worker(hd, {})
+    assert default is not None, done.stderr[-2000:]
+    done, other = run_wgmma_shape_worker(hd, dict(zip(names, (forward, grad_kv, grad_q))))
+    assert other is not None, done.stderr[-2000:]
+    for part in ("out", "grad"):
+        assert other[part] <= 2 * default[part] + 1e-4, (part, other, default)
+    done, _ = run_wgmma_shape_worker(hd, {"NANOBLOCK_WGMMA_FORWARD": "128,2"})
+    assert done.returncode != 0 and "NANOBLOCK_WGMMA_FORWARD must be TILE,WARPGROUPS,SCHEDULE" \
+        in done.stderr, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("dtype,hd", [(torch.bfloat16, 64), (torch.float16, 128)])

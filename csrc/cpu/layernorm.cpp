@@ -11,11 +11,16 @@
 //                          through the residual branch)
 //                 grad_weight = sum over rows of grad_out * xhat
 //                 grad_bias   = sum over rows of grad_out
+//                 with column_sums also, from the same sweep:
+//                 grad_residual_sum = sum over rows of grad_residual
+//                 grad_x_sum        = sum over rows of grad_x (as written)
+//                 (the Block's c_proj bias gradients, block.cpp)
 //
 // Rows [N, C] are independent and run in parallel. The mean and variance take
 // two passes over the row (which is in cache) for accuracy; statistics are
 // accumulated in float32 (float64 for float64 input). Weight and bias
-// gradients are reduced in a fixed order (row_blocks.h).
+// gradients and the column sums are reduced in a fixed order (row_blocks.h),
+// the one bias_grad (gelu.cpp) uses, so the column sums equal its bits.
 #include "../kernels.h"
 #include "bfloat16.h"
 #include "dropout.h"
@@ -120,14 +125,17 @@ void layer_norm_all_rows(const Tensor& x, const Tensor& residual, const DropoutM
 
 // The backward of rows [begin, end) of one row block: writes grad_x and adds
 // the block's sums of grad_out * xhat and of grad_out into dw_part, db_part
-// [C]. dres_ptr (grad_residual) may be null; xhat, g are [C] scratch.
+// [C], and when dres_part is given (then dres_ptr is too) those of
+// grad_residual and grad_x into dres_part, dx_part [C]. dres_ptr
+// (grad_residual) may be null; xhat, g are [C] scratch.
 template <typename scalar_t, typename acc_t>
 NANOBLOCK_INLINE void layer_norm_backward_rows(const scalar_t* dy_ptr, const scalar_t* x_ptr,
                                                const scalar_t* w, const acc_t* mean,
                                                const acc_t* rstd, const scalar_t* dres_ptr,
                                                int64_t begin, int64_t end, int64_t C,
                                                scalar_t* dx_ptr, acc_t* dw_part, acc_t* db_part,
-                                               acc_t* xhat, acc_t* g) {
+                                               acc_t* dres_part, acc_t* dx_part, acc_t* xhat,
+                                               acc_t* g) {
   for (int64_t row = begin; row < end; row++) {
     const scalar_t* dy = dy_ptr + row * C;
     const scalar_t* xr = x_ptr + row * C;
@@ -147,6 +155,12 @@ NANOBLOCK_INLINE void layer_norm_backward_rows(const scalar_t* dy_ptr, const sca
       for (int64_t c = 0; c < C; c++) {
         dx[c] = static_cast<scalar_t>(rs * (g[c] - g_mean - xhat[c] * gx_mean) + acc_t(dres[c]));
       }
+      if (dres_part) {
+        for (int64_t c = 0; c < C; c++) {
+          dres_part[c] += acc_t(dres[c]);
+          dx_part[c] += acc_t(dx[c]);
+        }
+      }
     } else {
       for (int64_t c = 0; c < C; c++) {
         dx[c] = static_cast<scalar_t>(rs * (g[c] - g_mean - xhat[c] * gx_mean));
@@ -159,17 +173,19 @@ NANOBLOCK_VECTORIZE void layer_norm_backward_rows(const float* dy, const float* 
                                                   const float* mean, const float* rstd,
                                                   const float* dres, int64_t begin, int64_t end,
                                                   int64_t C, float* dx, float* dw_part,
-                                                  float* db_part, float* xhat, float* g) {
+                                                  float* db_part, float* dres_part,
+                                                  float* dx_part, float* xhat, float* g) {
   layer_norm_backward_rows<float, float>(dy, x, w, mean, rstd, dres, begin, end, C, dx, dw_part,
-                                         db_part, xhat, g);
+                                         db_part, dres_part, dx_part, xhat, g);
 }
 
 void layer_norm_backward_rows(const double* dy, const double* x, const double* w,
                               const double* mean, const double* rstd, const double* dres,
                               int64_t begin, int64_t end, int64_t C, double* dx, double* dw_part,
-                              double* db_part, double* xhat, double* g) {
+                              double* db_part, double* dres_part, double* dx_part, double* xhat,
+                              double* g) {
   layer_norm_backward_rows<double, double>(dy, x, w, mean, rstd, dres, begin, end, C, dx, dw_part,
-                                           db_part, xhat, g);
+                                           db_part, dres_part, dx_part, xhat, g);
 }
 
 }  // namespace
@@ -215,19 +231,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_forward(const Tensor& 
   return {sum, out, mean, rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& grad_out, const Tensor& x,
-                                                       const Tensor& weight, const Tensor& mean,
-                                                       const Tensor& rstd,
-                                                       const Tensor& grad_residual) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_norm_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& mean,
+    const Tensor& rstd, const Tensor& grad_residual, bool column_sums) {
   if (is_bf16(x)) {
-    auto [grad_x, grad_weight, grad_bias] =
-        layer_norm_backward(to_float(grad_out), to_float(x), to_float(weight), mean, rstd,
-                            to_float(grad_residual));
-    return {to_bf16(grad_x), to_bf16(grad_weight), to_bf16(grad_bias)};
+    Tensor grad_x, grad_weight, grad_bias;
+    std::tie(grad_x, grad_weight, grad_bias, std::ignore, std::ignore) = layer_norm_backward(
+        to_float(grad_out), to_float(x), to_float(weight), mean, rstd, to_float(grad_residual),
+        /*column_sums=*/false);
+    grad_x = to_bf16(grad_x);
+    // The sums of grad_x are those of the rounded bfloat16 grad_x, which the
+    // float sweep never holds: passes of their own, over the bfloat16 tensors.
+    const Tensor grad_residual_sum = column_sums ? bias_grad(grad_residual) : Tensor();
+    const Tensor grad_x_sum = column_sums ? bias_grad(grad_x) : Tensor();
+    return {grad_x, to_bf16(grad_weight), to_bf16(grad_bias), grad_residual_sum, grad_x_sum};
   }
   const int64_t C = x.size(-1), N = C == 0 ? 0 : x.numel() / C;
   Tensor grad_x = at::empty_like(x);
   Tensor grad_weight = at::empty_like(weight), grad_bias = at::empty_like(weight);
+  Tensor grad_residual_sum, grad_x_sum;
+  if (column_sums) {
+    grad_residual_sum = at::empty_like(weight);
+    grad_x_sum = at::empty_like(weight);
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "layer_norm_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* dy_ptr = grad_out.const_data_ptr<scalar_t>();
@@ -240,24 +266,31 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& grad_out, c
     scalar_t* dx_ptr = grad_x.mutable_data_ptr<scalar_t>();
 
     // partials [2, blocks, C]: per row block, the sum of grad_out * xhat (for
-    // the weight), then the sum of grad_out (for the bias).
+    // the weight), then the sum of grad_out (for the bias); with column_sums
+    // [4, blocks, C], then the sums of grad_residual and of grad_x.
     const RowBlocks blocks(N);
-    std::vector<acc_t> partials(2 * blocks.count * C, acc_t(0));
+    const int64_t sums = column_sums ? 4 : 2;
+    std::vector<acc_t> partials(sums * blocks.count * C, acc_t(0));
+    const auto partial = [&](int64_t sum, int64_t block) {
+      return partials.data() + (sum * blocks.count + block) * C;
+    };
     at::parallel_for(0, blocks.count, 1, [&](int64_t block_begin, int64_t block_end) {
       std::vector<acc_t> xhat(C), g(C);
       for (int64_t block = block_begin; block < block_end; block++) {
         layer_norm_backward_rows(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dres_ptr,
                                  blocks.begin(block, N), blocks.end(block, N), C, dx_ptr,
-                                 partials.data() + block * C,
-                                 partials.data() + (blocks.count + block) * C, xhat.data(),
+                                 partial(0, block), partial(1, block),
+                                 column_sums ? partial(2, block) : nullptr,
+                                 column_sums ? partial(3, block) : nullptr, xhat.data(),
                                  g.data());
       }
     });
-    sum_partials(partials.data(), blocks.count, C, grad_weight.mutable_data_ptr<scalar_t>());
-    sum_partials(partials.data() + blocks.count * C, blocks.count, C,
-                 grad_bias.mutable_data_ptr<scalar_t>());
+    const Tensor outputs[] = {grad_weight, grad_bias, grad_residual_sum, grad_x_sum};
+    for (int64_t sum = 0; sum < sums; sum++) {
+      sum_partials(partial(sum, 0), blocks.count, C, outputs[sum].mutable_data_ptr<scalar_t>());
+    }
   });
-  return {grad_x, grad_weight, grad_bias};
+  return {grad_x, grad_weight, grad_bias, grad_residual_sum, grad_x_sum};
 }
 
 }  // namespace nanoblock::cpu

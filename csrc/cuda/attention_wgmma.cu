@@ -43,8 +43,9 @@
 #include "wgmma.cuh"
 
 #include <atomic>
+#include <cinttypes>
+#include <cstdio>
 #include <cstdlib>
-#include <string>
 #include <type_traits>
 
 namespace nanoblock::cuda {
@@ -153,6 +154,35 @@ __device__ __forceinline__ void online_softmax(float (&s)[BK / 2], float (&m)[2]
       l[e >> 1] += s[4 * j + e];
     }
   }
+}
+
+// The products of the pipelined step (pipelined and producer schedules), per
+// warpgroup: issues S_kt = Q K_kt^T and O += P_{kt-1} V_{kt-1}, runs the
+// online softmax of S_kt while the tensor cores still do P V, and waits for
+// both; then o holds P_{kt-1} V_{kt-1} added (not yet rescaled: correction
+// says by what), s the exponentiated scores, and p and the buffers of tile
+// kt - 1 are free. Straight line between the issues and the waits (a branch
+// there that ptxas could take for divergent makes it serialize the wgmmas).
+// key0 = kt * BK; MASK: the tile holds keys past some of these rows' queries.
+template <typename scalar_t, int HD, int BQ, int BK, bool MASK>
+__device__ __forceinline__ void pipelined_products(float (&s)[BK / 2], float (&o)[HD / 2],
+                                                   uint32_t (&p)[BK / 16][4], float (&m)[2],
+                                                   float (&l)[2], uint32_t q_wg, uint32_t keys,
+                                                   uint32_t values, int row, int key0, int T,
+                                                   float scale_log2, float (&correction)[2]) {
+  keep_in_order(s);
+  keep_in_order(o);
+  keep_in_order(p);
+  wgmma_fence();
+  issue_scores<scalar_t, HD, BQ, BK>(s, q_wg, keys);
+  wgmma_commit();
+  issue_values<scalar_t, HD, BK>(o, p, values);
+  wgmma_commit();
+  wgmma_wait<1>();  // S_kt is done; P V may still run
+  keep_in_order(s);
+  online_softmax<BK>(s, m, l, row, key0, T, MASK, scale_log2, correction);
+  wgmma_wait<0>();  // P_{kt-1} V_{kt-1} is in o
+  keep_in_order(o);
 }
 
 // o (layout (b), N = HD) times each row's correction.
@@ -324,20 +354,10 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
       zeroed = zero_nonfinite_values(kt);
     };
     const auto step = [&](int kt, auto mask) {  // S_kt and O += P_{kt-1} V_{kt-1}
-      keep_in_order(s);
-      keep_in_order(o);
-      keep_in_order(p);
-      wgmma_fence();
-      issue_scores<scalar_t, HD, BQ, BK>(s, q_wg, key_buffer(kt));
-      wgmma_commit();
-      issue_values<scalar_t, HD, BK>(o, p, value_buffer(kt - 1));
-      wgmma_commit();
-      wgmma_wait<1>();  // S_kt is done; P V may still run
-      keep_in_order(s);
       float correction[2];
-      online_softmax<BK>(s, m, l, row, kt * BK, T, decltype(mask)::value, scale_log2, correction);
-      wgmma_wait<0>();  // P_{kt-1} V_{kt-1} is in o; p is free
-      keep_in_order(o);
+      pipelined_products<scalar_t, HD, BQ, BK, decltype(mask)::value>(
+          s, o, p, m, l, q_wg, key_buffer(kt), value_buffer(kt - 1), row, kt * BK, T, scale_log2,
+          correction);
       if (zeroed_before) add_nonfinite(kt - 1);
       rescale<HD>(o, correction);
       scores_to_a<scalar_t, BK>(p, s);
@@ -357,15 +377,10 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
     // Tiles before first_masked lie wholly at or before this warpgroup's
     // first query (and so before T): (kt + 1) * BK <= wg_q0 + 1.
     const int first_masked = min(my_tiles, (wg_q0 + 1) / BK);
-    int kt = 1;
-    for (; kt < first_masked; kt++) {
-      next_tile(kt);
-      step(kt, std::false_type{});
-    }
-    for (; kt < my_tiles; kt++) {
-      next_tile(kt);
-      step(kt, std::true_type{});
-    }
+    int kt = for_each_key_tile(1, first_masked, my_tiles, [&](int key_tile, auto masked) {
+      next_tile(key_tile);
+      step(key_tile, masked);
+    });
     if (my_tiles > 0) {  // the drain, in iteration kt = my_tiles
       // zeroed holds tile my_tiles - 1's flag until the next barrier.
       const bool zeroed_last = zeroed;
@@ -529,25 +544,14 @@ __global__ void __launch_bounds__(Tiles::kThreads, 1)
     add_nonfinite_products<BK, HD, false>(o, p, head + 2 * C + kt * BK * row_stride, row_stride,
                                           row, kt * BK, T);
   };
-  // S_kt and O += P_{kt-1} V_{kt-1}, as in the pipelined schedule. Straight
-  // line between the issue and the waits (a branch there that ptxas could
-  // take for divergent makes it serialize the wgmmas).
+  // S_kt and O += P_{kt-1} V_{kt-1}, as in the pipelined schedule; then
+  // buffer kt - 1 goes back to the producer.
   const auto step = [&](int kt, auto mask) {
     const bool zeroed = acquire(kt);
-    keep_in_order(s);
-    keep_in_order(o);
-    keep_in_order(p);
-    wgmma_fence();
-    issue_scores<scalar_t, HD, BQ, BK>(s, q_wg, key_buffer(kt));
-    wgmma_commit();
-    issue_values<scalar_t, HD, BK>(o, p, value_buffer(kt - 1));
-    wgmma_commit();
-    wgmma_wait<1>();  // S_kt is done; P V may still run
-    keep_in_order(s);
     float correction[2];
-    online_softmax<BK>(s, m, l, row, kt * BK, T, decltype(mask)::value, scale_log2, correction);
-    wgmma_wait<0>();  // P_{kt-1} V_{kt-1} is in o; p and buffer kt - 1 are free
-    keep_in_order(o);
+    pipelined_products<scalar_t, HD, BQ, BK, decltype(mask)::value>(
+        s, o, p, m, l, q_wg, key_buffer(kt), value_buffer(kt - 1), row, kt * BK, T, scale_log2,
+        correction);
     release(kt - 1);
     if (zeroed_before) add_nonfinite(kt - 1);
     zeroed_before = zeroed;
@@ -571,9 +575,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, 1)
   // Tiles before first_masked lie wholly at or before this warpgroup's
   // first query (and so before T): (kt + 1) * BK <= wg_q0 + 1.
   const int first_masked = min(my_tiles, (wg_q0 + 1) / BK);
-  int kt = 1;
-  for (; kt < first_masked; kt++) step(kt, std::false_type{});
-  for (; kt < my_tiles; kt++) step(kt, std::true_type{});
+  for_each_key_tile(1, first_masked, my_tiles, step);
   if (my_tiles > 0) {  // the drain: P V of the last tile
     keep_in_order(o);
     keep_in_order(p);
@@ -585,7 +587,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, 1)
     release(my_tiles - 1);
     if (zeroed_before) add_nonfinite(my_tiles - 1);
   }
-  for (kt = my_tiles; kt < key_tiles; kt++) {  // skipped tiles, in order (see above)
+  for (int kt = my_tiles; kt < key_tiles; kt++) {  // skipped tiles, in order (see above)
     acquire(kt);
     release(kt);
   }
@@ -660,20 +662,17 @@ bool launch_built(int64_t hd, const TileChoice& want, const Tensor& qkv, int64_t
       WgmmaTiles<128, 128, 2, 1, kPipelined>>(want, qkv, n_head, out, lse, scale_log2);
 }
 
-// The op dispatch's forward schedule: the serial one (key tile 64, 2
-// warpgroups). The producer schedule (one copying warpgroup, key tile 128 at
-// hd 64, 64 at hd 128) passed the tests but was slower on the H200 in
-// session 6 (benchmarks/bench_attention.py, same build, forward ms serial
-// vs producer: gpt2-small 0.129 vs 0.183, T = 4096 0.423 vs 0.521, hd 128
-// 0.081 vs 0.104; benchmarks/results/nvidia-h200/attention_producer_vs_serial.txt).
-// NANOBLOCK_WGMMA_FORWARD=producer in the environment (read once) selects
-// it, to time it again as it is tuned.
-TileChoice default_forward_tiles(int64_t hd) {
-  static const bool producer = [] {
-    const char* v = std::getenv("NANOBLOCK_WGMMA_FORWARD");
-    return v != nullptr && std::string(v) == "producer";
-  }();
-  if (producer) return TileChoice{hd == 64 ? 128 : 64, 2, kProducer};
+// The op dispatch's forward shape: the serial schedule, key tile 64, 2
+// warpgroups, unless NANOBLOCK_WGMMA_FORWARD names another (read once;
+// wgmma_shape_from_env). The producer schedule (one copying warpgroup; key
+// tile 128 at hd 64: "128,2,2", 64 at hd 128: "64,2,2") passed the tests but
+// was slower on the H200 in session 6 (benchmarks/bench_attention.py, same
+// build, forward ms serial vs producer: gpt2-small 0.129 vs 0.183, T = 4096
+// 0.423 vs 0.521, hd 128 0.081 vs 0.104;
+// benchmarks/results/nvidia-h200/attention_producer_vs_serial.txt).
+TileChoice default_forward_tiles() {
+  static const std::optional<WgmmaShape> chosen = wgmma_shape_from_env("NANOBLOCK_WGMMA_FORWARD");
+  if (chosen) return TileChoice{chosen->tile, chosen->warpgroups, chosen->schedule};
   return TileChoice{64, 2, kSerial};
 }
 
@@ -689,6 +688,18 @@ bool launch_forward(const Tensor& qkv, int64_t n_head, const Tensor& out, const 
 }
 
 }  // namespace
+
+std::optional<WgmmaShape> wgmma_shape_from_env(const char* name) {
+  const char* v = std::getenv(name);
+  if (v == nullptr) return std::nullopt;
+  WgmmaShape shape{};
+  char end = 0;
+  NANOBLOCK_CHECK(std::sscanf(v, "%" SCNd64 ",%" SCNd64 ",%" SCNd64 "%c", &shape.tile,
+                              &shape.warpgroups, &shape.schedule, &end) == 3,
+                  name, " must be TILE,WARPGROUPS,SCHEDULE (three integers, e.g. 128,2,2), got '",
+                  v, "'");
+  return shape;
+}
 
 bool wgmma_attention_available() {
 #ifdef NANOBLOCK_SM90A
@@ -744,16 +755,19 @@ std::tuple<Tensor, Tensor> wgmma_attention_forward_tiles(const Tensor& qkv_in, i
 }
 
 std::tuple<Tensor, Tensor> wgmma_attention_forward(const Tensor& qkv, int64_t n_head) {
-  const int64_t hd = qkv.dim() == 3 && n_head > 0 ? qkv.size(2) / 3 / n_head : 0;
-  const TileChoice choice = default_forward_tiles(hd);
+  const TileChoice choice = default_forward_tiles();
   return wgmma_attention_forward_tiles(qkv, n_head, choice.key_tile, choice.warpgroups,
                                        choice.schedule);
 }
 
 void wgmma_attention_forward_into(const Tensor& qkv, int64_t n_head, const Tensor& out,
                                   const Tensor& lse) {
-  const int64_t hd = qkv.size(2) / 3 / n_head;
-  launch_forward(qkv, n_head, out, lse, default_forward_tiles(hd));
+  const TileChoice choice = default_forward_tiles();
+  NANOBLOCK_CHECK(launch_forward(qkv, n_head, out, lse, choice),
+                  "wgmma attention forward: no kernel built for head dim ",
+                  qkv.size(2) / 3 / n_head, " with key tile ", choice.key_tile, ", ",
+                  choice.warpgroups, " warpgroups, schedule ", choice.schedule,
+                  " (NANOBLOCK_WGMMA_FORWARD)");
 }
 
 }  // namespace nanoblock::cuda

@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 namespace nanoblock::cuda {
@@ -50,6 +51,23 @@ std::tuple<at::Tensor, at::Tensor> wgmma_attention_forward_tiles(const at::Tenso
                                                                  int64_t n_head, int64_t key_tile,
                                                                  int64_t warpgroups,
                                                                  int64_t schedule);
+
+// A tile shape of one wgmma kernel, as the *_tiles entry points below take
+// it: tile (forward and grad_q: keys per shared-memory tile; grad_kv:
+// queries), consumer warpgroups per block, schedule (each kernel's own
+// numbering).
+struct WgmmaShape {
+  int64_t tile, warpgroups, schedule;
+};
+
+// The shape that the environment variable `name` gives as
+// "TILE,WARPGROUPS,SCHEDULE", or none when it is unset; raises when it is
+// set to anything else. The dispatch reads NANOBLOCK_WGMMA_FORWARD,
+// NANOBLOCK_WGMMA_GRAD_KV and NANOBLOCK_WGMMA_GRAD_Q once, at its first
+// wgmma attention, in place of its default shapes: to time every built
+// shape in the same build (benchmarks/bench_attention.py); a shape not
+// built for the head dim at hand raises there.
+std::optional<WgmmaShape> wgmma_shape_from_env(const char* name);
 
 // Backward (attention_wgmma_backward.cu), the two kernels of
 // attention_mma.cu's backward: grad_out [B, T, C], qkv [B, T, 3C] (float16 /

@@ -498,15 +498,10 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
   // Tiles before first_masked lie wholly at or before this warpgroup's first
   // query (and so before T).
   const int first_masked = min(my_tiles, (wg_q0 + 1) / BK);
-  int kt = 0;
-  for (; kt < first_masked; kt++) {
-    next_tile(kt);
-    step(kt, std::false_type{});
-  }
-  for (; kt < my_tiles; kt++) {
-    next_tile(kt);
-    step(kt, std::true_type{});
-  }
+  int kt = for_each_key_tile(0, first_masked, my_tiles, [&](int key_tile, auto masked) {
+    next_tile(key_tile);
+    step(key_tile, masked);
+  });
   wgmma_wait<0>();  // the last dQ (pipelined), before its key tile's buffer is reused
   keep_in_order(dq);
   for (; kt < key_tiles; kt++) next_tile(kt);  // every thread: key_tiles barriers
@@ -656,19 +651,29 @@ void wgmma_backward_kernel(const char* name, const Tensor& grad_out, const Tenso
                   " warpgroups and schedule ", schedule);
 }
 
-// The shapes the op dispatch takes (wgmma_attention_backward_into): the
-// first H200 run's fastest at hd 64 among those with the causal NaN / Inf
-// handling (serial grad_kv query tile 128, 2 warpgroups; serial grad_q key
-// tile 64, 1 warpgroup); hd 128, not yet timed: grad_kv overlap, query tile
-// 64, 2 warpgroups; grad_q serial key tile 64, 2 warpgroups.
+// The shapes the op dispatch takes (wgmma_attention_backward_into), unless
+// NANOBLOCK_WGMMA_GRAD_KV / NANOBLOCK_WGMMA_GRAD_Q name others (read once;
+// wgmma_shape_from_env): the first H200 run's fastest at hd 64 among those
+// with the causal NaN / Inf handling (serial grad_kv query tile 128, 2
+// warpgroups; serial grad_q key tile 64, 1 warpgroup); hd 128, not yet
+// timed: grad_kv overlap, query tile 64, 2 warpgroups; grad_q serial key
+// tile 64, 2 warpgroups.
 void launch_default_backward(const BackwardArgs& a, int64_t hd) {
+  static const std::optional<WgmmaShape> kv_env = wgmma_shape_from_env("NANOBLOCK_WGMMA_GRAD_KV");
+  static const std::optional<WgmmaShape> q_env = wgmma_shape_from_env("NANOBLOCK_WGMMA_GRAD_Q");
+  const WgmmaShape kv =
+      kv_env.value_or(hd == 64 ? WgmmaShape{128, 2, kSerial} : WgmmaShape{64, 2, kOverlap});
+  const WgmmaShape q = q_env.value_or(WgmmaShape{64, hd == 64 ? 1 : 2, kSerial});
   const auto launch_both = [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
-    const bool kv = hd == 64 ? launch_built_grad_kv<scalar_t>(64, 128, 2, kSerial, a)
-                             : launch_built_grad_kv<scalar_t>(128, 64, 2, kOverlap, a);
-    const bool q = hd == 64 ? launch_built_grad_q<scalar_t>(64, 64, 1, kSerial, a)
-                            : launch_built_grad_q<scalar_t>(128, 64, 2, kSerial, a);
-    NANOBLOCK_CHECK(kv && q, "wgmma attention backward: default shape not built for hd ", hd);
+    NANOBLOCK_CHECK(launch_built_grad_kv<scalar_t>(hd, kv.tile, kv.warpgroups, kv.schedule, a),
+                    "wgmma attention backward: no grad_kv kernel built for head dim ", hd,
+                    " with query tile ", kv.tile, ", ", kv.warpgroups, " warpgroups, schedule ",
+                    kv.schedule, " (NANOBLOCK_WGMMA_GRAD_KV)");
+    NANOBLOCK_CHECK(launch_built_grad_q<scalar_t>(hd, q.tile, q.warpgroups, q.schedule, a),
+                    "wgmma attention backward: no grad_q kernel built for head dim ", hd,
+                    " with key tile ", q.tile, ", ", q.warpgroups, " warpgroups, schedule ",
+                    q.schedule, " (NANOBLOCK_WGMMA_GRAD_Q)");
   };
   if (a.qkv.scalar_type() == at::kBFloat16) {
     launch_both(at::BFloat16{});

@@ -216,23 +216,32 @@ __device__ __forceinline__ void store_column_sums(const acc_t (&sums)[SLOTS][VEC
   __syncthreads();
 }
 
-// out[c] = sum over g of partials[g, c], and with grid y = 2 (second_out
-// given) second_out[c] = sum over g of partials[groups + g, c] as well: two
-// column sums of [2, groups, C] partials in one launch. A block takes 32
-// columns with kSumRows threads each: thread (c, r) adds groups r,
-// r + kSumRows, .. in order, then the kSumRows sums of a column are added in
-// r order. The order is fixed, so the same partials give the same bits.
-// (Many threads a column: each has few loads to wait for, in one batch.)
+// outputs.out[j][c] = sum over g of partials[j, g, c], for the column sums j
+// < grid y (at most kMaxSumOutputs) of partials [grid y, groups, C]: several
+// column sums in one launch. A block takes 32 columns with kSumRows threads
+// each: thread (c, r) adds groups r, r + kSumRows, .. in order, then the
+// kSumRows sums of a column are added in r order. The order is fixed, so the
+// same partials give the same bits. (Many threads a column: each has few
+// loads to wait for, in one batch.)
 constexpr int kSumRows = 32;
+constexpr int kMaxSumOutputs = 4;
+
+template <typename scalar_t>
+struct SumOutputs {
+  scalar_t* out[kMaxSumOutputs];  // [C] each
+};
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(32 * kSumRows)
     sum_partials_kernel(const acc_t* __restrict__ partials, int64_t groups, int64_t C,
-                        scalar_t* __restrict__ out, scalar_t* __restrict__ second_out) {
+                        SumOutputs<scalar_t> outputs) {
   __shared__ acc_t sums[kSumRows][32];
-  if (blockIdx.y == 1) {
-    partials += groups * C;
-    out = second_out;
+  partials += blockIdx.y * groups * C;
+  // out[blockIdx.y] by selects: indexing the argument copied it to the stack.
+  scalar_t* __restrict__ out = outputs.out[0];
+#pragma unroll
+  for (int j = 1; j < kMaxSumOutputs; j++) {
+    if (blockIdx.y == j) out = outputs.out[j];
   }
   const int64_t c = blockIdx.x * 32 + threadIdx.x;
   acc_t sum = 0;
@@ -249,15 +258,18 @@ __global__ void __launch_bounds__(32 * kSumRows)
   }
 }
 
-// Sums partials [groups, C] into out [C]; with second_out, partials
-// [2, groups, C] into out and second_out.
-template <typename scalar_t, typename acc_t>
-void launch_sum_partials(const acc_t* partials, int64_t groups, int64_t C, scalar_t* out,
-                         scalar_t* second_out, cudaStream_t stream) {
+// Sums partials [COUNT, groups, C] over the groups into outputs (COUNT
+// pointers to [C], e.g. {grad_weight, grad_bias}), in one launch.
+template <typename scalar_t, typename acc_t, int COUNT>
+void launch_sum_partials(const acc_t* partials, int64_t groups, int64_t C,
+                         scalar_t* const (&outputs)[COUNT], cudaStream_t stream) {
+  static_assert(COUNT <= kMaxSumOutputs, "more column sums than SumOutputs holds");
   if (C == 0) return;
-  const dim3 grid(static_cast<unsigned>(ceil_div(C, 32)), second_out != nullptr ? 2 : 1);
+  SumOutputs<scalar_t> out{};
+  for (int j = 0; j < COUNT; j++) out.out[j] = outputs[j];
+  const dim3 grid(static_cast<unsigned>(ceil_div(C, 32)), COUNT);
   sum_partials_kernel<scalar_t, acc_t>
-      <<<grid, dim3(32, kSumRows), 0, stream>>>(partials, groups, C, out, second_out);
+      <<<grid, dim3(32, kSumRows), 0, stream>>>(partials, groups, C, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -186,7 +186,7 @@ void launch_rows_with_column_sums(int64_t N, int64_t F, int vec, const MakeOp& m
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   launch_sum_partials<scalar_t, acc_t>(partials_ptr, groups, F,
-                                       column_sums.mutable_data_ptr<scalar_t>(), nullptr, stream);
+                                       {column_sums.mutable_data_ptr<scalar_t>()}, stream);
 }
 
 }  // namespace

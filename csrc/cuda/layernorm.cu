@@ -13,6 +13,11 @@
 //                          (+ grad_residual)                       -> [N, C]
 //                 grad_weight = sum over rows of grad_out * xhat    -> [C]
 //                 grad_bias   = sum over rows of grad_out           -> [C]
+//                 with column_sums also, from the same sweep (the Block's
+//                 c_proj bias gradients, block.cpp):
+//                 grad_residual_sum = sum over rows of grad_residual -> [C]
+//                 grad_x_sum  = sum over rows of grad_x as written  -> [C]
+//                 (rounded to the dtype: what bias_grad of grad_x adds)
 //
 // Forward: a team of warps per row (one warp up to 1024 bfloat16 elements,
 // several rows a block) reads the row once with 16-byte vector loads where
@@ -22,9 +27,10 @@
 // Backward: one sweep over the rows that reads grad_out and x once, keeping a
 // row in registers while it is reduced, writes grad_x and gives each group
 // of rows its own [C] partial of grad_weight and grad_bias, summed in
-// registers (no atomics); sum_partials_kernel adds the partials in group
-// order, so the weight and bias gradients are deterministic. Sums run in
-// acc_t (float32, float64 for float64).
+// registers (no atomics), and with column_sums of grad_residual and grad_x,
+// summed in shared memory; one sum_partials_kernel launch adds the partials
+// in group order, so every column sum is deterministic. Sums run in acc_t
+// (float32, float64 for float64).
 #include <limits>
 
 #include "common.cuh"
@@ -310,6 +316,17 @@ __global__ void layer_norm_forward_long_row_kernel(const scalar_t* __restrict__ 
 // added in team order (store_column_sums) into the group's partial rows,
 // partials [2, groups, C]: grad_weight's, then grad_bias's.
 //
+// SUMS (column_sums, with grad_residual) adds two partial rows a group,
+// partials [4, groups, C]: grad_residual's and grad_x's (as rounded) column
+// sums. Every thread adds them over its rows as it writes grad_x, in shared
+// memory (its own 2 * SLOTS * VEC running sums): they do not fit in
+// registers beside the row and dw, db (the bfloat16 kernel of C = 768 holds
+// 126 of its 128 registers without them). At the end they go through
+// store_column_sums like dw and db. Where the running sums would take more
+// than kMaxRunningSumBytes a thread (16-bit rows of more than 8192 elements)
+// the launcher sums grad_residual and grad_x in passes of their own
+// (bias_grad).
+//
 // A row longer than a team's slots (SPILL: vectors > SLOTS * team_threads,
 // only for the widest teams, which are alone in their block) has its other
 // vectors read twice, for the sums and for grad_x, and their column sums
@@ -322,6 +339,19 @@ __global__ void layer_norm_forward_long_row_kernel(const scalar_t* __restrict__ 
 constexpr int kBlockWarps = 8;       // about this many warps a block (teams of short rows share one)
 constexpr int kMaxWarpsPerRow = 16;  // the widest team
 constexpr int kBackwardMaxThreads = 32 * kMaxWarpsPerRow;
+// A thread's running column sums with SUMS, at most: with the padding, 68 KB
+// of shared memory for the widest block, which every GPU since sm_80 grants.
+constexpr int kMaxRunningSumBytes = 128;
+
+template <typename acc_t, int SLOTS, int VEC>
+constexpr bool running_sums_fit() {
+  return 2 * SLOTS * VEC * sizeof(acc_t) <= kMaxRunningSumBytes;
+}
+
+// Shared memory values a thread with SUMS: its running sums and one of
+// padding, so that the stride between threads is odd (32 threads, 32 banks).
+template <int SLOTS, int VEC>
+constexpr int kRunningStride = 2 * SLOTS * VEC + 1;
 
 struct BackwardShape {
   int warps_per_row;  // a team: the warps that take one row
@@ -424,7 +454,7 @@ __device__ __forceinline__ Vec<scalar_t, VEC> backward_grad_x(
   return out;
 }
 
-template <typename scalar_t, int VEC, int SLOTS, bool SPILL>
+template <typename scalar_t, int VEC, int SLOTS, bool SPILL, bool SUMS>
 __global__ void __launch_bounds__(kBackwardMaxThreads)
     layer_norm_backward_kernel(const scalar_t* __restrict__ grad_out,       // [N, C]
                                const scalar_t* __restrict__ x,              // [N, C]
@@ -433,18 +463,27 @@ __global__ void __launch_bounds__(kBackwardMaxThreads)
                                const acc_type<scalar_t>* __restrict__ rstd,  // [N]
                                const scalar_t* __restrict__ grad_residual,  // [N, C] or null
                                scalar_t* __restrict__ grad_x,               // [N, C]
-                               acc_type<scalar_t>* __restrict__ partials,   // [2, groups, C]
+                               acc_type<scalar_t>* __restrict__ partials,   // [2 or 4, groups, C]
                                int64_t N, int64_t C, int64_t rows_per_group, int warps_per_row) {
   using acc_t = acc_type<scalar_t>;
   using V = Vec<scalar_t, VEC>;
+  const int team_threads = 32 * warps_per_row;
+  const int teams = blockDim.x / team_threads;
   // Shared memory: the teams' row sums [2 (alternate rounds)][teams][warps_per_row][2],
-  // then store_column_sums' scratch [teams][C] (with more than one team).
+  // then store_column_sums' scratch [teams][C] (with more than one team), then
+  // with SUMS the running sums [blockDim.x][kRunningStride]: a thread's own
+  // side by side, at constant offsets from one address (offsets that were
+  // multiples of blockDim.x took a register each).
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   acc_t* row_sums = reinterpret_cast<acc_t*>(shared_bytes);
   acc_t* column_scratch = row_sums + 4 * (blockDim.x / 32);
+  acc_t* my_running_sums = column_scratch + (teams > 1 ? teams * C : 0) +
+                           threadIdx.x * kRunningStride<SLOTS, VEC>;
+  // This thread's running sum of column(s) + k of grad_residual (which 0) or grad_x (1).
+  const auto running = [&](int which, int s, int k) -> acc_t& {
+    return my_running_sums[(which * SLOTS + s) * VEC + k];
+  };
 
-  const int team_threads = 32 * warps_per_row;
-  const int teams = blockDim.x / team_threads;
   const int team = threadIdx.x / team_threads, t = threadIdx.x % team_threads;
   const int warp = t / 32, lane = t % 32;
   const int vectors = static_cast<int>(C / VEC);  // C < 2^31 (checked by the launcher)
@@ -453,6 +492,11 @@ __global__ void __launch_bounds__(kBackwardMaxThreads)
   const int64_t row_end = std::min(N, row_begin + rows_per_group);
   acc_t* dw_partial = partials + group * C;
   acc_t* db_partial = partials + (groups + group) * C;
+  // SUMS: the group's partial rows of grad_residual (which 0) and grad_x (1),
+  // found where they are used (kept across the row loop they took registers).
+  const auto sums_partial = [&](int which) {
+    return partials + ((2 + which) * groups + group) * C;
+  };
   const bool with_res = grad_residual != nullptr;
 
   // Slot s holds the vector at column(s), when in_row(s).
@@ -468,7 +512,17 @@ __global__ void __launch_bounds__(kBackwardMaxThreads)
   if constexpr (SPILL) {
     for (int i = spill_begin; i < vectors; i += team_threads) {
 #pragma unroll
-      for (int k = 0; k < VEC; k++) dw_partial[i * VEC + k] = db_partial[i * VEC + k] = 0;
+      for (int k = 0; k < VEC; k++) {
+        dw_partial[i * VEC + k] = db_partial[i * VEC + k] = 0;
+        if constexpr (SUMS) sums_partial(0)[i * VEC + k] = sums_partial(1)[i * VEC + k] = 0;
+      }
+    }
+  }
+  if constexpr (SUMS) {
+#pragma unroll
+    for (int s = 0; s < SLOTS; s++) {
+#pragma unroll
+      for (int k = 0; k < VEC; k++) running(0, s, k) = running(1, s, k) = 0;
     }
   }
 
@@ -568,10 +622,16 @@ __global__ void __launch_bounds__(kBackwardMaxThreads)
 #pragma unroll
       for (int s = 0; s < SLOTS; s++) {
         if (in_row(s)) {
-          store_vec<scalar_t, VEC>(
-              dx_row + column(s),
-              backward_grad_x<scalar_t, VEC>(cur.dy[s], cur.x[s], w[s], res[s], with_res,
-                                             cur.mean, cur.rstd, g_mean, gx_mean));
+          const V dx = backward_grad_x<scalar_t, VEC>(cur.dy[s], cur.x[s], w[s], res[s], with_res,
+                                                      cur.mean, cur.rstd, g_mean, gx_mean);
+          store_vec<scalar_t, VEC>(dx_row + column(s), dx);
+          if constexpr (SUMS) {
+#pragma unroll
+            for (int k = 0; k < VEC; k++) {
+              running(0, s, k) += static_cast<acc_t>(res[s].v[k]);
+              running(1, s, k) += static_cast<acc_t>(dx.v[k]);
+            }
+          }
         }
       }
       if constexpr (SPILL) {
@@ -580,12 +640,18 @@ __global__ void __launch_bounds__(kBackwardMaxThreads)
         for (int i = spill_begin; i < vectors; i += team_threads) {
           V res;
           if (with_res) res = load_vec<scalar_t, VEC>(res_row + i * VEC);
-          store_vec<scalar_t, VEC>(
-              dx_row + i * VEC,
-              backward_grad_x<scalar_t, VEC>(load_vec<scalar_t, VEC>(dy_row + i * VEC),
-                                             load_vec<scalar_t, VEC>(x_row + i * VEC),
-                                             load_vec<scalar_t, VEC>(weight + i * VEC), res,
-                                             with_res, cur.mean, cur.rstd, g_mean, gx_mean));
+          const V dx = backward_grad_x<scalar_t, VEC>(
+              load_vec<scalar_t, VEC>(dy_row + i * VEC), load_vec<scalar_t, VEC>(x_row + i * VEC),
+              load_vec<scalar_t, VEC>(weight + i * VEC), res, with_res, cur.mean, cur.rstd,
+              g_mean, gx_mean);
+          store_vec<scalar_t, VEC>(dx_row + i * VEC, dx);
+          if constexpr (SUMS) {
+#pragma unroll
+            for (int k = 0; k < VEC; k++) {
+              sums_partial(0)[i * VEC + k] += static_cast<acc_t>(res.v[k]);
+              sums_partial(1)[i * VEC + k] += static_cast<acc_t>(dx.v[k]);
+            }
+          }
         }
       }
     }
@@ -596,6 +662,19 @@ __global__ void __launch_bounds__(kBackwardMaxThreads)
                                        dw_partial);
   store_column_sums<acc_t, SLOTS, VEC>(db, team, teams, t, team_threads, C, column_scratch,
                                        db_partial);
+  if constexpr (SUMS) {
+    // The running sums into registers (the row's are free now), then as dw and db.
+    acc_t sums[SLOTS][VEC];
+    for (int which = 0; which < 2; which++) {
+#pragma unroll
+      for (int s = 0; s < SLOTS; s++) {
+#pragma unroll
+        for (int k = 0; k < VEC; k++) sums[s][k] = running(which, s, k);
+      }
+      store_column_sums<acc_t, SLOTS, VEC>(sums, team, teams, t, team_threads, C, column_scratch,
+                                           sums_partial(which));
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -642,11 +721,14 @@ void launch_forward(const Tensor& x, const Tensor& residual, const Tensor& weigh
   });
 }
 
+// Returns whether it summed grad_residual and grad_x too (asked by
+// column_sums: res_sum_ptr and dx_sum_ptr given; not where the running sums
+// do not fit, running_sums_fit).
 template <typename scalar_t>
-void launch_backward(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
+bool launch_backward(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
                      const Tensor& mean, const Tensor& rstd, const Tensor& grad_residual,
                      const Tensor& grad_x, const Tensor& grad_weight, const Tensor& grad_bias,
-                     int64_t N, int64_t C) {
+                     scalar_t* res_sum_ptr, scalar_t* dx_sum_ptr, int64_t N, int64_t C) {
   using acc_t = acc_type<scalar_t>;
   TORCH_CHECK(C <= std::numeric_limits<int>::max(),
               "nanoblock.layer_norm_backward: rows of more than 2^31 - 1 elements (C = ", C,
@@ -657,31 +739,51 @@ void launch_backward(const Tensor& grad_out, const Tensor& x, const Tensor& weig
   const scalar_t* dres_ptr =
       grad_residual.defined() ? grad_residual.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* dx_ptr = grad_x.mutable_data_ptr<scalar_t>();
+  scalar_t* dw_ptr = grad_weight.mutable_data_ptr<scalar_t>();
+  scalar_t* db_ptr = grad_bias.mutable_data_ptr<scalar_t>();
+  const bool column_sums = res_sum_ptr != nullptr;
+  bool summed = false;
   const cudaStream_t stream = current_stream();
   const int vec = vector_width<scalar_t>(C, {dy_ptr, x_ptr, w_ptr, dres_ptr, dx_ptr});
   with_vector_width<scalar_t>(vec, [&](auto vec_constant) {
     constexpr int VEC = decltype(vec_constant)::value;
     const BackwardShape shape = backward_shape<scalar_t, VEC>(C / VEC);
     const int64_t groups = backward_groups(N, shape.teams);
-    Tensor partials = at::empty({2, groups, C}, x.options().dtype(stats_dtype(x.scalar_type())));
-    acc_t* partials_ptr = partials.mutable_data_ptr<acc_t>();
     const int threads = 32 * shape.warps_per_row * shape.teams;
-    // the row sums, and store_column_sums' scratch when teams share a block
-    const size_t shared =
-        (4 * threads / 32 + (shape.teams > 1 ? shape.teams * C : 0)) * sizeof(acc_t);
     with_slots(shape, [&](auto slots_constant, auto spill_constant) {
-      const auto kernel = layer_norm_backward_kernel<scalar_t, VEC, decltype(slots_constant)::value,
-                                                     decltype(spill_constant)::value>;
-      allow_shared_memory(kernel, shared);
-      kernel<<<static_cast<unsigned>(groups), threads, shared, stream>>>(
-          dy_ptr, x_ptr, w_ptr, mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
-          dres_ptr, dx_ptr, partials_ptr, N, C, ceil_div(N, groups), shape.warps_per_row);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      constexpr int SLOTS = decltype(slots_constant)::value;
+      constexpr bool SPILL = decltype(spill_constant)::value;
+      const auto launch = [&](auto sums_constant) {
+        constexpr bool SUMS = decltype(sums_constant)::value;
+        Tensor partials = at::empty({SUMS ? 4 : 2, groups, C},
+                                    x.options().dtype(stats_dtype(x.scalar_type())));
+        acc_t* partials_ptr = partials.mutable_data_ptr<acc_t>();
+        // the row sums, store_column_sums' scratch when teams share a block,
+        // the running sums
+        const size_t shared = (4 * threads / 32 + (shape.teams > 1 ? shape.teams * C : 0) +
+                               (SUMS ? kRunningStride<SLOTS, VEC> * threads : 0)) *
+                              sizeof(acc_t);
+        const auto kernel = layer_norm_backward_kernel<scalar_t, VEC, SLOTS, SPILL, SUMS>;
+        allow_shared_memory(kernel, shared);
+        kernel<<<static_cast<unsigned>(groups), threads, shared, stream>>>(
+            dy_ptr, x_ptr, w_ptr, mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
+            dres_ptr, dx_ptr, partials_ptr, N, C, ceil_div(N, groups), shape.warps_per_row);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if constexpr (SUMS) {
+          launch_sum_partials<scalar_t, acc_t>(partials_ptr, groups, C,
+                                               {dw_ptr, db_ptr, res_sum_ptr, dx_sum_ptr}, stream);
+        } else {
+          launch_sum_partials<scalar_t, acc_t>(partials_ptr, groups, C, {dw_ptr, db_ptr}, stream);
+        }
+        summed = SUMS;
+      };
+      if constexpr (running_sums_fit<acc_t, SLOTS, VEC>()) {
+        if (column_sums) return launch(std::true_type{});
+      }
+      launch(std::false_type{});
     });
-    launch_sum_partials<scalar_t, acc_t>(partials_ptr, groups, C,
-                                         grad_weight.mutable_data_ptr<scalar_t>(),
-                                         grad_bias.mutable_data_ptr<scalar_t>(), stream);
   });
+  return summed;
 }
 
 }  // namespace
@@ -718,22 +820,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_forward(const Tensor& 
   return {sum, out, mean, rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& grad_out, const Tensor& x,
-                                                       const Tensor& weight, const Tensor& mean,
-                                                       const Tensor& rstd,
-                                                       const Tensor& grad_residual) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_norm_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& mean,
+    const Tensor& rstd, const Tensor& grad_residual, bool column_sums) {
   const int64_t C = x.size(-1), N = C == 0 ? 0 : x.numel() / C;
   Tensor grad_x = at::empty_like(x);
   if (N == 0) {
     // Sums over no rows are zero.
-    return {grad_x, at::zeros_like(weight), at::zeros_like(weight)};
+    const auto zeros = [&] { return at::zeros_like(weight); };
+    return {grad_x, zeros(), zeros(), column_sums ? zeros() : Tensor(),
+            column_sums ? zeros() : Tensor()};
   }
   Tensor grad_weight = at::empty_like(weight), grad_bias = at::empty_like(weight);
+  Tensor grad_residual_sum, grad_x_sum;
+  if (column_sums) {
+    grad_residual_sum = at::empty_like(weight);
+    grad_x_sum = at::empty_like(weight);
+  }
+  bool summed = false;
   NANOBLOCK_DISPATCH(x.scalar_type(), "layer_norm_backward", [&] {
-    launch_backward<scalar_t>(grad_out, x, weight, mean, rstd, grad_residual, grad_x,
-                              grad_weight, grad_bias, N, C);
+    summed = launch_backward<scalar_t>(
+        grad_out, x, weight, mean, rstd, grad_residual, grad_x, grad_weight, grad_bias,
+        column_sums ? grad_residual_sum.mutable_data_ptr<scalar_t>() : nullptr,
+        column_sums ? grad_x_sum.mutable_data_ptr<scalar_t>() : nullptr, N, C);
   });
-  return {grad_x, grad_weight, grad_bias};
+  if (column_sums && !summed) {  // rows too long for the running sums: passes of their own
+    grad_residual_sum = bias_grad(grad_residual);
+    grad_x_sum = bias_grad(grad_x);
+  }
+  return {grad_x, grad_weight, grad_bias, grad_residual_sum, grad_x_sum};
 }
 
 }  // namespace nanoblock::cuda

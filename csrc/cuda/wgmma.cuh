@@ -384,6 +384,21 @@ __device__ __forceinline__ bool barrier_any(bool vote) {
   return any != 0u;
 }
 
+// The causal loop over one warpgroup's key tiles [begin, end) (forward and
+// grad_q): tile(kt, std::false_type{}) for the tiles before first_masked,
+// which lie wholly at or before the warpgroup's first query and need no
+// mask, then tile(kt, std::true_type{}) for the rest, so the unmasked body
+// is compiled without the mask's compares. Returns end (or begin, if
+// larger): the tile the caller's drain goes on from.
+template <typename Tile>
+__device__ __forceinline__ int for_each_key_tile(int begin, int first_masked, int end,
+                                                 Tile&& tile) {
+  int kt = begin;
+  for (; kt < first_masked; kt++) tile(kt, std::false_type{});
+  for (; kt < end; kt++) tile(kt, std::true_type{});
+  return kt;
+}
+
 // Block-wide (every thread, right after the barrier that made the tiles
 // visible): whether some element of the N shared tiles of BYTES bytes is not
 // finite; if so, sets those elements to 0, fences the writes for the tensor
