@@ -12,7 +12,9 @@ It runs itself under ncu (--worker): a few warm-up steps, then one
 forward+backward between cudaProfilerStart/Stop, so only that step's
 kernels are replayed (each several times, to read all counters; the
 times are ncu's, of each kernel alone with a flushed cache, not of the
-stream). Needs ncu on PATH and a CUDA GPU.
+stream). "write MB" is what reached DRAM while the kernel ran: a kernel's
+output that stays in the 50 MB L2 shows far less than it wrote, so GB/s
+undercounts writers of small outputs. Needs ncu on PATH and a CUDA GPU.
 """
 import argparse
 import csv
@@ -33,8 +35,12 @@ METRICS = {
     "launch__block_size": "block",
 }
 # Units ncu may report each metric in, to the unit of the table.
-SCALE = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "byte": 1e-6, "Kbyte": 1e-3,
-         "Mbyte": 1.0, "Gbyte": 1e3, "%": 1.0, "register/thread": 1.0, "": 1.0}
+# ncu 2025+ writes "ns"/"MB"; older ones "nsecond"/"Mbyte". An unknown unit
+# raises rather than passing through unscaled (session 7's first run printed
+# nanoseconds under "us" that way).
+SCALE = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
+         "byte": 1e-6, "B": 1e-6, "Kbyte": 1e-3, "KB": 1e-3, "Mbyte": 1.0, "MB": 1.0,
+         "Gbyte": 1e3, "GB": 1e3, "%": 1.0, "register/thread": 1.0, "": 1.0}
 
 
 def worker(args):
@@ -83,8 +89,10 @@ def table(raw_csv):
             if metric not in row:
                 continue
             unit = units[header.index(metric)]
+            if unit not in SCALE:
+                raise SystemExit(f"ncu reported {metric} in unit {unit!r}, which SCALE lacks")
             try:
-                out[column] = float(row[metric].replace(",", "")) * SCALE.get(unit, 1.0)
+                out[column] = float(row[metric].replace(",", "")) * SCALE[unit]
             except ValueError:
                 out[column] = float("nan")
         rows.append((row.get("Kernel Name", "?"), out))
@@ -92,7 +100,8 @@ def table(raw_csv):
 
 
 def profile(config, impl, dtype):
-    cmd = ["ncu", "--csv", "--page", "raw", "--profile-from-start", "off",
+    # --clock-control none: the clocks as a benchmark sees them (METHOD.md).
+    cmd = ["ncu", "--csv", "--page", "raw", "--profile-from-start", "off", "--clock-control", "none",
            "--metrics", ",".join(METRICS), sys.executable, os.path.abspath(__file__),
            "--worker", "--config", config, "--impl", impl, "--dtype", dtype]
     done = subprocess.run(cmd, capture_output=True, text=True)
