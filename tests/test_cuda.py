@@ -327,6 +327,41 @@ def test_layer_norm_float32_small(C, misaligned):
     assert rel_err(out, ref) < 1e-6
 
 
+@pytest.mark.parametrize("C", [768, 1600, 7000, 16392])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_layer_norm_backward_low_precision_shapes(C, dtype):
+    """The backward's shapes in 16-bit types (csrc/cuda/layernorm.cu,
+    backward_shape): two warps a row, four teams a block (C = 768), four
+    warps a row, two teams a block, each on its own barrier (1600), fourteen
+    warps alone in a block (7000), and a row longer than its team's slots
+    (16392). Every output and gradient at most 2x PyTorch's error in the same
+    dtype, against float64; N spreads the rows over every row group."""
+    torch.manual_seed(16)
+    N = 1203
+    x = torch.randn(N, C, device=DEV)
+    r = torch.randn(N, C, device=DEV)
+    w = 1 + 0.3 * torch.randn(C, device=DEV)
+    b = torch.randn(C, device=DEV)
+    gs, gy = torch.randn(N, C, device=DEV), torch.randn(N, C, device=DEV)
+
+    def run(fn, dt):
+        ins = [t.to(dt).requires_grad_(True) for t in (x, r, w, b)]
+        total, out = fn(*ins)
+        grads = torch.autograd.grad((total, out), ins, (gs.to(dt), gy.to(dt)))
+        return [total, out] + list(grads)
+
+    def reference(x, r, w, b):
+        total = x + r
+        return total, F.layer_norm(total, (C,), w, b, 1e-5)
+
+    exact = run(reference, torch.float64)
+    ref = run(reference, dtype)
+    ours = run(lambda x, r, w, b: ops.add_layer_norm(x, r, w, b), dtype)
+    names = ["sum", "out", "grad x", "grad residual", "grad weight", "grad bias"]
+    for name, a, rf, ex in zip(names, ours, ref, exact):
+        check_within_2x(f"{name} C={C}", a, rf, ex, 1e-3 * ex.abs().max().item())
+
+
 @pytest.mark.parametrize("misaligned", [False, True])
 def test_layer_norm_backward_float32_small(misaligned):
     # misaligned: rows one element past a 16-byte boundary, so the backward
@@ -374,6 +409,7 @@ def test_block_low_precision_vs_reference(B, T, n_head, hd, dtype, gelu):
     (8, 64, 6, 64, torch.bfloat16),  # C = 384, the tiny config's rows: one warp a row
     (2, 97, 12, 64, torch.float16),  # C = 768: two warps a row
     (3, 33, 6, 66, torch.bfloat16),  # C = 396: 8-byte vectors, four slots a thread
+    (1, 50, 25, 64, torch.bfloat16),  # C = 1600: four warps a row, two teams a block
     (2, 65, 3, 64, torch.float32),
 ])
 def test_block_low_precision_biases_vs_reference(B, T, n_head, hd, dtype):
