@@ -283,6 +283,83 @@ def test_gelu_matches_cpu_float64(approximate, shape):
         assert_close_rel(a, c, what=f"gelu {approximate}")
 
 
+def gelu_float64_tail_exact(u, approximate):
+    """GELU and its derivative in float64 by formulas that keep their
+    relative accuracy in the left tail, where PyTorch's own float64 kernel
+    (0.5 u (1 + erf(u / sqrt 2))) cancels: at u = -8.25 it gives -4.58e-16
+    for -6.53e-16."""
+    if approximate == "none":
+        cdf = 0.5 * torch.special.erfc(-u / math.sqrt(2))
+        return u * cdf, cdf + u * torch.exp(-0.5 * u * u) / math.sqrt(2 * math.pi)
+    # 0.5 (1 + tanh(y)) = sigmoid(2 y)
+    y = math.sqrt(2 / math.pi) * (u + 0.044715 * u**3)
+    s = torch.sigmoid(2 * y)
+    dy = math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * u * u)
+    return u * s, s + 2 * u * s * torch.sigmoid(-2 * y) * dy
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_low_precision_elementwise(approximate, dtype):
+    """The 16-bit GELU kernels' own math (gelu.cu, Gelu16Math: erfc and tanh
+    of hardware exponentials) against float64, element by element: output
+    and gradient at most one unit in the last place of the dtype off the
+    exact value, over the left tail too (results down to 1e-30, where only
+    a relative error bound keeps them right: PyTorch's 1 + erf(u / sqrt 2)
+    in float is 0 below u = -5.5), and inf and NaN as PyTorch has them.
+    Plus the bias gradient within 2x PyTorch's error."""
+    torch.manual_seed(17)
+    u = torch.cat([torch.linspace(-14, 14, 20001), 3 * torch.randn(20000),
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-4, -1e-4])])
+    F_ = 256
+    u = u[: u.numel() // F_ * F_].view(-1, F_)
+    x = u.to(dtype)
+    y64, g64 = gelu_float64_tail_exact(x.double(), approximate)
+    xd = x.to(DEV).requires_grad_(True)
+    y = ops.bias_gelu(xd, None, approximate)
+    (g,) = torch.autograd.grad(y, xd, torch.ones_like(y))
+
+    def ulp(v):  # spacing of dtype at |v| (its smallest normal's below that)
+        tiny = torch.finfo(dtype).tiny
+        return torch.exp2(torch.floor(torch.log2(v.abs().clamp_min(tiny)))) * torch.finfo(dtype).eps
+
+    for name, ours, exact in (("gelu", y, y64), ("grad", g, g64)):
+        err = (ours.double().cpu() - exact).abs()
+        # results past float's normal range come out as 0 (flushed)
+        big = exact.abs() >= 1e-30
+        worst = (err[big] / ulp(exact[big])).max().item()
+        assert worst <= 1.0, f"{name} {approximate} {dtype}: {worst:.2f} ulp off float64"
+        assert (err[~big] <= 1e-30).all()
+
+    # inf and NaN: the values PyTorch's own kernel gives in the dtype
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), 1.0], device=DEV,
+                           dtype=dtype).repeat(8).view(4, 8)
+    sx = special.clone().requires_grad_(True)
+    ours = ops.bias_gelu(sx, None, approximate)
+    (ours_g,) = torch.autograd.grad(ours, sx, torch.ones_like(ours))
+    rx = special.clone().requires_grad_(True)
+    theirs = torch.nn.functional.gelu(rx, approximate=approximate)
+    (theirs_g,) = torch.autograd.grad(theirs, rx, torch.ones_like(theirs))
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    torch.testing.assert_close(ours_g, theirs_g, equal_nan=True)
+
+    # the bias gradient: a column sum of the (rounded) gradient
+    xb = (3 * torch.randn(4096, 384)).to(dtype)
+    b = torch.randn(384).to(dtype)
+    gyb = torch.randn(4096, 384).to(dtype)
+
+    def run(x, b, dt, fn):
+        x, b = x.to(dt).requires_grad_(True), b.to(dt).requires_grad_(True)
+        return torch.autograd.grad(fn(x, b), (x, b), gyb.to(x.device, dt))
+
+    torch_gelu = lambda x, b: torch.nn.functional.gelu(x + b, approximate=approximate)
+    exact = run(xb, b, torch.float64, torch_gelu)
+    ref = run(xb.to(DEV), b.to(DEV), dtype, torch_gelu)
+    ours = run(xb.to(DEV), b.to(DEV), dtype, lambda x, b: ops.bias_gelu(x, b, approximate))
+    for name, a, r, e in zip(("grad x", "grad bias"), ours, ref, exact):
+        check_within_2x(f"{name} {approximate}", a, r, e.to(DEV), 0.0)
+
+
 @pytest.mark.parametrize("B,T,C,n_head,bias,gelu", [
     (2, 9, 32, 2, True, "exact"),
     (2, 97, 120, 3, False, "tanh"),

@@ -34,7 +34,8 @@
 // straight into the next product without shared memory.
 //
 // Scores are kept in the log2 domain (scaled by scale * log2 e) and
-// exponentiated with exp2f; lse is written and read in natural log units.
+// exponentiated with exp2_approx (tensor_core.cuh); lse is written and read
+// in natural log units.
 //
 // Dropout (each kernel's DROPOUT flag; attention.cu's header has the math):
 // every probability a thread holds is multiplied by its multiplier Z (0 or
@@ -493,7 +494,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int nt = 0; nt < BK / 8; nt++) {
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-          s[mi][nt][e] = exp2f(fmaf(s[mi][nt][e], scale_log2, -m_scaled[e >> 1]));
+          s[mi][nt][e] = exp2_approx(fmaf(s[mi][nt][e], scale_log2, -m_scaled[e >> 1]));
           l[mi][e >> 1] += s[mi][nt][e];
         }
       }
@@ -665,7 +666,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int e = 0; e < 4; e++) {
           const float row_lse = (e & 1) ? lse2.y : lse2.x;
           const float row_d = (e & 1) ? d2.y : d2.x;
-          float p = exp2f(fmaf(st[mi][nt][e], scale_log2, -row_lse * kLog2e));
+          float p = exp2_approx(fmaf(st[mi][nt][e], scale_log2, -row_lse * kLog2e));
           bool masked = false;
           if (needs_mask) {
             const int query = q0 + nt * 8 + 2 * t + (e & 1);
@@ -786,7 +787,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
           const int i = e >> 1;
-          float p = exp2f(fmaf(s[mi][nt][e], scale_log2, -lse_row[mi][i]));
+          float p = exp2_approx(fmaf(s[mi][nt][e], scale_log2, -lse_row[mi][i]));
           bool masked = false;
           if (needs_mask) {
             const int key = k0 + nt * 8 + 2 * t + (e & 1);

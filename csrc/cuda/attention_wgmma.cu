@@ -30,10 +30,11 @@
 // more registers for the consumers). Blocks are ordered longest query tiles
 // first (as in attention_mma.cu).
 // Scores are kept in the log2 domain (scaled by scale * log2 e) and
-// exponentiated with exp2f; lse is written in natural log units. Masked
-// scores are set to -inf by select. A NaN or Inf in v stays causal: on the
-// diagonal key tiles the block zeroes non-finite values and adds their exact
-// kind to the rows that see them (wgmma.cuh, (d)).
+// exponentiated with exp2_approx (tensor_core.cuh); lse is written in
+// natural log units. Masked scores are set to -inf by select. A NaN or Inf
+// in v stays causal: on the diagonal key tiles the block zeroes non-finite
+// values and adds their exact kind to the rows that see them (wgmma.cuh,
+// (d)).
 //
 // The shared-memory layout, descriptors, register layouts and ordering
 // rules (layouts (a), (b), (c) cited below) are in wgmma.cuh's header.
@@ -150,7 +151,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[BK / 2], float (&m)[2]
   for (int j = 0; j < BK / 8; j++) {
 #pragma unroll
     for (int e = 0; e < 4; e++) {
-      s[4 * j + e] = exp2f(fmaf(s[4 * j + e], scale_log2, -m_scaled[e >> 1]));
+      s[4 * j + e] = exp2_approx(fmaf(s[4 * j + e], scale_log2, -m_scaled[e >> 1]));
       l[e >> 1] += s[4 * j + e];
     }
   }

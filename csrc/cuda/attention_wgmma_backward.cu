@@ -283,7 +283,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         const float row_lse = (e & 1) ? lse2.y : lse2.x;
-        float p = exp2f(fmaf(st[4 * j + e], scale_log2, -row_lse * kLog2e));
+        float p = exp2_approx(fmaf(st[4 * j + e], scale_log2, -row_lse * kLog2e));
         if constexpr (decltype(mask)::value) {
           const int query = q0 + 8 * j + 2 * t + (e & 1);
           if (query < key + 8 * (e >> 1) || query >= T) p = 0.f;
@@ -457,7 +457,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
     for (int j = 0; j < BK / 8; j++) {
 #pragma unroll
       for (int e = 0; e < 4; e++) {
-        float p = exp2f(fmaf(s[4 * j + e], scale_log2, -lse_row[e >> 1]));
+        float p = exp2_approx(fmaf(s[4 * j + e], scale_log2, -lse_row[e >> 1]));
         if constexpr (decltype(mask)::value) {
           const int k = k0 + 8 * j + 2 * t + (e & 1), r = row + 8 * (e >> 1);
           if (k > r || r >= T) p = 0.f;

@@ -66,6 +66,31 @@ __device__ __forceinline__ double tanh_acc(double x) { return tanh(x); }
 __device__ __forceinline__ float rsqrt_acc(float x) { return 1.0f / sqrtf(x); }
 __device__ __forceinline__ double rsqrt_acc(double x) { return 1.0 / sqrt(x); }
 
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// The special-function unit alone, for values that end up rounded to 16 bits
+// (tensor_core.cuh's softmax, gelu.cu's Gelu16Math): ex2.approx.ftz and
+// rcp.approx.ftz (relative errors about 2^-22 and 2^-23; subnormal inputs
+// and results flushed to 0). exp2f and the __expf / __fdividef intrinsics
+// wrap the same instructions in a range test and two multiplies to keep
+// subnormals: four instructions for one (the wgmma forward's SASS, sm_90a),
+// three of them on the FP32 pipe that the softmax is short of.
+__device__ __forceinline__ float exp2_approx(float x) {
+#ifdef NANOBLOCK_EXP2_ACCURATE  // EXPERIMENT (branch gelu-fast): the A of an A/B build
+  return exp2f(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+__device__ __forceinline__ float reciprocal_approx(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 template <typename T>
 __device__ __forceinline__ T neg_infinity() {
   return -INFINITY;

@@ -10,13 +10,24 @@
 //
 // GELU is exact, 0.5 u (1 + erf(u / sqrt 2)) (nanoGPT's nn.GELU()), or the
 // tanh form of GPT-2, 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3))). The
-// math runs in acc_t (float32, float64 for float64) with the accurate erf,
-// exp and tanh, the same formulas as PyTorch's GELU kernels and the CPU ones.
+// math runs in acc_t (float32, float64 for float64). For float32 and float64
+// it is GeluMath: the accurate erf, exp and tanh, the same formulas as
+// PyTorch's GELU kernels and the CPU ones. For float16 and bfloat16 it is
+// Gelu16Math: an erfc of one exponential, one reciprocal and a polynomial
+// (relative error 1.2e-7, far below the 2^-11 and 2^-8 of a 16-bit result)
+// and a tanh form of one exponential and one reciprocal. With the accurate
+// functions the 16-bit kernels were bound by arithmetic more than by memory
+// (ncu, H200 at locked clocks, session 7: the [16384, 3072] GELU forward at
+// 79% of SM throughput, 41% of DRAM's).
 // The elementwise kernels walk the tensor in 16-byte vectors where the row
 // length and pointers allow (a vector never crosses a row, so its bias slice
 // is contiguous too). The column sums (bias gradients) are deterministic:
 // rows are cut into fixed groups, each group's partial sums are written, and
 // a second kernel adds them in group order (common.cuh).
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace nanoblock::cuda {
@@ -44,8 +55,62 @@ struct GeluMath {
   }
 };
 
+// GELU for 16-bit results, in float (see the header).
+//   erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z / 2), z >= 0, P of degree 9:
+//        the Chebyshev fit of Numerical Recipes (2nd ed., 6.2, erfcc), with a
+//        relative error below 1.2e-7 everywhere, the far tails too. With z =
+//        |u| / sqrt 2, Phi(-|u|) = erfc(z) / 2.
+//   tanh: gelu(u) = u (1 + tanh(y)) / 2 = u / (1 + exp(-2 y)), which keeps
+//        its relative accuracy in the left tail (1 + tanh(y) in float does
+//        not); exp(-2 y) = inf gives 0, exp(-2 y) = 0 gives u.
+// exp2_approx and reciprocal_approx (common.cuh) are the hardware's
+// approximations (a few ulp of float, some more for large arguments of the
+// exponential; subnormals flushed): far below a 16-bit rounding.
+struct Gelu16Math {
+  static constexpr float kAlpha = 0.70710678118654752440f;  // 1 / sqrt(2)
+  static constexpr float kBeta = 0.39894228040143267794f;   // 1 / sqrt(2 pi)
+  static constexpr float kTanhScale = 0.79788456080286535588f;
+  static constexpr float kCubic = 0.044715f;
+
+  // Phi(u), the standard normal CDF.
+  __device__ static float cdf(float u) {
+    const float z = fabsf(u) * kAlpha;
+    const float t = reciprocal_approx(fmaf(0.5f, z, 1.f));
+    constexpr float kP[10] = {0.17087277f,  -0.82215223f, 1.48851587f, -1.13520398f,
+                              0.27886807f,  -0.18628806f, 0.09678418f, 0.37409196f,
+                              1.00002368f,  -1.26551223f};  // highest power first
+    float p = kP[0];
+#pragma unroll
+    for (int i = 1; i < 10; i++) p = fmaf(p, t, kP[i]);
+    const float lower_tail = 0.5f * t * exp2_approx(fmaf(-z, z, p) * kLog2e);  // Phi(-|u|)
+    return u >= 0.f ? 1.f - lower_tail : lower_tail;
+  }
+  __device__ static float exact(float u) { return u * cdf(u); }
+  __device__ static float exact_grad(float u) {
+    return fmaf(u * kBeta, exp2_approx(u * u * (-0.5f * kLog2e)), cdf(u));
+  }
+  // (1 + tanh(y)) / 2 = 1 / (1 + exp(-2 y)), y = sqrt(2/pi) (u + 0.044715 u^3):
+  // no cancellation where tanh(y) is near -1 (the left tail).
+  __device__ static float tanh_half(float u) {
+    const float y = kTanhScale * fmaf(kCubic * u, u * u, u);
+    return reciprocal_approx(1.f + exp2_approx(y * (-2.f * kLog2e)));
+  }
+  __device__ static float tanh(float u) { return u * tanh_half(u); }
+  // d/du u s = s + u s' with s' = 2 s (1 - s) dy/du
+  __device__ static float tanh_grad(float u) {
+    const float s = tanh_half(u);
+    const float inner_grad = kTanhScale * fmaf(3.f * kCubic * u, u, 1.f);
+    return fmaf(2.f * u * s * (1.f - s), inner_grad, s);
+  }
+};
+
+// The GELU math of scalar_t's kernels (see the header).
+template <typename scalar_t>
+using GeluMathFor = std::conditional_t<sizeof(scalar_t) == 2, Gelu16Math,
+                                       GeluMath<acc_type<scalar_t>>>;
+
 // out = gelu(x + bias) over `vectors` vectors of VEC elements; rows are F long.
-template <typename scalar_t, int VEC, bool TANH>
+template <typename scalar_t, int VEC, bool TANH, typename Math>
 __global__ void gelu_forward_kernel(const scalar_t* __restrict__ x,
                                     const scalar_t* __restrict__ bias,
                                     scalar_t* __restrict__ out, int64_t vectors, int64_t F) {
@@ -62,14 +127,14 @@ __global__ void gelu_forward_kernel(const scalar_t* __restrict__ x,
     for (int k = 0; k < VEC; k++) {
       acc_t u = static_cast<acc_t>(a.v[k]);
       if (bias != nullptr) u += static_cast<acc_t>(b.v[k]);
-      y.v[k] = static_cast<scalar_t>(TANH ? GeluMath<acc_t>::tanh(u) : GeluMath<acc_t>::exact(u));
+      y.v[k] = static_cast<scalar_t>(TANH ? Math::tanh(u) : Math::exact(u));
     }
     store_vec<scalar_t, VEC>(out + offset, y);
   }
 }
 
 // grad_x = grad_out * gelu'(x + bias), same layout as the forward.
-template <typename scalar_t, int VEC, bool TANH>
+template <typename scalar_t, int VEC, bool TANH, typename Math>
 __global__ void gelu_backward_kernel(const scalar_t* __restrict__ grad_out,
                                      const scalar_t* __restrict__ x,
                                      const scalar_t* __restrict__ bias,
@@ -88,7 +153,7 @@ __global__ void gelu_backward_kernel(const scalar_t* __restrict__ grad_out,
     for (int k = 0; k < VEC; k++) {
       acc_t u = static_cast<acc_t>(a.v[k]);
       if (bias != nullptr) u += static_cast<acc_t>(b.v[k]);
-      const acc_t g = TANH ? GeluMath<acc_t>::tanh_grad(u) : GeluMath<acc_t>::exact_grad(u);
+      const acc_t g = TANH ? Math::tanh_grad(u) : Math::exact_grad(u);
       y.v[k] = static_cast<scalar_t>(static_cast<acc_t>(d.v[k]) * g);
     }
     store_vec<scalar_t, VEC>(grad_x + offset, y);
@@ -136,7 +201,7 @@ struct SumRowOp {
 
 // Row op of backward_recompute: reads dL/dgelu from grad, writes dL/dx over
 // it and gelu(x + bias) to out; sums += dL/dx (as rounded, what grad_x holds).
-template <typename scalar_t, int VEC, bool TANH>
+template <typename scalar_t, int VEC, bool TANH, typename Math>
 struct GeluBackwardRecomputeRowOp {
   scalar_t* grad;
   const scalar_t* x;
@@ -155,8 +220,8 @@ struct GeluBackwardRecomputeRowOp {
     for (int k = 0; k < VEC; k++) {
       acc_t u = static_cast<acc_t>(a.v[k]);
       if (bias != nullptr) u += static_cast<acc_t>(b.v[k]);
-      y.v[k] = static_cast<scalar_t>(TANH ? GeluMath<acc_t>::tanh(u) : GeluMath<acc_t>::exact(u));
-      const acc_t g = TANH ? GeluMath<acc_t>::tanh_grad(u) : GeluMath<acc_t>::exact_grad(u);
+      y.v[k] = static_cast<scalar_t>(TANH ? Math::tanh(u) : Math::exact(u));
+      const acc_t g = TANH ? Math::tanh_grad(u) : Math::exact_grad(u);
       dx.v[k] = static_cast<scalar_t>(static_cast<acc_t>(d.v[k]) * g);
       sums[k] += static_cast<acc_t>(dx.v[k]);
     }
@@ -189,6 +254,21 @@ void launch_rows_with_column_sums(int64_t N, int64_t F, int vec, const MakeOp& m
                                        {column_sums.mutable_data_ptr<scalar_t>()}, stream);
 }
 
+// EXPERIMENT (branch gelu-fast): NANOBLOCK_GELU=accurate (read once) runs the
+// 16-bit kernels on GeluMath, for a same-build A/B against Gelu16Math.
+template <typename scalar_t, typename F>
+void with_gelu_math(const F& f) {
+  static const bool accurate = [] {
+    const char* v = std::getenv("NANOBLOCK_GELU");
+    return v != nullptr && std::string(v) == "accurate";
+  }();
+  if (accurate) {
+    f(GeluMath<acc_type<scalar_t>>{});
+  } else {
+    f(GeluMathFor<scalar_t>{});
+  }
+}
+
 }  // namespace
 
 Tensor gelu_forward(const Tensor& x, const Tensor& bias, bool tanh) {
@@ -201,18 +281,21 @@ Tensor gelu_forward(const Tensor& x, const Tensor& bias, bool tanh) {
     const scalar_t* b_ptr = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
     const int vec = vector_width<scalar_t>(F, {x_ptr, b_ptr, out_ptr});
-    with_vector_width<scalar_t>(vec, [&](auto vec_constant) {
-      constexpr int VEC = decltype(vec_constant)::value;
-      const int64_t vectors = x.numel() / VEC;
-      const dim3 grid = elementwise_grid(vectors, kElementwiseThreads);
-      if (tanh) {
-        gelu_forward_kernel<scalar_t, VEC, true>
-            <<<grid, kElementwiseThreads, 0, stream>>>(x_ptr, b_ptr, out_ptr, vectors, F);
-      } else {
-        gelu_forward_kernel<scalar_t, VEC, false>
-            <<<grid, kElementwiseThreads, 0, stream>>>(x_ptr, b_ptr, out_ptr, vectors, F);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_gelu_math<scalar_t>([&](auto math) {
+      using Math = decltype(math);
+      with_vector_width<scalar_t>(vec, [&](auto vec_constant) {
+        constexpr int VEC = decltype(vec_constant)::value;
+        const int64_t vectors = x.numel() / VEC;
+        const dim3 grid = elementwise_grid(vectors, kElementwiseThreads);
+        if (tanh) {
+          gelu_forward_kernel<scalar_t, VEC, true, Math>
+              <<<grid, kElementwiseThreads, 0, stream>>>(x_ptr, b_ptr, out_ptr, vectors, F);
+        } else {
+          gelu_forward_kernel<scalar_t, VEC, false, Math>
+              <<<grid, kElementwiseThreads, 0, stream>>>(x_ptr, b_ptr, out_ptr, vectors, F);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return out;
@@ -229,18 +312,21 @@ Tensor gelu_backward(const Tensor& grad_out, const Tensor& x, const Tensor& bias
     const scalar_t* b_ptr = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dx_ptr = grad_x.mutable_data_ptr<scalar_t>();
     const int vec = vector_width<scalar_t>(F, {dy_ptr, x_ptr, b_ptr, dx_ptr});
-    with_vector_width<scalar_t>(vec, [&](auto vec_constant) {
-      constexpr int VEC = decltype(vec_constant)::value;
-      const int64_t vectors = x.numel() / VEC;
-      const dim3 grid = elementwise_grid(vectors, kElementwiseThreads);
-      if (tanh) {
-        gelu_backward_kernel<scalar_t, VEC, true><<<grid, kElementwiseThreads, 0, stream>>>(
-            dy_ptr, x_ptr, b_ptr, dx_ptr, vectors, F);
-      } else {
-        gelu_backward_kernel<scalar_t, VEC, false><<<grid, kElementwiseThreads, 0, stream>>>(
-            dy_ptr, x_ptr, b_ptr, dx_ptr, vectors, F);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_gelu_math<scalar_t>([&](auto math) {
+      using Math = decltype(math);
+      with_vector_width<scalar_t>(vec, [&](auto vec_constant) {
+        constexpr int VEC = decltype(vec_constant)::value;
+        const int64_t vectors = x.numel() / VEC;
+        const dim3 grid = elementwise_grid(vectors, kElementwiseThreads);
+        if (tanh) {
+          gelu_backward_kernel<scalar_t, VEC, true, Math>
+              <<<grid, kElementwiseThreads, 0, stream>>>(dy_ptr, x_ptr, b_ptr, dx_ptr, vectors, F);
+        } else {
+          gelu_backward_kernel<scalar_t, VEC, false, Math>
+              <<<grid, kElementwiseThreads, 0, stream>>>(dy_ptr, x_ptr, b_ptr, dx_ptr, vectors, F);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return grad_x;
@@ -274,18 +360,21 @@ std::tuple<Tensor, Tensor> gelu_backward_recompute(const Tensor& grad_out, const
     const scalar_t* b_ptr = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
     const int vec = vector_width<scalar_t>(F, {grad_ptr, x_ptr, b_ptr, out_ptr});
-    const auto make_op = [&](auto vec_constant, auto tanh_constant) {
-      return GeluBackwardRecomputeRowOp<scalar_t, decltype(vec_constant)::value,
-                                        decltype(tanh_constant)::value>{grad_ptr, x_ptr, b_ptr,
-                                                                        out_ptr};
-    };
-    if (tanh) {
-      launch_rows_with_column_sums<scalar_t>(
-          N, F, vec, [&](auto v) { return make_op(v, std::true_type{}); }, grad_bias);
-    } else {
-      launch_rows_with_column_sums<scalar_t>(
-          N, F, vec, [&](auto v) { return make_op(v, std::false_type{}); }, grad_bias);
-    }
+    with_gelu_math<scalar_t>([&](auto math) {
+      using Math = decltype(math);
+      const auto make_op = [&](auto vec_constant, auto tanh_constant) {
+        return GeluBackwardRecomputeRowOp<scalar_t, decltype(vec_constant)::value,
+                                          decltype(tanh_constant)::value, Math>{grad_ptr, x_ptr,
+                                                                                b_ptr, out_ptr};
+      };
+      if (tanh) {
+        launch_rows_with_column_sums<scalar_t>(
+            N, F, vec, [&](auto v) { return make_op(v, std::true_type{}); }, grad_bias);
+      } else {
+        launch_rows_with_column_sums<scalar_t>(
+            N, F, vec, [&](auto v) { return make_op(v, std::false_type{}); }, grad_bias);
+      }
+    });
   });
   return {out, grad_bias};
 }

@@ -13,10 +13,9 @@
 #include <cstdint>
 #include <type_traits>
 
-namespace nanoblock::cuda {
+#include "common.cuh"
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+namespace nanoblock::cuda {
 
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -87,7 +86,7 @@ __device__ __forceinline__ void update_row_max(float (&tile_max)[2], float (&m)[
     tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 2));
     const float m_new = fmaxf(m[i], tile_max[i]);
     m_scaled[i] = m_new == -INFINITY ? 0.f : m_new * scale_log2;
-    correction[i] = exp2f(m[i] * scale_log2 - m_scaled[i]);
+    correction[i] = exp2_approx(m[i] * scale_log2 - m_scaled[i]);
     m[i] = m_new;
     l[i] *= correction[i];
   }
