@@ -27,7 +27,7 @@ if want build; then
 fi
 if want tests; then
   echo "=== pytest -m cuda tests/ ($(date +%T))"
-  timeout 330 python3 -m pytest -q -m cuda tests/ -p no:cacheprovider -x 2>&1 | tail -15
+  timeout 380 python3 -m pytest -q -m cuda tests/ -p no:cacheprovider 2>&1 | tail -25
 fi
 if want bench; then
   echo "=== B: bench_attention ($(date +%T))"
