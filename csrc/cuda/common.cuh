@@ -77,13 +77,9 @@ constexpr float kLn2 = 0.6931471805599453f;
 // subnormals: four instructions for one (the wgmma forward's SASS, sm_90a),
 // three of them on the FP32 pipe that the softmax is short of.
 __device__ __forceinline__ float exp2_approx(float x) {
-#ifdef NANOBLOCK_EXP2_ACCURATE  // EXPERIMENT (branch gelu-fast): the A of an A/B build
-  return exp2f(x);
-#else
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
-#endif
 }
 __device__ __forceinline__ float reciprocal_approx(float x) {
   float y;

@@ -24,8 +24,6 @@
 // is contiguous too). The column sums (bias gradients) are deterministic:
 // rows are cut into fixed groups, each group's partial sums are written, and
 // a second kernel adds them in group order (common.cuh).
-#include <cstdlib>
-#include <string>
 #include <type_traits>
 
 #include "common.cuh"
@@ -110,11 +108,12 @@ using GeluMathFor = std::conditional_t<sizeof(scalar_t) == 2, Gelu16Math,
                                        GeluMath<acc_type<scalar_t>>>;
 
 // out = gelu(x + bias) over `vectors` vectors of VEC elements; rows are F long.
-template <typename scalar_t, int VEC, bool TANH, typename Math>
+template <typename scalar_t, int VEC, bool TANH>
 __global__ void gelu_forward_kernel(const scalar_t* __restrict__ x,
                                     const scalar_t* __restrict__ bias,
                                     scalar_t* __restrict__ out, int64_t vectors, int64_t F) {
   using acc_t = acc_type<scalar_t>;
+  using Math = GeluMathFor<scalar_t>;
   using V = Vec<scalar_t, VEC>;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < vectors;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -134,12 +133,13 @@ __global__ void gelu_forward_kernel(const scalar_t* __restrict__ x,
 }
 
 // grad_x = grad_out * gelu'(x + bias), same layout as the forward.
-template <typename scalar_t, int VEC, bool TANH, typename Math>
+template <typename scalar_t, int VEC, bool TANH>
 __global__ void gelu_backward_kernel(const scalar_t* __restrict__ grad_out,
                                      const scalar_t* __restrict__ x,
                                      const scalar_t* __restrict__ bias,
                                      scalar_t* __restrict__ grad_x, int64_t vectors, int64_t F) {
   using acc_t = acc_type<scalar_t>;
+  using Math = GeluMathFor<scalar_t>;
   using V = Vec<scalar_t, VEC>;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < vectors;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -201,7 +201,7 @@ struct SumRowOp {
 
 // Row op of backward_recompute: reads dL/dgelu from grad, writes dL/dx over
 // it and gelu(x + bias) to out; sums += dL/dx (as rounded, what grad_x holds).
-template <typename scalar_t, int VEC, bool TANH, typename Math>
+template <typename scalar_t, int VEC, bool TANH>
 struct GeluBackwardRecomputeRowOp {
   scalar_t* grad;
   const scalar_t* x;
@@ -210,6 +210,7 @@ struct GeluBackwardRecomputeRowOp {
   __device__ void operator()(int64_t offset, int64_t column,
                              acc_type<scalar_t> (&sums)[VEC]) const {
     using acc_t = acc_type<scalar_t>;
+    using Math = GeluMathFor<scalar_t>;
     using V = Vec<scalar_t, VEC>;
     const V a = load_vec<scalar_t, VEC>(x + offset);
     const V d = load_vec<scalar_t, VEC>(grad + offset);
@@ -254,21 +255,6 @@ void launch_rows_with_column_sums(int64_t N, int64_t F, int vec, const MakeOp& m
                                        {column_sums.mutable_data_ptr<scalar_t>()}, stream);
 }
 
-// EXPERIMENT (branch gelu-fast): NANOBLOCK_GELU=accurate (read once) runs the
-// 16-bit kernels on GeluMath, for a same-build A/B against Gelu16Math.
-template <typename scalar_t, typename F>
-void with_gelu_math(const F& f) {
-  static const bool accurate = [] {
-    const char* v = std::getenv("NANOBLOCK_GELU");
-    return v != nullptr && std::string(v) == "accurate";
-  }();
-  if (accurate) {
-    f(GeluMath<acc_type<scalar_t>>{});
-  } else {
-    f(GeluMathFor<scalar_t>{});
-  }
-}
-
 }  // namespace
 
 Tensor gelu_forward(const Tensor& x, const Tensor& bias, bool tanh) {
@@ -281,21 +267,18 @@ Tensor gelu_forward(const Tensor& x, const Tensor& bias, bool tanh) {
     const scalar_t* b_ptr = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
     const int vec = vector_width<scalar_t>(F, {x_ptr, b_ptr, out_ptr});
-    with_gelu_math<scalar_t>([&](auto math) {
-      using Math = decltype(math);
-      with_vector_width<scalar_t>(vec, [&](auto vec_constant) {
-        constexpr int VEC = decltype(vec_constant)::value;
-        const int64_t vectors = x.numel() / VEC;
-        const dim3 grid = elementwise_grid(vectors, kElementwiseThreads);
-        if (tanh) {
-          gelu_forward_kernel<scalar_t, VEC, true, Math>
-              <<<grid, kElementwiseThreads, 0, stream>>>(x_ptr, b_ptr, out_ptr, vectors, F);
-        } else {
-          gelu_forward_kernel<scalar_t, VEC, false, Math>
-              <<<grid, kElementwiseThreads, 0, stream>>>(x_ptr, b_ptr, out_ptr, vectors, F);
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+    with_vector_width<scalar_t>(vec, [&](auto vec_constant) {
+      constexpr int VEC = decltype(vec_constant)::value;
+      const int64_t vectors = x.numel() / VEC;
+      const dim3 grid = elementwise_grid(vectors, kElementwiseThreads);
+      if (tanh) {
+        gelu_forward_kernel<scalar_t, VEC, true>
+            <<<grid, kElementwiseThreads, 0, stream>>>(x_ptr, b_ptr, out_ptr, vectors, F);
+      } else {
+        gelu_forward_kernel<scalar_t, VEC, false>
+            <<<grid, kElementwiseThreads, 0, stream>>>(x_ptr, b_ptr, out_ptr, vectors, F);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return out;
@@ -312,21 +295,18 @@ Tensor gelu_backward(const Tensor& grad_out, const Tensor& x, const Tensor& bias
     const scalar_t* b_ptr = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dx_ptr = grad_x.mutable_data_ptr<scalar_t>();
     const int vec = vector_width<scalar_t>(F, {dy_ptr, x_ptr, b_ptr, dx_ptr});
-    with_gelu_math<scalar_t>([&](auto math) {
-      using Math = decltype(math);
-      with_vector_width<scalar_t>(vec, [&](auto vec_constant) {
-        constexpr int VEC = decltype(vec_constant)::value;
-        const int64_t vectors = x.numel() / VEC;
-        const dim3 grid = elementwise_grid(vectors, kElementwiseThreads);
-        if (tanh) {
-          gelu_backward_kernel<scalar_t, VEC, true, Math>
-              <<<grid, kElementwiseThreads, 0, stream>>>(dy_ptr, x_ptr, b_ptr, dx_ptr, vectors, F);
-        } else {
-          gelu_backward_kernel<scalar_t, VEC, false, Math>
-              <<<grid, kElementwiseThreads, 0, stream>>>(dy_ptr, x_ptr, b_ptr, dx_ptr, vectors, F);
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+    with_vector_width<scalar_t>(vec, [&](auto vec_constant) {
+      constexpr int VEC = decltype(vec_constant)::value;
+      const int64_t vectors = x.numel() / VEC;
+      const dim3 grid = elementwise_grid(vectors, kElementwiseThreads);
+      if (tanh) {
+        gelu_backward_kernel<scalar_t, VEC, true><<<grid, kElementwiseThreads, 0, stream>>>(
+            dy_ptr, x_ptr, b_ptr, dx_ptr, vectors, F);
+      } else {
+        gelu_backward_kernel<scalar_t, VEC, false><<<grid, kElementwiseThreads, 0, stream>>>(
+            dy_ptr, x_ptr, b_ptr, dx_ptr, vectors, F);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return grad_x;
@@ -360,21 +340,18 @@ std::tuple<Tensor, Tensor> gelu_backward_recompute(const Tensor& grad_out, const
     const scalar_t* b_ptr = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
     const int vec = vector_width<scalar_t>(F, {grad_ptr, x_ptr, b_ptr, out_ptr});
-    with_gelu_math<scalar_t>([&](auto math) {
-      using Math = decltype(math);
-      const auto make_op = [&](auto vec_constant, auto tanh_constant) {
-        return GeluBackwardRecomputeRowOp<scalar_t, decltype(vec_constant)::value,
-                                          decltype(tanh_constant)::value, Math>{grad_ptr, x_ptr,
-                                                                                b_ptr, out_ptr};
-      };
-      if (tanh) {
-        launch_rows_with_column_sums<scalar_t>(
-            N, F, vec, [&](auto v) { return make_op(v, std::true_type{}); }, grad_bias);
-      } else {
-        launch_rows_with_column_sums<scalar_t>(
-            N, F, vec, [&](auto v) { return make_op(v, std::false_type{}); }, grad_bias);
-      }
-    });
+    const auto make_op = [&](auto vec_constant, auto tanh_constant) {
+      return GeluBackwardRecomputeRowOp<scalar_t, decltype(vec_constant)::value,
+                                        decltype(tanh_constant)::value>{grad_ptr, x_ptr, b_ptr,
+                                                                        out_ptr};
+    };
+    if (tanh) {
+      launch_rows_with_column_sums<scalar_t>(
+          N, F, vec, [&](auto v) { return make_op(v, std::true_type{}); }, grad_bias);
+    } else {
+      launch_rows_with_column_sums<scalar_t>(
+          N, F, vec, [&](auto v) { return make_op(v, std::false_type{}); }, grad_bias);
+    }
   });
   return {out, grad_bias};
 }
