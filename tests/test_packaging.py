@@ -3,9 +3,11 @@ fresh virtual environment and works there (outside the source tree), and
 reports the version the package says it has."""
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -36,10 +38,19 @@ def test_wheel_builds_installs_and_runs(tmp_path):
 
     # A fresh venv that sees the installed torch (no download), the wheel in
     # it; without PYTHONPATH, which could point it at a source tree instead.
+    # This interpreter's site-packages (torch's) go on the venv's path behind
+    # its own through a .pth file: --system-site-packages alone gives the
+    # base interpreter's, which lack torch when this one is itself a venv's
+    # (the GPU machine's: session 8). A .pth line adds a directory without
+    # running the .pth files in it, so an editable nanoblock there stays out.
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", "--system-site-packages", str(venv), cwd=tmp_path)
     python = str(venv / "bin" / "python")
     venv_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    venv_site = run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+                    cwd=tmp_path, env=venv_env).strip()
+    outer = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    (Path(venv_site) / "outer_site_packages.pth").write_text("\n".join(outer) + "\n")
     run(python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel), cwd=tmp_path,
         env=venv_env)
     out = run(python, "-c", (
