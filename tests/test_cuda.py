@@ -311,8 +311,8 @@ def test_gelu_low_precision_elementwise(approximate, dtype):
     torch.manual_seed(17)
     u = torch.cat([torch.linspace(-14, 14, 20001), 3 * torch.randn(20000),
                    torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-4, -1e-4])])
-    F_ = 256
-    u = u[: u.numel() // F_ * F_].view(-1, F_)
+    width = 256
+    u = u[: u.numel() // width * width].view(-1, width)
     x = u.to(dtype)
     y64, g64 = gelu_float64_tail_exact(x.double(), approximate)
     xd = x.to(DEV).requires_grad_(True)
@@ -320,8 +320,8 @@ def test_gelu_low_precision_elementwise(approximate, dtype):
     (g,) = torch.autograd.grad(y, xd, torch.ones_like(y))
 
     def ulp(v):  # spacing of dtype at |v| (its smallest normal's below that)
-        tiny = torch.finfo(dtype).tiny
-        return torch.exp2(torch.floor(torch.log2(v.abs().clamp_min(tiny)))) * torch.finfo(dtype).eps
+        info = torch.finfo(dtype)
+        return torch.exp2(torch.floor(torch.log2(v.abs().clamp_min(info.tiny)))) * info.eps
 
     for name, ours, exact in (("gelu", y, y64), ("grad", g, g64)):
         err = (ours.double().cpu() - exact).abs()

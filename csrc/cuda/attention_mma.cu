@@ -34,7 +34,7 @@
 // straight into the next product without shared memory.
 //
 // Scores are kept in the log2 domain (scaled by scale * log2 e) and
-// exponentiated with exp2_approx (tensor_core.cuh); lse is written and read
+// exponentiated with exp2_approx (common.cuh); lse is written and read
 // in natural log units.
 //
 // Dropout (each kernel's DROPOUT flag; attention.cu's header has the math):

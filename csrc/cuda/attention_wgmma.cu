@@ -30,7 +30,7 @@
 // more registers for the consumers). Blocks are ordered longest query tiles
 // first (as in attention_mma.cu).
 // Scores are kept in the log2 domain (scaled by scale * log2 e) and
-// exponentiated with exp2_approx (tensor_core.cuh); lse is written in
+// exponentiated with exp2_approx (common.cuh); lse is written in
 // natural log units. Masked scores are set to -inf by select. A NaN or Inf
 // in v stays causal: on the diagonal key tiles the block zeroes non-finite
 // values and adds their exact kind to the rows that see them (wgmma.cuh,
