@@ -9,13 +9,14 @@
 #   shapes  the head-dim-64 wgmma forwards: the serial default against the new
 #           pipelined 64-key one (bench_attention under each)
 #   ncu     scripts/ncu_attention.py at T = 4096 and gpt2-small, with SDPA
+#   memcheck compute-sanitizer memcheck on the GELU tests (the loads moved)
 #   OUT=/tmp/n STEPS="build tests gelu" bash scripts/next_gpu.sh
-#   OUT=/tmp/n STEPS="shapes ncu" bash scripts/next_gpu.sh
+#   OUT=/tmp/n STEPS="shapes ncu memcheck" bash scripts/next_gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/next}
 mkdir -p "$out"
-steps=" ${STEPS:-build tests gelu shapes ncu} "
+steps=" ${STEPS:-build tests gelu shapes ncu memcheck} "
 want() { [[ "$steps" == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 if want build; then
@@ -53,5 +54,10 @@ if want ncu; then
     echo "=== ncu_attention $shape ($(date +%T))"
     timeout 240 python3 scripts/ncu_attention.py --shape "$shape" --sdpa --out "$out/ncu_$shape" 2>&1
   done
+fi
+if want memcheck; then
+  echo "=== memcheck, GELU tests ($(date +%T))"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 240 compute-sanitizer --tool memcheck --print-limit 20 \
+    python3 -m pytest -x -q -p no:cacheprovider tests/test_cuda.py -k "gelu" 2>&1 | tail -8
 fi
 echo "=== done ($(date +%T))"
