@@ -7,7 +7,9 @@
 #   gelu    two loads in flight (NANOBLOCK_GELU_LOADS=2, the default) against
 #           one: bench_ops bias_gelu and bench_block gpt2-small under each
 #   shapes  the head-dim-64 wgmma forwards: the serial default against the new
-#           pipelined 64-key one (bench_attention under each)
+#           64-key ones (pipelined at 2 blocks an SM; 4 warpgroups, 256
+#           queries, serial and pipelined; bench_attention under each; 3
+#           warpgroups do not divide a tile's copies)
 #   ncu     scripts/ncu_attention.py at T = 4096 and gpt2-small, with SDPA
 #   memcheck compute-sanitizer memcheck on the GELU tests (the loads moved)
 #   OUT=/tmp/n STEPS="build tests gelu" bash scripts/next_gpu.sh
@@ -43,7 +45,7 @@ if want gelu; then
   done
 fi
 if want shapes; then
-  for shape in 64,2,0 64,2,1 64,2,0; do
+  for shape in 64,2,0 64,2,1 64,4,0 64,4,1 64,2,0; do
     echo "=== bench_attention --hd 64, NANOBLOCK_WGMMA_FORWARD=$shape ($(date +%T))"
     NANOBLOCK_WGMMA_FORWARD=$shape timeout 90 python3 benchmarks/bench_attention.py --hd 64 2>&1 |
       grep -vE "^card"

@@ -655,7 +655,8 @@ bool launch_built(int64_t hd, const TileChoice& want, const Tensor& qkv, int64_t
         scalar_t, WgmmaTiles<64, 64, 2, 2, kSerial>, WgmmaTiles<64, 128, 2, 1, kProducer>,
         WgmmaTiles<64, 64, 2, 1, kProducer>, WgmmaTiles<64, 64, 3, 1, kProducer>,
         WgmmaTiles<64, 128, 2, 1, kSerial>, WgmmaTiles<64, 128, 2, 1, kPipelined>,
-        WgmmaTiles<64, 128, 1, 2, kSerial>, WgmmaTiles<64, 64, 2, 2, kPipelined>>(
+        WgmmaTiles<64, 128, 1, 2, kSerial>, WgmmaTiles<64, 64, 2, 2, kPipelined>,
+        WgmmaTiles<64, 64, 4, 1, kSerial>, WgmmaTiles<64, 64, 4, 1, kPipelined>>(
         want, qkv, n_head, out, lse, scale_log2);
   }
   return launch_matching<
