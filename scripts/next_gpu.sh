@@ -12,13 +12,16 @@
 #           warpgroups do not divide a tile's copies)
 #   ncu     scripts/ncu_attention.py at T = 4096 and gpt2-small, with SDPA
 #   memcheck compute-sanitizer memcheck on the GELU tests (the loads moved)
-#   OUT=/tmp/n STEPS="build tests gelu" bash scripts/next_gpu.sh
+#   gemm    the Block's bias-free GEMMs straight into at::cuda::blas::gemm
+#           (default) against at::mm (NANOBLOCK_GEMM=aten): bits
+#           (block_bits.py), host_time.py and bench_block tiny and gpt2-small
+#   OUT=/tmp/n STEPS="build tests gelu gemm" bash scripts/next_gpu.sh
 #   OUT=/tmp/n STEPS="shapes ncu memcheck" bash scripts/next_gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/next}
 mkdir -p "$out"
-steps=" ${STEPS:-build tests gelu shapes ncu memcheck} "
+steps=" ${STEPS:-build tests gelu gemm shapes ncu memcheck} "
 want() { [[ "$steps" == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 if want build; then
@@ -42,6 +45,21 @@ if want gelu; then
     NANOBLOCK_GELU_LOADS=$loads timeout 90 python3 benchmarks/bench_block.py --device cuda \
       --config gpt2-small --dtype bfloat16 --impl nanoblock --mode forward_backward \
       --out "$out" --tag "block_gelu_loads$loads" 2>&1 | grep -E "nanoblock"
+  done
+fi
+if want gemm; then
+  echo "=== gemm: bits ($(date +%T))"
+  NANOBLOCK_GEMM=aten timeout 120 python3 scripts/block_bits.py save /tmp/bits_aten.pt 2>&1 | tail -2
+  timeout 120 python3 scripts/block_bits.py save /tmp/bits_direct.pt 2>&1 | tail -2
+  python3 scripts/block_bits.py compare /tmp/bits_aten.pt /tmp/bits_direct.pt 2>&1 | tail -6
+  for g in aten direct direct aten; do
+    echo "=== gemm: host_time.py tiny, NANOBLOCK_GEMM=$g ($(date +%T))"
+    NANOBLOCK_GEMM=$g timeout 120 python3 benchmarks/host_time.py --device cuda 2>&1 |
+      grep -E "Block|block_forward|block_backward"
+    echo "=== gemm: bench_block, NANOBLOCK_GEMM=$g ($(date +%T))"
+    NANOBLOCK_GEMM=$g timeout 90 python3 benchmarks/bench_block.py --device cuda --config tiny \
+      --config gpt2-small --dtype bfloat16 --impl nanoblock --mode forward_backward \
+      --out "$out" --tag "block_gemm_$g" 2>&1 | grep -E "nanoblock"
   done
 fi
 if want shapes; then
