@@ -22,6 +22,10 @@ same run (common.ceilings):
   GB/s     layer_norm, add_layer_norm, bias_gelu: the bytes an ideal kernel
            must move (each activation read or written once; parameters and
            per-row statistics left out) over the time; ceiling: copy bandwidth
+           (of a 512 MiB copy). Beside them, impl "copy": one device copy
+           moving the same bytes (half read, half written) in the same mode,
+           without autograd: what a kernel of that size reaches, launch, ramp
+           and tail included, which the big copy of the ceiling hides
   TFLOP/s  attention (causal: half of 4*B*H*T^2*D forward, backward 2.5x the
            forward, FlashAttention's convention) and mlp (the two GEMMs);
            ceiling: a big matmul in the same dtype
@@ -142,9 +146,16 @@ def time_case(op, shape, case, dtype, device, ceil, rep_ms):
             torch.autograd.grad(y if isinstance(y, tuple) else (y,), xs, grads)
         return forward_backward
 
+    forward = {k: forward_of(f) for k, f in impls.items()}
     forward_backward = {k: forward_backward_of(f, inputs[k]) for k, f in impls.items()}
-    timings = [("forward", common.time_ms({k: forward_of(f) for k, f in impls.items()}, device,
-                                          rep_ms=rep_ms)),
+    if bandwidth:  # the same bytes in one copy (see the header)
+        def copy_of(elements):
+            src = torch.randn(elements // 2, device=device).to(dtype)
+            dst = torch.empty_like(src)
+            return lambda: dst.copy_(src)
+        forward["copy"] = copy_of(work["fwd"])
+        forward_backward["copy"] = copy_of(work["fb"])
+    timings = [("forward", common.time_ms(forward, device, rep_ms=rep_ms)),
                ("forward_backward", common.time_ms(forward_backward, device, rep_ms=rep_ms))]
     if device.type == "cuda":
         timings.append(("forward_backward_graph",

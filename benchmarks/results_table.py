@@ -66,8 +66,9 @@ def ops_table(r, path):
                      f"{c['matmul_tflops']:.3g} TFLOP/s" for c in r["ceilings"])
     out = [header(r, path, f"ops forward+backward; ceilings measured in the same run ({ceil})"),
            "",
-           "| op | shape | dtype | nanoblock | PyTorch | PyTorch's time / nanoblock's |",
-           "|---|---|---|---|---|---|"]
+           "| op | shape | dtype | nanoblock | PyTorch | PyTorch's time / nanoblock's "
+           "| a copy of the same bytes |",
+           "|---|---|---|---|---|---|---|"]
     rows = [x for x in r["rows"] if x["mode"] == "forward_backward"]
     shape_keys = ("B", "T", "H", "D", "N", "C")
     groups = dict.fromkeys((x["op"], x["dtype"], tuple((k, x[k]) for k in shape_keys if k in x))
@@ -77,12 +78,14 @@ def ops_table(r, path):
               if (x["op"], x["dtype"], tuple((k, x[k]) for k in shape_keys if k in x))
               == (op, dtype, shape)}
         nb = by.pop("nanoblock")
+        copy = by.pop("copy", None)  # bench_ops' same-bytes copy (bandwidth ops)
         peer = next(iter(by.values()))
 
         def cell(x):
             return f"{x['achieved']:.3g} {x['unit']} ({100 * x['fraction_of_ceiling']:.0f}%)"
         out.append(f"| {op} | {', '.join(f'{k}={v}' for k, v in shape)} | {dtype} | {cell(nb)} | "
-                   f"{peer['impl']}: {cell(peer)} | {peer['ms'] / nb['ms']:.2f}x |")
+                   f"{peer['impl']}: {cell(peer)} | {peer['ms'] / nb['ms']:.2f}x | "
+                   f"{cell(copy) if copy else ''} |")
     return "\n".join(out) + "\n"
 
 
