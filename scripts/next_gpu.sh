@@ -39,8 +39,9 @@ fi
 if want gelu; then
   for loads in 1 2; do
     echo "=== bench_ops bias_gelu, NANOBLOCK_GELU_LOADS=$loads ($(date +%T))"
-    NANOBLOCK_GELU_LOADS=$loads timeout 60 python3 benchmarks/bench_ops.py --device cuda \
-      --op bias_gelu --out "$out" --tag "ops_gelu_loads$loads" 2>&1 | grep -E "nanoblock|ceilings"
+    NANOBLOCK_GELU_LOADS=$loads timeout 90 python3 benchmarks/bench_ops.py --device cuda \
+      --op layer_norm,add_layer_norm,bias_gelu --out "$out" --tag "ops_gelu_loads$loads" 2>&1 |
+      grep -E "nanoblock|copy|ceilings"
     echo "=== bench_block, NANOBLOCK_GELU_LOADS=$loads ($(date +%T))"
     NANOBLOCK_GELU_LOADS=$loads timeout 90 python3 benchmarks/bench_block.py --device cuda \
       --config gpt2-small --dtype bfloat16 --impl nanoblock --mode forward_backward \
