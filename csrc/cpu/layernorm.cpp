@@ -40,9 +40,11 @@ namespace {
 
 // Normalizes one row of C values: writes out and returns mean and rstd.
 template <typename scalar_t, typename acc_t>
-NANOBLOCK_INLINE void normalize_row(const scalar_t* x, const scalar_t* weight,
-                                    const scalar_t* bias, int64_t C, double eps, scalar_t* out,
-                                    acc_t* mean_out, acc_t* rstd_out) {
+NANOBLOCK_INLINE void normalize_row(const scalar_t* __restrict__ x,
+                                    const scalar_t* __restrict__ weight,
+                                    const scalar_t* __restrict__ bias, int64_t C, double eps,
+                                    scalar_t* __restrict__ out, acc_t* mean_out,
+                                    acc_t* rstd_out) {
   const acc_t mean = lane_sum<acc_t>(C, [&](int64_t c) { return acc_t(x[c]); }) / C;
   const acc_t var = lane_sum<acc_t>(C, [&](int64_t c) {
     const acc_t d = acc_t(x[c]) - mean;
@@ -129,13 +131,13 @@ void layer_norm_all_rows(const Tensor& x, const Tensor& residual, const DropoutM
 // grad_residual and grad_x into dres_part, dx_part [C]. dres_ptr
 // (grad_residual) may be null; xhat, g are [C] scratch.
 template <typename scalar_t, typename acc_t>
-NANOBLOCK_INLINE void layer_norm_backward_rows(const scalar_t* dy_ptr, const scalar_t* x_ptr,
-                                               const scalar_t* w, const acc_t* mean,
-                                               const acc_t* rstd, const scalar_t* dres_ptr,
-                                               int64_t begin, int64_t end, int64_t C,
-                                               scalar_t* dx_ptr, acc_t* dw_part, acc_t* db_part,
-                                               acc_t* dres_part, acc_t* dx_part, acc_t* xhat,
-                                               acc_t* g) {
+NANOBLOCK_INLINE void layer_norm_backward_rows(
+    const scalar_t* __restrict__ dy_ptr, const scalar_t* __restrict__ x_ptr,
+    const scalar_t* __restrict__ w, const acc_t* __restrict__ mean,
+    const acc_t* __restrict__ rstd, const scalar_t* __restrict__ dres_ptr, int64_t begin,
+    int64_t end, int64_t C, scalar_t* __restrict__ dx_ptr, acc_t* __restrict__ dw_part,
+    acc_t* __restrict__ db_part, acc_t* __restrict__ dres_part, acc_t* __restrict__ dx_part,
+    acc_t* __restrict__ xhat, acc_t* __restrict__ g) {
   for (int64_t row = begin; row < end; row++) {
     const scalar_t* dy = dy_ptr + row * C;
     const scalar_t* xr = x_ptr + row * C;
