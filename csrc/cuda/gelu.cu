@@ -69,10 +69,10 @@ struct GeluMath {
 // approximations (a few ulp of float, some more for large arguments of the
 // exponential; subnormals flushed): far below a 16-bit rounding.
 struct Gelu16Math {
-  static constexpr float kAlpha = 0.70710678118654752440f;  // 1 / sqrt(2)
-  static constexpr float kBeta = 0.39894228040143267794f;   // 1 / sqrt(2 pi)
-  static constexpr float kTanhScale = 0.79788456080286535588f;
-  static constexpr float kCubic = 0.044715f;
+  static constexpr float kAlpha = GeluMath<float>::kAlpha;  // GeluMath's constants, in float
+  static constexpr float kBeta = GeluMath<float>::kBeta;
+  static constexpr float kTanhScale = GeluMath<float>::kTanhScale;
+  static constexpr float kCubic = GeluMath<float>::kCubic;
 
   // Phi(u), the standard normal CDF.
   __device__ static float cdf(float u) {

@@ -311,10 +311,11 @@ __global__ void layer_norm_forward_long_row_kernel(const scalar_t* __restrict__ 
 // g * xhat over the row (warp shuffles, then shared memory across the team's
 // warps, in warp order, behind a barrier of the team's own) and writes
 // grad_x. The block's teams take rows team, team + teams, .. of the group,
-// and each loads its next row while it reduces the current one. Every thread adds grad_out * xhat and grad_out of
-// its columns over its rows in registers; at the end the teams' sums are
-// added in team order (store_column_sums) into the group's partial rows,
-// partials [2, groups, C]: grad_weight's, then grad_bias's.
+// and each loads its next row while it reduces the current one. Every
+// thread adds grad_out * xhat and grad_out of its columns over its rows in
+// registers; at the end the teams' sums are added in team order
+// (store_column_sums) into the group's partial rows, partials [2, groups,
+// C]: grad_weight's, then grad_bias's.
 //
 // SUMS (column_sums, with grad_residual) adds two partial rows a group,
 // partials [4, groups, C]: grad_residual's and grad_x's (as rounded) column
