@@ -3,12 +3,12 @@
 //   x1  = x  + c_proj(attn(ln_1(x)))
 //   out = x1 + mlp_c_proj(gelu(c_fc(ln_2(x1))))
 //
-// The four Linear layers are GEMMs (MKL/OpenBLAS on the CPU, cuBLAS on
-// CUDA: k.matmul, or ATen's addmm with a bias); everything between them is
-// nanoblock's kernels. The forward keeps
-// qkv, the attention output and its log-sum-exp, x1 and the c_fc output
-// (10 C + n_head values per token, with x); the LayerNorm outputs and the GELU
-// output are recomputed in the backward, one cheap pass each.
+// The four Linear layers are GEMMs (k.matmul, k.matmul_bias: ATen's, which
+// run MKL/OpenBLAS on the CPU, cuBLAS on CUDA); everything between them is
+// nanoblock's kernels. The forward keeps qkv, the attention output and its
+// log-sum-exp, x1 and the c_fc output (10 C + n_head values per token, with
+// x); the LayerNorm outputs and the GELU output are recomputed in the
+// backward, one cheap pass each.
 //
 // With dropout (nanoGPT's: attention probabilities, attn.c_proj's and
 // mlp.c_proj's outputs) the masks are made from rng inside the attention
@@ -35,10 +35,9 @@ Tensor unrows(const Tensor& t, int64_t B, int64_t T) {
   return at::_unsafe_view(t, {B, T, t.size(-1)});
 }
 
-// in [N, K] @ weight[M, K]^T (+ bias [M]) -> [N, M]; with a bias, ATen's
-// addmm (cuBLASLt's bias epilogue on CUDA).
+// in [N, K] @ weight[M, K]^T (+ bias [M]) -> [N, M]
 Tensor linear(const Kernels& k, const Tensor& in, const Tensor& weight, const Tensor& bias) {
-  return bias.defined() ? at::addmm(bias, in, weight.t()) : k.matmul(in, weight.t());
+  return bias.defined() ? k.matmul_bias(bias, in, weight.t()) : k.matmul(in, weight.t());
 }
 
 // The Block's three dropouts (which: kernels.h); inactive when p == 0.

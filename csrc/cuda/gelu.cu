@@ -26,8 +26,6 @@
 // is contiguous too). The column sums (bias gradients) are deterministic:
 // rows are cut into fixed groups, each group's partial sums are written, and
 // a second kernel adds them in group order (common.cuh).
-#include <cstdlib>
-#include <string>
 #include <type_traits>
 
 #include "common.cuh"
@@ -112,47 +110,28 @@ using GeluMathFor = std::conditional_t<sizeof(scalar_t) == 2, Gelu16Math,
                                        GeluMath<acc_type<scalar_t>>>;
 
 // out = gelu(x + bias) over `vectors` vectors of VEC elements; rows are F long.
-// With two_at_once a thread loads two vectors (i and i + stride) before it
-// works on either: twice the bytes in flight, which the compiler does not
-// arrange by itself (a store to out might alias the next loads as far as
-// it can tell).
 template <typename scalar_t, int VEC, bool TANH>
 __global__ void gelu_forward_kernel(const scalar_t* __restrict__ x,
                                     const scalar_t* __restrict__ bias,
-                                    scalar_t* __restrict__ out, int64_t vectors, int64_t F,
-                                    bool two_at_once) {
+                                    scalar_t* __restrict__ out, int64_t vectors, int64_t F) {
   using acc_t = acc_type<scalar_t>;
   using Math = GeluMathFor<scalar_t>;
   using V = Vec<scalar_t, VEC>;
-  struct In {
-    V a, b;
-  };
-  const auto load = [&](int64_t i) {
-    In in;
-    in.a = load_vec<scalar_t, VEC>(x + i * VEC);
-    if (bias != nullptr) in.b = load_vec<scalar_t, VEC>(bias + i * VEC % F);
-    return in;
-  };
-  const auto finish = [&](int64_t i, const In& in) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < vectors;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t offset = i * VEC;
+    const V a = load_vec<scalar_t, VEC>(x + offset);
+    V b;
+    if (bias != nullptr) b = load_vec<scalar_t, VEC>(bias + offset % F);
     V y;
 #pragma unroll
     for (int k = 0; k < VEC; k++) {
-      acc_t u = static_cast<acc_t>(in.a.v[k]);
-      if (bias != nullptr) u += static_cast<acc_t>(in.b.v[k]);
+      acc_t u = static_cast<acc_t>(a.v[k]);
+      if (bias != nullptr) u += static_cast<acc_t>(b.v[k]);
       y.v[k] = static_cast<scalar_t>(TANH ? Math::tanh(u) : Math::exact(u));
     }
-    store_vec<scalar_t, VEC>(out + i * VEC, y);
-  };
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (two_at_once) {
-    for (; i + stride < vectors; i += 2 * stride) {
-      const In first = load(i), second = load(i + stride);
-      finish(i, first);
-      finish(i + stride, second);
-    }
+    store_vec<scalar_t, VEC>(out + offset, y);
   }
-  for (; i < vectors; i += stride) finish(i, load(i));
 }
 
 // grad_x = grad_out * gelu'(x + bias), same layout as the forward.
@@ -186,15 +165,13 @@ __global__ void gelu_backward_kernel(const scalar_t* __restrict__ grad_out,
 // A sweep over the rows of [N, F] that also sums columns: grid (column tiles
 // of 32 * VEC, row groups), block (32, kPartialRows). Thread (lane, r) takes
 // the VEC columns at (tile * 32 + lane) * VEC of rows r, r + kPartialRows, ..
-// of its group: row_op.load(offset, column) reads a row's inputs, and
-// row_op.finish(inputs, offset, column, sums) does the elementwise work and
-// adds VEC values to sums; then the kPartialRows sums of each column are
-// added in r order into partials [groups, F] (store_column_sums). With
-// two_at_once a thread loads two of its rows before it finishes either (as
-// in gelu_forward_kernel), in the same order: the same sums.
+// of its group, calls row_op(offset, column, sums) on each (which does the
+// elementwise work and adds VEC values to sums), then the kPartialRows sums
+// of each column are added in r order into partials [groups, F]
+// (store_column_sums).
 template <typename scalar_t, int VEC, typename RowOp>
 __global__ void rows_with_column_sums_kernel(int64_t N, int64_t F, int64_t rows_per_group,
-                                             RowOp row_op, bool two_at_once,
+                                             RowOp row_op,
                                              acc_type<scalar_t>* __restrict__ partials) {
   using acc_t = acc_type<scalar_t>;
   __shared__ acc_t scratch[kPartialRows * 32 * VEC];
@@ -204,19 +181,8 @@ __global__ void rows_with_column_sums_kernel(int64_t N, int64_t F, int64_t rows_
   const int64_t row_end = std::min(N, (group + 1) * rows_per_group);
   acc_t sums[1][VEC] = {};
   if (column < F) {
-    int64_t row = group * rows_per_group + threadIdx.y;
-    if (two_at_once) {
-      for (; row + kPartialRows < row_end; row += 2 * kPartialRows) {
-        const int64_t offset = row * F + column, next = offset + kPartialRows * F;
-        const auto first = row_op.load(offset, column);
-        const auto second = row_op.load(next, column);
-        row_op.finish(first, offset, column, sums[0]);
-        row_op.finish(second, next, column, sums[0]);
-      }
-    }
-    for (; row < row_end; row += kPartialRows) {
-      const int64_t offset = row * F + column;
-      row_op.finish(row_op.load(offset, column), offset, column, sums[0]);
+    for (int64_t row = group * rows_per_group + threadIdx.y; row < row_end; row += kPartialRows) {
+      row_op(row * F + column, column, sums[0]);
     }
   }
   store_column_sums<acc_t, 1, VEC>(sums, threadIdx.y, kPartialRows, threadIdx.x, 32,
@@ -227,12 +193,9 @@ __global__ void rows_with_column_sums_kernel(int64_t N, int64_t F, int64_t rows_
 // Row op of bias_grad: sums += grad.
 template <typename scalar_t, int VEC>
 struct SumRowOp {
-  using V = Vec<scalar_t, VEC>;
   const scalar_t* grad;
-  __device__ V load(int64_t offset, int64_t) const {
-    return load_vec<scalar_t, VEC>(grad + offset);
-  }
-  __device__ void finish(const V& g, int64_t, int64_t, acc_type<scalar_t> (&sums)[VEC]) const {
+  __device__ void operator()(int64_t offset, int64_t, acc_type<scalar_t> (&sums)[VEC]) const {
+    const auto g = load_vec<scalar_t, VEC>(grad + offset);
 #pragma unroll
     for (int k = 0; k < VEC; k++) sums[k] += static_cast<acc_type<scalar_t>>(g.v[k]);
   }
@@ -242,50 +205,33 @@ struct SumRowOp {
 // it and gelu(x + bias) to out; sums += dL/dx (as rounded, what grad_x holds).
 template <typename scalar_t, int VEC, bool TANH>
 struct GeluBackwardRecomputeRowOp {
-  using V = Vec<scalar_t, VEC>;
-  struct In {
-    V a, d, b;
-  };
   scalar_t* grad;
   const scalar_t* x;
   const scalar_t* bias;
   scalar_t* out;
-  __device__ In load(int64_t offset, int64_t column) const {
-    In in;
-    in.a = load_vec<scalar_t, VEC>(x + offset);
-    in.d = load_vec<scalar_t, VEC>(grad + offset);
-    if (bias != nullptr) in.b = load_vec<scalar_t, VEC>(bias + column);
-    return in;
-  }
-  __device__ void finish(const In& in, int64_t offset, int64_t,
-                         acc_type<scalar_t> (&sums)[VEC]) const {
+  __device__ void operator()(int64_t offset, int64_t column,
+                             acc_type<scalar_t> (&sums)[VEC]) const {
     using acc_t = acc_type<scalar_t>;
     using Math = GeluMathFor<scalar_t>;
+    using V = Vec<scalar_t, VEC>;
+    const V a = load_vec<scalar_t, VEC>(x + offset);
+    const V d = load_vec<scalar_t, VEC>(grad + offset);
+    V b;
+    if (bias != nullptr) b = load_vec<scalar_t, VEC>(bias + column);
     V dx, y;
 #pragma unroll
     for (int k = 0; k < VEC; k++) {
-      acc_t u = static_cast<acc_t>(in.a.v[k]);
-      if (bias != nullptr) u += static_cast<acc_t>(in.b.v[k]);
+      acc_t u = static_cast<acc_t>(a.v[k]);
+      if (bias != nullptr) u += static_cast<acc_t>(b.v[k]);
       y.v[k] = static_cast<scalar_t>(TANH ? Math::tanh(u) : Math::exact(u));
       const acc_t g = TANH ? Math::tanh_grad(u) : Math::exact_grad(u);
-      dx.v[k] = static_cast<scalar_t>(static_cast<acc_t>(in.d.v[k]) * g);
+      dx.v[k] = static_cast<scalar_t>(static_cast<acc_t>(d.v[k]) * g);
       sums[k] += static_cast<acc_t>(dx.v[k]);
     }
     store_vec<scalar_t, VEC>(grad + offset, dx);
     store_vec<scalar_t, VEC>(out + offset, y);
   }
 };
-
-// EXPERIMENT (branch next-gpu): NANOBLOCK_GELU_LOADS = 1 or 2 (default),
-// read once: the vectors or rows a thread loads before it works on them, in
-// gelu_forward_kernel and rows_with_column_sums_kernel, for a same-build A/B.
-bool two_at_once() {
-  static const bool two = [] {
-    const char* v = std::getenv("NANOBLOCK_GELU_LOADS");
-    return v == nullptr || std::string(v) != "1";
-  }();
-  return two;
-}
 
 // Runs rows_with_column_sums_kernel over [N, F] with the row op that
 // make_op(std::integral_constant<int, VEC>) returns, and sums the partials
@@ -304,7 +250,7 @@ void launch_rows_with_column_sums(int64_t N, int64_t F, int vec, const MakeOp& m
     constexpr int VEC = decltype(vec_constant)::value;
     const dim3 grid(static_cast<unsigned>(ceil_div(F, 32 * VEC)), static_cast<unsigned>(groups));
     rows_with_column_sums_kernel<scalar_t, VEC><<<grid, dim3(32, kPartialRows), 0, stream>>>(
-        N, F, rows_per_group, make_op(vec_constant), two_at_once(), partials_ptr);
+        N, F, rows_per_group, make_op(vec_constant), partials_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   launch_sum_partials<scalar_t, acc_t>(partials_ptr, groups, F,
@@ -329,12 +275,10 @@ Tensor gelu_forward(const Tensor& x, const Tensor& bias, bool tanh) {
       const dim3 grid = elementwise_grid(vectors, kElementwiseThreads);
       if (tanh) {
         gelu_forward_kernel<scalar_t, VEC, true>
-            <<<grid, kElementwiseThreads, 0, stream>>>(x_ptr, b_ptr, out_ptr, vectors, F,
-                                                       two_at_once());
+            <<<grid, kElementwiseThreads, 0, stream>>>(x_ptr, b_ptr, out_ptr, vectors, F);
       } else {
         gelu_forward_kernel<scalar_t, VEC, false>
-            <<<grid, kElementwiseThreads, 0, stream>>>(x_ptr, b_ptr, out_ptr, vectors, F,
-                                                       two_at_once());
+            <<<grid, kElementwiseThreads, 0, stream>>>(x_ptr, b_ptr, out_ptr, vectors, F);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
