@@ -27,8 +27,9 @@
 // kt - 1 so that the softmax overlaps a product ("pipelined"; the kernel's
 // comment has the schedules), the latter also with a producer warpgroup
 // ("producer": no block barrier per key tile, copies several tiles ahead,
-// more registers for the consumers). Blocks are ordered longest query tiles
-// first (as in attention_mma.cu).
+// more registers for the consumers). The dispatch runs the pipelined one at
+// head dim 64, the serial one at 128 (default_forward_tiles says why).
+// Blocks are ordered longest query tiles first (as in attention_mma.cu).
 // Scores are kept in the log2 domain (scaled by scale * log2 e) and
 // exponentiated with exp2_approx (common.cuh); lse is written in
 // natural log units. Masked scores are set to -inf by select. A NaN or Inf
