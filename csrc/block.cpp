@@ -3,11 +3,12 @@
 //   x1  = x  + c_proj(attn(ln_1(x)))
 //   out = x1 + mlp_c_proj(gelu(c_fc(ln_2(x1))))
 //
-// The four Linear layers are ATen GEMMs (MKL/OpenBLAS on the CPU, cuBLAS on
-// CUDA); everything between them is nanoblock's kernels. The forward keeps
-// qkv, the attention output and its log-sum-exp, x1 and the c_fc output
-// (10 C + n_head values per token, with x); the LayerNorm outputs and the GELU
-// output are recomputed in the backward, one cheap pass each.
+// The four Linear layers are GEMMs (k.matmul, k.matmul_bias: ATen's, which
+// run MKL/OpenBLAS on the CPU, cuBLAS on CUDA); everything between them is
+// nanoblock's kernels. The forward keeps qkv, the attention output and its
+// log-sum-exp, x1 and the c_fc output (10 C + n_head values per token, with
+// x); the LayerNorm outputs and the GELU output are recomputed in the
+// backward, one cheap pass each.
 //
 // With dropout (nanoGPT's: attention probabilities, attn.c_proj's and
 // mlp.c_proj's outputs) the masks are made from rng inside the attention
@@ -35,8 +36,8 @@ Tensor unrows(const Tensor& t, int64_t B, int64_t T) {
 }
 
 // in [N, K] @ weight[M, K]^T (+ bias [M]) -> [N, M]
-Tensor linear(const Tensor& in, const Tensor& weight, const Tensor& bias) {
-  return bias.defined() ? at::addmm(bias, in, weight.t()) : at::mm(in, weight.t());
+Tensor linear(const Kernels& k, const Tensor& in, const Tensor& weight, const Tensor& bias) {
+  return bias.defined() ? k.matmul_bias(bias, in, weight.t()) : k.matmul(in, weight.t());
 }
 
 // The Block's three dropouts (which: kernels.h); inactive when p == 0.
@@ -59,10 +60,10 @@ std::tuple<Tensor, BlockSaved> block_forward(const Kernels& k, const Tensor& x,
 
   // Attention branch.
   Tensor ln_1 = std::get<0>(k.layer_norm_forward(x, w.ln_1_weight, w.ln_1_bias, kLayerNormEps));
-  s.qkv = unrows(linear(rows(ln_1), w.c_attn_weight, w.c_attn_bias), B, T);
+  s.qkv = unrows(linear(k, rows(ln_1), w.c_attn_weight, w.c_attn_bias), B, T);
   ln_1.reset();  // temporaries go as soon as they are used: less peak memory
   std::tie(s.attn, s.lse) = k.causal_attention_forward(s.qkv, n_head, d.attention);
-  Tensor proj = linear(rows(s.attn), w.attn_c_proj_weight, w.attn_c_proj_bias).view({B, T, C});
+  Tensor proj = linear(k, rows(s.attn), w.attn_c_proj_weight, w.attn_c_proj_bias).view({B, T, C});
 
   // x1 = x + dropout(proj) and ln_2(x1) in one pass.
   Tensor ln_2;
@@ -71,7 +72,7 @@ std::tuple<Tensor, BlockSaved> block_forward(const Kernels& k, const Tensor& x,
   proj.reset();
 
   // MLP branch: c_fc without its bias, which the GELU kernel adds.
-  s.fc = unrows(at::mm(rows(ln_2), w.c_fc_weight.t()), B, T);
+  s.fc = unrows(k.matmul(rows(ln_2), w.c_fc_weight.t()), B, T);
   ln_2.reset();
   Tensor gelu = k.gelu_forward(s.fc, w.c_fc_bias, tanh);
   // out = x1 + dropout(gelu @ W^T + bias): the bias in the GEMM's epilogue
@@ -80,7 +81,7 @@ std::tuple<Tensor, BlockSaved> block_forward(const Kernels& k, const Tensor& x,
   // that PyTorch does not vectorize (12.8 + 32.6 us at gpt2-small on an H200,
   // session 3's profile_block.txt), 150 MB moved against 100 now, and rounded
   // differently from the reference's x1 + c_proj(gelu).
-  Tensor mlp = linear(rows(gelu), w.mlp_c_proj_weight, w.mlp_c_proj_bias);
+  Tensor mlp = linear(k, rows(gelu), w.mlp_c_proj_weight, w.mlp_c_proj_bias);
   return {unrows(k.dropout_add(mlp, rows(s.x1), d.mlp_residual), B, T), s};
 }
 
@@ -100,18 +101,18 @@ BlockGrads block_backward(const Kernels& k, const Tensor& grad_out, const Tensor
   // weight gradient. c_proj's bias gradient, the column sums of dy, comes
   // from ln_2's backward below when dy is grad_out.
   if (d.mlp_residual.active()) gw.mlp_c_proj_bias = k.bias_grad(dy);
-  Tensor d_fc = at::mm(dy, w.mlp_c_proj_weight).view_as(s.fc);  // d_gelu, then d_fc [B, T, 4C]
+  Tensor d_fc = k.matmul(dy, w.mlp_c_proj_weight).view_as(s.fc);  // d_gelu, then d_fc [B, T, 4C]
   Tensor gelu;
   std::tie(gelu, gw.c_fc_bias) = k.gelu_backward_recompute(d_fc, s.fc, w.c_fc_bias, tanh);
-  gw.mlp_c_proj_weight = at::mm(dy.t(), rows(gelu));  // [C, 4C]
+  gw.mlp_c_proj_weight = k.matmul(dy.t(), rows(gelu));  // [C, 4C]
   gelu.reset();  // each temporary goes right after its last use (peak memory)
 
   // c_fc: fc = ln_2 @ W^T.
   auto [ln_2, mean_2, rstd_2] =
       k.layer_norm_forward(s.x1, w.ln_2_weight, w.ln_2_bias, kLayerNormEps);  // recomputed
-  gw.c_fc_weight = at::mm(rows(d_fc).t(), rows(ln_2));  // [4C, C]
+  gw.c_fc_weight = k.matmul(rows(d_fc).t(), rows(ln_2));  // [4C, C]
   ln_2.reset();
-  Tensor d_ln_2 = at::mm(rows(d_fc), w.c_fc_weight).view_as(s.x1);
+  Tensor d_ln_2 = k.matmul(rows(d_fc), w.c_fc_weight).view_as(s.x1);
   d_fc.reset();
 
   // ln_2, plus the residual: d_x1 = grad_out + ln_2's input gradient. Its
@@ -129,9 +130,9 @@ BlockGrads block_backward(const Kernels& k, const Tensor& grad_out, const Tensor
   const Tensor d_proj = d.attention_residual.active()
                             ? k.dropout_add(rows(d_x1), Tensor(), d.attention_residual)
                             : rows(d_x1);
-  gw.attn_c_proj_weight = at::mm(d_proj.t(), rows(s.attn));  // [C, C]
+  gw.attn_c_proj_weight = k.matmul(d_proj.t(), rows(s.attn));  // [C, C]
   gw.attn_c_proj_bias = d.attention_residual.active() ? k.bias_grad(d_proj) : d_x1_sum;
-  Tensor d_attn = at::mm(d_proj, w.attn_c_proj_weight).view_as(s.attn);
+  Tensor d_attn = k.matmul(d_proj, w.attn_c_proj_weight).view_as(s.attn);
 
   // Attention, then c_attn: qkv = ln_1 @ W^T + b.
   Tensor d_qkv =
@@ -140,9 +141,9 @@ BlockGrads block_backward(const Kernels& k, const Tensor& grad_out, const Tensor
   gw.c_attn_bias = k.bias_grad(rows(d_qkv));
   auto [ln_1, mean_1, rstd_1] =
       k.layer_norm_forward(x, w.ln_1_weight, w.ln_1_bias, kLayerNormEps);  // recomputed
-  gw.c_attn_weight = at::mm(rows(d_qkv).t(), rows(ln_1));  // [3C, C]
+  gw.c_attn_weight = k.matmul(rows(d_qkv).t(), rows(ln_1));  // [3C, C]
   ln_1.reset();
-  Tensor d_ln_1 = at::mm(rows(d_qkv), w.c_attn_weight).view_as(x);
+  Tensor d_ln_1 = k.matmul(rows(d_qkv), w.c_attn_weight).view_as(x);
   d_qkv.reset();
 
   // ln_1, plus the residual: dx = d_x1 + ln_1's input gradient.

@@ -90,3 +90,8 @@ Tensor bias_grad(const Tensor& grad);
 std::tuple<Tensor, Tensor> gelu_backward_recompute(const Tensor& grad_out,
                                                    const Tensor& x,
                                                    const Tensor& bias, bool tanh);
+// The GEMMs of the Block's Linear layers: a [M, K] @ b [K, N] (+ bias [N])
+// -> [M, N], contiguous; ATen's mm and addmm (on CUDA called without the
+// dispatcher).
+Tensor matmul(const Tensor& a, const Tensor& b);
+Tensor matmul_bias(const Tensor& bias, const Tensor& a, const Tensor& b);

@@ -74,6 +74,8 @@ struct Kernels {
   decltype(&cpu::bias_grad) bias_grad;
   decltype(&cpu::gelu_backward_recompute) gelu_backward_recompute;
   decltype(&cpu::dropout_add) dropout_add;
+  decltype(&cpu::matmul) matmul;
+  decltype(&cpu::matmul_bias) matmul_bias;
 };
 
 #define NANOBLOCK_KERNEL_TABLE(ns)                                                   \
@@ -81,7 +83,8 @@ struct Kernels {
     &ns::layer_norm_forward, &ns::add_layer_norm_forward, &ns::layer_norm_backward,  \
         &ns::causal_attention_forward, &ns::causal_attention_backward,               \
         &ns::gelu_forward, &ns::gelu_backward, &ns::bias_grad,                       \
-        &ns::gelu_backward_recompute, &ns::dropout_add                               \
+        &ns::gelu_backward_recompute, &ns::dropout_add, &ns::matmul,                 \
+        &ns::matmul_bias                                                             \
   }
 
 inline constexpr Kernels cpu_kernels = NANOBLOCK_KERNEL_TABLE(cpu);

@@ -719,6 +719,7 @@ def run_wgmma_shape_worker(hd, env):
 
 @pytest.mark.parametrize("hd,forward,grad_kv,grad_q", [
     (64, "128,2,2", "64,2,2", "128,2,2"),   # producer forward, pipelined grad_kv and grad_q
+    (64, "64,2,0", "128,2,0", "64,1,0"),    # serial forward (the default at hd 128)
     (128, "64,2,2", "64,2,0", "64,2,2"),
 ])
 def test_wgmma_tile_shapes_from_the_environment(hd, forward, grad_kv, grad_q):

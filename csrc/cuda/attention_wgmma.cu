@@ -27,8 +27,9 @@
 // kt - 1 so that the softmax overlaps a product ("pipelined"; the kernel's
 // comment has the schedules), the latter also with a producer warpgroup
 // ("producer": no block barrier per key tile, copies several tiles ahead,
-// more registers for the consumers). Blocks are ordered longest query tiles
-// first (as in attention_mma.cu).
+// more registers for the consumers). The dispatch runs the pipelined one at
+// head dim 64, the serial one at 128 (default_forward_tiles says why).
+// Blocks are ordered longest query tiles first (as in attention_mma.cu).
 // Scores are kept in the log2 domain (scaled by scale * log2 e) and
 // exponentiated with exp2_approx (common.cuh); lse is written in
 // natural log units. Masked scores are set to -inf by select. A NaN or Inf
@@ -655,7 +656,8 @@ bool launch_built(int64_t hd, const TileChoice& want, const Tensor& qkv, int64_t
         scalar_t, WgmmaTiles<64, 64, 2, 2, kSerial>, WgmmaTiles<64, 128, 2, 1, kProducer>,
         WgmmaTiles<64, 64, 2, 1, kProducer>, WgmmaTiles<64, 64, 3, 1, kProducer>,
         WgmmaTiles<64, 128, 2, 1, kSerial>, WgmmaTiles<64, 128, 2, 1, kPipelined>,
-        WgmmaTiles<64, 128, 1, 2, kSerial>>(want, qkv, n_head, out, lse, scale_log2);
+        WgmmaTiles<64, 128, 1, 2, kSerial>, WgmmaTiles<64, 64, 2, 2, kPipelined>>(
+        want, qkv, n_head, out, lse, scale_log2);
   }
   return launch_matching<
       scalar_t, WgmmaTiles<128, 64, 2, 1, kSerial>, WgmmaTiles<128, 64, 2, 1, kProducer>,
@@ -663,18 +665,21 @@ bool launch_built(int64_t hd, const TileChoice& want, const Tensor& qkv, int64_t
       WgmmaTiles<128, 128, 2, 1, kPipelined>>(want, qkv, n_head, out, lse, scale_log2);
 }
 
-// The op dispatch's forward shape: the serial schedule, key tile 64, 2
-// warpgroups, unless NANOBLOCK_WGMMA_FORWARD names another (read once;
-// wgmma_shape_from_env). The producer schedule (one copying warpgroup; key
-// tile 128 at hd 64: "128,2,2", 64 at hd 128: "64,2,2") passed the tests but
-// was slower on the H200 in session 6 (benchmarks/bench_attention.py, same
-// build, forward ms serial vs producer: gpt2-small 0.129 vs 0.183, T = 4096
-// 0.423 vs 0.521, hd 128 0.081 vs 0.104;
-// benchmarks/results/nvidia-h200/attention_producer_vs_serial.txt).
-TileChoice default_forward_tiles() {
+// The op dispatch's forward shape, unless NANOBLOCK_WGMMA_FORWARD names
+// another (read once; wgmma_shape_from_env): 64-key tiles and 2 warpgroups;
+// at head dim 64 the pipelined schedule (2 blocks an SM at 126 registers),
+// at 128 the serial one. Forward ms on the H200, same build, pipelined vs
+// serial at head dim 64 (session 9, benchmarks/bench_attention.py): 0.109 vs
+// 0.120 at gpt2-small, 0.328 vs 0.381 at T = 4096. 256-query tiles (4
+// warpgroups, "64,4,0" and "64,4,1") were slower (0.144 and 0.126 at
+// gpt2-small) and are not built. The producer schedule (one copying
+// warpgroup) passed the tests but was slower too in session 6 (gpt2-small
+// 0.129 vs 0.183 serial; benchmarks/results/nvidia-h200/
+// attention_producer_vs_serial.txt).
+TileChoice default_forward_tiles(int64_t hd) {
   static const std::optional<WgmmaShape> chosen = wgmma_shape_from_env("NANOBLOCK_WGMMA_FORWARD");
   if (chosen) return TileChoice{chosen->tile, chosen->warpgroups, chosen->schedule};
-  return TileChoice{64, 2, kSerial};
+  return TileChoice{64, 2, hd == 64 ? kPipelined : kSerial};
 }
 
 // Launches the kernel of `choice` on the current stream; false when no such
@@ -756,14 +761,14 @@ std::tuple<Tensor, Tensor> wgmma_attention_forward_tiles(const Tensor& qkv_in, i
 }
 
 std::tuple<Tensor, Tensor> wgmma_attention_forward(const Tensor& qkv, int64_t n_head) {
-  const TileChoice choice = default_forward_tiles();
+  const TileChoice choice = default_forward_tiles(qkv.size(2) / 3 / n_head);
   return wgmma_attention_forward_tiles(qkv, n_head, choice.key_tile, choice.warpgroups,
                                        choice.schedule);
 }
 
 void wgmma_attention_forward_into(const Tensor& qkv, int64_t n_head, const Tensor& out,
                                   const Tensor& lse) {
-  const TileChoice choice = default_forward_tiles();
+  const TileChoice choice = default_forward_tiles(qkv.size(2) / 3 / n_head);
   NANOBLOCK_CHECK(launch_forward(qkv, n_head, out, lse, choice),
                   "wgmma attention forward: no kernel built for head dim ",
                   qkv.size(2) / 3 / n_head, " with key tile ", choice.key_tile, ", ",

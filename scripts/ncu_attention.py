@@ -1,0 +1,123 @@
+"""Why the attention kernels run at the speed they do: Nsight Compute's full
+set on one forward+backward of nanoblock's causal attention (and, with
+--sdpa, of PyTorch's SDPA at the same shape), reduced to what says where a
+tensor-core kernel loses time: issue-slot use, the busiest pipelines
+(tensor, FMA, ALU, XU = the special-function unit that runs exp2), and the
+warp stall reasons, largest first.
+
+    python scripts/ncu_attention.py                    # 4,4096,12,64, bf16
+    python scripts/ncu_attention.py --shape 16,1024,12,64 --sdpa --out /tmp/ncu
+
+Metric names differ between ncu versions, so the script takes whatever the
+full set's raw page holds: columns with "stalled" in their name (per issued
+instruction) for the stalls, "pipe_" with "pct_of_peak" for the pipelines.
+--out also keeps ncu's own text report of every section (--print-details
+all), to read what the reduction leaves out. ncu runs with --clock-control
+none (the clocks a benchmark sees, METHOD.md). Needs ncu on PATH and a GPU.
+"""
+import argparse
+import csv
+import io
+import os
+import subprocess
+import sys
+
+
+def worker(args):
+    import torch
+    import torch.nn.functional as F
+    from nanoblock import ops
+    B, T, H, hd = (int(v) for v in args.shape.split(","))
+    C = H * hd
+    torch.manual_seed(0)
+    qkv = torch.randn(B, T, 3 * C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(B, T, C, device="cuda", dtype=torch.bfloat16)
+
+    def sdpa(qkv):
+        q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in qkv.split(C, dim=2))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.transpose(1, 2).reshape(B, T, C)
+
+    fn = sdpa if args.impl == "sdpa" else (lambda t: ops.causal_attention(t, H))
+    for _ in range(3):
+        torch.autograd.grad(fn(qkv), qkv, gy)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    torch.autograd.grad(fn(qkv), qkv, gy)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
+def number(text):
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def report(raw_csv, top):
+    """Per kernel of ncu's --csv --page raw output: time, issue use,
+    pipelines and stalls."""
+    lines = [l for l in raw_csv.splitlines() if l.startswith('"')]
+    reader = csv.reader(io.StringIO("\n".join(lines)))
+    header = next(reader)
+    units = dict(zip(header, next(reader)))
+    for values in reader:
+        row = dict(zip(header, values))
+        name = row.get("Kernel Name", "?").split("(")[0][-90:]
+        if row.get("gpu__time_duration.sum") is None:
+            continue
+        t = number(row["gpu__time_duration.sum"])
+        unit = units.get("gpu__time_duration.sum", "")
+        us = t / 1e3 if unit in ("ns", "nsecond") else t * 1e3 if unit in ("ms", "msecond") else t
+        print(f"\n{name}\n  time {us:.1f} us, grid {row.get('launch__grid_size')}, block "
+              f"{row.get('launch__block_size')}, registers {row.get('launch__registers_per_thread')}")
+        for key in ("sm__inst_issued.avg.pct_of_peak_sustained_active",
+                    "sm__warps_active.avg.pct_of_peak_sustained_active",
+                    "smsp__issue_active.avg.pct_of_peak_sustained_active"):
+            if key in row:
+                print(f"  {key:<70} {row[key]:>8}")
+        pipes = sorted(((number(v) or 0.0, k) for k, v in row.items()
+                        if "pipe_" in k and "pct_of_peak" in k), reverse=True)
+        print("  pipelines (% of peak):")
+        for value, key in pipes[:top]:
+            print(f"    {key:<76} {value:7.1f}")
+        stalls = sorted(((number(v) or 0.0, k) for k, v in row.items()
+                         if "stalled" in k and "per_issue_active" in k and "not_issued" not in k),
+                        reverse=True)
+        print("  warp stalls (cycles per issued instruction):")
+        for value, key in stalls[:top]:
+            print(f"    {key:<76} {value:7.2f}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="4,4096,12,64", help="B,T,n_head,head_dim")
+    p.add_argument("--sdpa", action="store_true", help="also profile SDPA at the same shape")
+    p.add_argument("--top", type=int, default=12, help="rows of pipelines and stalls shown")
+    p.add_argument("--out", help="folder for ncu's full text report of each run")
+    p.add_argument("--impl", default="nanoblock", help=argparse.SUPPRESS)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    for impl in ["nanoblock"] + (["sdpa"] if args.sdpa else []):
+        base = ["ncu", "--set", "full", "--profile-from-start", "off", "--clock-control", "none"]
+        work = [sys.executable, os.path.abspath(__file__), "--worker", "--shape", args.shape,
+                "--impl", impl]
+        done = subprocess.run(base + ["--csv", "--page", "raw"] + work, capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            print(done.stdout[-3000:], done.stderr[-3000:])
+            raise SystemExit(f"ncu failed ({done.returncode})")
+        print(f"\n=== {impl}, shape {args.shape} (B,T,n_head,head_dim), bf16, fwd+bwd")
+        report(done.stdout, args.top)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, f"ncu_attention_{impl}.txt"), "w") as f:
+                subprocess.run(base + ["--print-details", "all"] + work, stdout=f,
+                               stderr=subprocess.STDOUT, text=True)
+
+
+if __name__ == "__main__":
+    main()
