@@ -122,6 +122,14 @@ constexpr int kAtomBytes = 1024;    // 8 rows of 128 bytes: the swizzle's period
 
 #if NANOBLOCK_WGMMA_DEVICE
 
+// This thread's warpgroup, read from lane 0 through a shuffle: the compiler
+// then knows it is the same across the warp and can keep what follows from
+// it (loop bounds and counters, shared addresses, wgmma descriptors) in
+// uniform registers, off the vector ALU that the softmax needs.
+__device__ __forceinline__ int warpgroup_index() {
+  return __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / kWarpgroupThreads, 0);
+}
+
 // This thread's copies (cp.async, tensor_core.cuh) are in shared memory and
 // ordered before what the async proxy (the tensor cores) reads after the
 // next barrier.
@@ -199,6 +207,48 @@ __device__ __forceinline__ void copy_tile_async(uint32_t tile, const scalar_t* s
   }
 }
 
+// copy_tile_async with this thread's share worked out once, for a loop that
+// copies tile after tile of the same shape: round i of the thread's chunks
+// lies kRowsPerRound * i rows below round 0's, at the same swizzle (a
+// multiple of 8 rows), so a tile costs a 64-bit row offset and a bounds test
+// a round instead of the division, swizzle and address products of every
+// chunk (about 60 vector instructions a key tile in the 64-key forward's
+// loop, sm_90a SASS, where the softmax wants the ALU).
+template <int ROWS, int HD, int THREADS>
+struct TileCopyPlan {
+  static constexpr int kChunks = HD / 8;
+  static constexpr int kRounds = ROWS * kChunks / THREADS;
+  static constexpr int kRowsPerRound = THREADS / kChunks;
+  static_assert(ROWS * kChunks % THREADS == 0 && THREADS % kChunks == 0, "whole rounds of rows");
+  static_assert(kRowsPerRound % 8 == 0, "every round at round 0's swizzle");
+
+  int row;         // this thread's row in round 0
+  int64_t offset;  // elements from a tile's first row to this thread's chunk
+  uint32_t smem;   // byte offset of that chunk in the swizzled tile
+
+  __device__ __forceinline__ explicit TileCopyPlan(int64_t row_stride) {
+    const int r = static_cast<int>(threadIdx.x) % THREADS / kChunks;
+    const int c = static_cast<int>(threadIdx.x) % kChunks;
+    row = r;
+    offset = r * row_stride + c * 8;
+    smem = swizzled_offset<ROWS>(r, c);
+  }
+
+  // The copies of copy_tile_async<ROWS, HD, THREADS>(tile, src, row_stride,
+  // first, T).
+  template <typename scalar_t>
+  __device__ __forceinline__ void copy(uint32_t tile, const scalar_t* src, int64_t row_stride,
+                                       int first, int T) const {
+    const scalar_t* from = src + first * row_stride + offset;
+#pragma unroll
+    for (int round = 0; round < kRounds; round++) {
+      const bool valid = first + row + round * kRowsPerRound < T;
+      copy_async_16(tile + smem + round * kRowsPerRound * kRowBytes,
+                    valid ? from + round * kRowsPerRound * row_stride : src, valid);
+    }
+  }
+};
+
 // Matrix descriptor of a 128B-swizzled operand at shared address `start`
 // (layout (a) in the header).
 __device__ __forceinline__ uint64_t smem_descriptor(uint32_t start, uint32_t leading_bytes,
@@ -207,6 +257,17 @@ __device__ __forceinline__ uint64_t smem_descriptor(uint32_t start, uint32_t lea
          static_cast<uint64_t>((leading_bytes & 0x3FFFF) >> 4) << 16 |
          static_cast<uint64_t>((stride_bytes & 0x3FFFF) >> 4) << 32 |
          static_cast<uint64_t>(1) << 62;
+}
+
+// The descriptor of the operand `bytes` (a multiple of 16) after the one of
+// `desc`, both in the same shared memory: the start field (address / 16, 14
+// bits: shared addresses stay below 2^18) grows by bytes / 16 without a
+// carry out of the low word, so one 32-bit add instead of the mask, shift
+// and packing of smem_descriptor (4-5 instructions a wgmma in the forward's
+// loop, sm_90a SASS).
+__device__ __forceinline__ uint64_t descriptor_plus(uint64_t desc, uint32_t bytes) {
+  const uint32_t lo = static_cast<uint32_t>(desc) + (bytes >> 4);
+  return (desc & 0xFFFFFFFF00000000ull) | lo;
 }
 
 // The wgmma instructions used: D (N/2 floats a thread) += A B with
@@ -323,11 +384,12 @@ __device__ __forceinline__ void scores_to_a(uint32_t (&p)[BK / 16][4], const flo
 // dO V^T, and S^T = K Q^T with the key tile as A.)
 template <typename scalar_t, int HD, int BQ, int BK>
 __device__ __forceinline__ void issue_scores(float (&s)[BK / 2], uint32_t q_wg, uint32_t kb) {
+  const uint64_t a0 = smem_descriptor(q_wg, 16, kAtomBytes), b0 = smem_descriptor(kb, 16, kAtomBytes);
 #pragma unroll
   for (int ks = 0; ks < HD / 16; ks++) {
     const uint32_t panel = ks / 4, in_row = (ks % 4) * 32;
-    const uint64_t a = smem_descriptor(q_wg + panel * BQ * kRowBytes + in_row, 16, kAtomBytes);
-    const uint64_t b = smem_descriptor(kb + panel * BK * kRowBytes + in_row, 16, kAtomBytes);
+    const uint64_t a = descriptor_plus(a0, panel * BQ * kRowBytes + in_row);
+    const uint64_t b = descriptor_plus(b0, panel * BK * kRowBytes + in_row);
     wgmma_ss<scalar_t, BK>(s, a, b, ks > 0);  // the first k step overwrites s
   }
 }
@@ -339,9 +401,10 @@ __device__ __forceinline__ void issue_scores(float (&s)[BK / 2], uint32_t q_wg, 
 template <typename scalar_t, int HD, int BK>
 __device__ __forceinline__ void issue_values(float (&o)[HD / 2], const uint32_t (&p)[BK / 16][4],
                                              uint32_t vb) {
+  const uint64_t b0 = smem_descriptor(vb, BK * kRowBytes, kAtomBytes);
 #pragma unroll
   for (int kk = 0; kk < BK / 16; kk++) {
-    const uint64_t b = smem_descriptor(vb + kk * 16 * kRowBytes, BK * kRowBytes, kAtomBytes);
+    const uint64_t b = descriptor_plus(b0, kk * 16 * kRowBytes);
     wgmma_rs<scalar_t, HD>(o, p[kk], b, 1);
   }
 }
