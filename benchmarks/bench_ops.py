@@ -12,6 +12,13 @@ Ops (nanoblock's against PyTorch's, same inputs):
                   with the split of qkv into heads and the merge back that a Block needs
   bias_gelu       ops.bias_gelu(h, b)             vs F.gelu(h + b)
   mlp             nanoblock's MLP (GEMM, bias_gelu, GEMM) vs nn.Linear, nn.GELU, nn.Linear
+  mlp_up          c_fc and its GELU, tanh form, as the Block runs them (a GEMM without
+                  the bias, then ops.bias_gelu) vs F.linear then F.gelu, and vs impl
+                  "epilogue": torch._addmm_activation(use_gelu=True), bias and GELU in
+                  cuBLASLt's GEMM epilogue (the tanh form on CUDA; exact GELU on the
+                  CPU). Forward only for "epilogue": the op has no autograd formula, and
+                  the backward epilogue (dGELU with the bias gradient) is not reachable
+                  through PyTorch's ops
 
 Each is timed forward (under no_grad) and forward+backward (gradients of every
 input), and on the GPU also forward+backward replayed from a CUDA graph
@@ -27,7 +34,8 @@ same run (common.ceilings):
            without autograd: what a kernel of that size reaches, launch, ramp
            and tail included, which the big copy of the ceiling hides
   TFLOP/s  attention (causal: half of 4*B*H*T^2*D forward, backward 2.5x the
-           forward, FlashAttention's convention) and mlp (the two GEMMs);
+           forward, FlashAttention's convention), mlp (the two GEMMs) and
+           mlp_up (its one GEMM);
            ceiling: a big matmul in the same dtype
 """
 import os
@@ -51,7 +59,7 @@ CPU_ROWS = [(2048, 384)]
 # C = 2048 split into heads of D.
 GPU_ATTN = dict(tokens=16384, C=2048, T=(512, 1024, 2048, 4096), D=(64, 128))
 CPU_ATTN = dict(tokens=1024, C=256, T=(128, 256, 512), D=(32, 64))
-OPS = ("layer_norm", "add_layer_norm", "attention", "bias_gelu", "mlp")
+OPS = ("layer_norm", "add_layer_norm", "attention", "bias_gelu", "mlp", "mlp_up")
 
 
 def randn(*shape, device, dtype, grad=True):
@@ -121,6 +129,19 @@ def mlp_case(N, C, device, dtype):
     return impls, inputs, 1, dict(fwd=fwd, fb=3 * fwd)
 
 
+def mlp_up_case(N, C, device, dtype):
+    x = randn(N, C, device=device, dtype=dtype)
+    w = randn(4 * C, C, device=device, dtype=dtype)
+    b = randn(4 * C, device=device, dtype=dtype)
+    impls = {"nanoblock": lambda: ops.bias_gelu(x @ w.t(), b, approximate="tanh"),
+             "epilogue": lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True),
+             "torch": lambda: F.gelu(F.linear(x, w, b), approximate="tanh")}
+    # "epilogue" has no backward: no inputs to differentiate, forward only
+    inputs = {"nanoblock": [x, w, b], "torch": [x, w, b]}
+    fwd = 2 * N * C * 4 * C
+    return impls, inputs, 1, dict(fwd=fwd, fb=3 * fwd)
+
+
 def time_case(op, shape, case, dtype, device, ceil, rep_ms):
     """Times every implementation of one case, forward and forward+backward;
     returns result rows."""
@@ -147,7 +168,8 @@ def time_case(op, shape, case, dtype, device, ceil, rep_ms):
         return forward_backward
 
     forward = {k: forward_of(f) for k, f in impls.items()}
-    forward_backward = {k: forward_backward_of(f, inputs[k]) for k, f in impls.items()}
+    forward_backward = {k: forward_backward_of(f, inputs[k]) for k, f in impls.items()
+                        if k in inputs}  # an impl without inputs: forward only
     if bandwidth:  # the same bytes in one copy (see the header)
         def copy_of(elements):
             src = torch.randn(elements // 2, device=device).to(dtype)
