@@ -7,7 +7,8 @@
 # maximum moved, and the serial forward's mask fixed per call. All meant to
 # leave every result bit-identical. This call: build, the CUDA tests with
 # memcheck and racecheck beside them (scripts/gpu_check.sh), then the
-# attention at head dims 64 and 128 and the Block with its peers. Compare
+# attention at head dims 64 and 128, bench_ops' mlp_up (issue 3's cuBLASLt
+# GELU epilogue, first GPU run) and the Block with its peers. Compare
 # with session 9's call 4 (benchmarks/results/nvidia-h200/session9/
 # call4_final.txt: forward 0.109 / 0.326 ms at head dim 64, fwd+bwd 0.440 /
 # 1.256; gpt2-small Block 1.962 ms).
@@ -27,6 +28,9 @@ for hd in 64 128; do
   echo "=== bench_attention --hd $hd ($(date +%T))"
   timeout 40 python3 benchmarks/bench_attention.py --hd "$hd" 2>&1 | tee -a "$out/attention.txt"
 done
+echo "=== bench_ops mlp_up: cuBLASLt's GELU epilogue vs the Block's GEMM + bias_gelu ($(date +%T))"
+timeout 60 python3 benchmarks/bench_ops.py --device cuda --op mlp_up --out "$out" --tag ops_mlp_up \
+  2>&1 | grep -vE "^card" | tee "$out/mlp_up.txt"
 echo "=== bench_block ($(date +%T))"
 timeout 80 python3 benchmarks/bench_block.py --device cuda --config tiny --config gpt2-small \
   --config long --dtype bfloat16 --impl nanoblock,eager,floor --mode forward_backward \
