@@ -84,9 +84,13 @@ def report(raw_csv, top):
                     "smsp__issue_active.avg.pct_of_peak_sustained_active"):
             if key in row:
                 print(f"  {key:<70} {row[key]:>8}")
+        # One figure a pipeline (its average over the SMs while active):
+        # the .max/.min/.sum and "elapsed" variants of the busiest one would
+        # fill the list (session 9's report showed only the ALU that way).
         pipes = sorted(((number(v) or 0.0, k) for k, v in row.items()
-                        if "pipe_" in k and "pct_of_peak" in k), reverse=True)
-        print("  pipelines (% of peak):")
+                        if "pipe_" in k and k.endswith(".avg.pct_of_peak_sustained_active")),
+                       reverse=True)
+        print("  pipelines (% of peak, average over SMs while active):")
         for value, key in pipes[:top]:
             print(f"    {key:<76} {value:7.1f}")
         stalls = sorted(((number(v) or 0.0, k) for k, v in row.items()
