@@ -24,7 +24,8 @@ mkdir -p "$out"
 if [ -n "${PACK:-}" ]; then
   trap 'tar czf "$PACK" -C "$out" . 2>/dev/null' EXIT
 fi
-OUT=$out PYTEST_TARGETS=tests/test_cuda.py PYTEST_FLAGS="-q -m cuda" SANITIZERS="memcheck racecheck" \
+OUT=$out PYTEST_TARGETS=tests/test_cuda.py PYTEST_FLAGS="-q -m cuda" \
+  SANITIZERS="memcheck racecheck" \
   SANITIZER_TIMEOUT=200 SKIP_LONG_RUN=1 SKIP_BENCH=1 timeout 420 bash scripts/gpu_check.sh \
   >"$out/gpu_check.txt" 2>&1
 grep -E "^===|passed|failed|SUMMARY|FAILED" "$out/gpu_check.txt"

@@ -384,7 +384,8 @@ __device__ __forceinline__ void scores_to_a(uint32_t (&p)[BK / 16][4], const flo
 // dO V^T, and S^T = K Q^T with the key tile as A.)
 template <typename scalar_t, int HD, int BQ, int BK>
 __device__ __forceinline__ void issue_scores(float (&s)[BK / 2], uint32_t q_wg, uint32_t kb) {
-  const uint64_t a0 = smem_descriptor(q_wg, 16, kAtomBytes), b0 = smem_descriptor(kb, 16, kAtomBytes);
+  const uint64_t a0 = smem_descriptor(q_wg, 16, kAtomBytes);
+  const uint64_t b0 = smem_descriptor(kb, 16, kAtomBytes);
 #pragma unroll
   for (int ks = 0; ks < HD / 16; ks++) {
     const uint32_t panel = ks / 4, in_row = (ks % 4) * 32;
