@@ -77,8 +77,9 @@ def report(raw_csv, top):
         t = number(row["gpu__time_duration.sum"])
         unit = units.get("gpu__time_duration.sum", "")
         us = t / 1e3 if unit in ("ns", "nsecond") else t * 1e3 if unit in ("ms", "msecond") else t
-        print(f"\n{name}\n  time {us:.1f} us, grid {row.get('launch__grid_size')}, block "
-              f"{row.get('launch__block_size')}, registers {row.get('launch__registers_per_thread')}")
+        print(f"\n{name}\n  time {us:.1f} us, grid {row.get('launch__grid_size')}, "
+              f"block {row.get('launch__block_size')}, "
+              f"registers {row.get('launch__registers_per_thread')}")
         for key in ("sm__inst_issued.avg.pct_of_peak_sustained_active",
                     "sm__warps_active.avg.pct_of_peak_sustained_active",
                     "smsp__issue_active.avg.pct_of_peak_sustained_active"):
