@@ -279,10 +279,11 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
 
   const auto key_buffer = [&](int kt) { return k_s + (kt % kBuffers) * Tiles::kKvBytes; };
   const auto value_buffer = [&](int kt) { return v_s + (kt % kBuffers) * Tiles::kKvBytes; };
-  const TileCopyPlan<BK, HD, kThreads> kv_copies(row_stride);
+  // Key and value tiles 0, 1, 2, ... in that order (copy_key_tile(kt) comes
+  // right after copy_key_tile(kt - 1)).
+  TileCopyWalk<BK, HD, kThreads, scalar_t> kv_walk(head + C, row_stride, 0);
   const auto copy_key_tile = [&](int kt) {
-    kv_copies.copy(key_buffer(kt), head + C, row_stride, kt * BK, T);
-    kv_copies.copy(value_buffer(kt), head + 2 * C, row_stride, kt * BK, T);
+    kv_walk.copy_next(key_buffer(kt), value_buffer(kt), C, T);
     copy_async_commit();
   };
   // Block-wide, on the tiles with a key after the block's first query:

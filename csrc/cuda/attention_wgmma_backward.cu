@@ -239,11 +239,13 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
   const int first_tile = k0 / BQ, query_tiles = (T + BQ - 1) / BQ;
   // Query tile qt lies in buffer (qt - first_tile) % kBuffers.
   const auto buffer = [&](int qt) { return (qt - first_tile) % kBuffers; };
-  const TileCopyPlan<BQ, HD, kThreads> q_copies(row_stride), grad_copies(C);
+  // Query and dO tiles first_tile, first_tile + 1, ... in that order.
+  TileCopyWalk<BQ, HD, kThreads, scalar_t> q_walk(head, row_stride, first_tile * BQ);
+  TileCopyWalk<BQ, HD, kThreads, scalar_t> grad_walk(grad_head, C, first_tile * BQ);
   const auto copy_query_tile = [&](int qt) {
     const int i = buffer(qt);
-    q_copies.copy(q_s + i * kQBytes, head, row_stride, qt * BQ, T);
-    grad_copies.copy(do_s + i * kQBytes, grad_head, C, qt * BQ, T);
+    q_walk.copy_next(q_s + i * kQBytes, T);
+    grad_walk.copy_next(do_s + i * kQBytes, T);
     copy_row_values_async<BQ, kThreads>(lse_s + i * BQ, lse_head, qt * BQ, T);
     copy_row_values_async<BQ, kThreads>(dot_s + i * BQ, dot_head, qt * BQ, T);
     copy_async_commit();
@@ -416,10 +418,10 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
 
   const auto key_buffer = [&](int kt) { return k_s + (kt % kBuffers) * kKvBytes; };
   const auto value_buffer = [&](int kt) { return v_s + (kt % kBuffers) * kKvBytes; };
-  const TileCopyPlan<BK, HD, kThreads> kv_copies(row_stride);
+  // Key and value tiles 0, 1, 2, ... in that order.
+  TileCopyWalk<BK, HD, kThreads, scalar_t> kv_walk(head + C, row_stride, 0);
   const auto copy_key_tile = [&](int kt) {
-    kv_copies.copy(key_buffer(kt), head + C, row_stride, kt * BK, T);
-    kv_copies.copy(value_buffer(kt), head + 2 * C, row_stride, kt * BK, T);
+    kv_walk.copy_next(key_buffer(kt), value_buffer(kt), C, T);
     copy_async_commit();
   };
   copy_tile_async<BQ, HD, kThreads>(q_s, head, row_stride, q0, T);

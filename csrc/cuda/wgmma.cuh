@@ -207,45 +207,62 @@ __device__ __forceinline__ void copy_tile_async(uint32_t tile, const scalar_t* s
   }
 }
 
-// copy_tile_async with this thread's share worked out once, for a loop that
-// copies tile after tile of the same shape: round i of the thread's chunks
-// lies kRowsPerRound * i rows below round 0's, at the same swizzle (a
-// multiple of 8 rows), so a tile costs a 64-bit row offset and a bounds test
-// a round instead of the division, swizzle and address products of every
-// chunk (about 60 vector instructions a key tile in the 64-key forward's
-// loop, sm_90a SASS, where the softmax wants the ALU).
-template <int ROWS, int HD, int THREADS>
-struct TileCopyPlan {
+// copy_tile_async's copies for tiles taken in order (tile i: rows first +
+// i * ROWS), with this thread's share worked out once: round r of its chunks
+// lies r * kRowsPerRound rows below round 0's, at the same swizzle (a
+// multiple of 8 rows), and the next tile's chunk is one pointer add away. A
+// tile then costs a bounds test and an address add a round instead of the
+// division, swizzle and 64-bit products of every chunk (about 60 vector
+// instructions a key tile in the 64-key forward's loop, sm_90a SASS, where
+// the softmax wants the ALU). A walk can fill two tiles a step from rows a
+// fixed distance apart (K and V in qkv).
+template <int ROWS, int HD, int THREADS, typename scalar_t>
+struct TileCopyWalk {
   static constexpr int kChunks = HD / 8;
   static constexpr int kRounds = ROWS * kChunks / THREADS;
   static constexpr int kRowsPerRound = THREADS / kChunks;
   static_assert(ROWS * kChunks % THREADS == 0 && THREADS % kChunks == 0, "whole rounds of rows");
   static_assert(kRowsPerRound % 8 == 0, "every round at round 0's swizzle");
 
-  int row;         // this thread's row in round 0
-  int64_t offset;  // elements from a tile's first row to this thread's chunk
-  uint32_t smem;   // byte offset of that chunk in the swizzled tile
+  const scalar_t* src;   // given for the rows at or past T (nothing is read there)
+  const scalar_t* from;  // this thread's round-0 chunk in the next tile
+  int64_t row_stride;    // elements
+  int row;               // that chunk's row
+  uint32_t smem;         // byte offset of that chunk in a swizzled tile
 
-  __device__ __forceinline__ explicit TileCopyPlan(int64_t row_stride) {
+  // Rows row_stride elements apart from src; the first tile starts at row first.
+  __device__ __forceinline__ TileCopyWalk(const scalar_t* src_, int64_t row_stride_, int first)
+      : src(src_), row_stride(row_stride_) {
     const int r = static_cast<int>(threadIdx.x) % THREADS / kChunks;
     const int c = static_cast<int>(threadIdx.x) % kChunks;
-    row = r;
-    offset = r * row_stride + c * 8;
+    row = first + r;
+    from = src + row * row_stride + c * 8;
     smem = swizzled_offset<ROWS>(r, c);
   }
 
-  // The copies of copy_tile_async<ROWS, HD, THREADS>(tile, src, row_stride,
-  // first, T).
-  template <typename scalar_t>
-  __device__ __forceinline__ void copy(uint32_t tile, const scalar_t* src, int64_t row_stride,
-                                       int first, int T) const {
-    const scalar_t* from = src + first * row_stride + offset;
+  // The next tile (zeros at or past row T) into the swizzled tile at shared
+  // address `tile`; with tile2, also the rows `apart` elements further on
+  // into tile2. Then steps to the tile after.
+  __device__ __forceinline__ void copy_next(uint32_t tile, int T) {
+    copy_next<false>(tile, 0, 0, T);
+  }
+  __device__ __forceinline__ void copy_next(uint32_t tile, uint32_t tile2, int64_t apart, int T) {
+    copy_next<true>(tile, tile2, apart, T);
+  }
+
+ private:
+  template <bool kTwo>
+  __device__ __forceinline__ void copy_next(uint32_t tile, uint32_t tile2, int64_t apart, int T) {
 #pragma unroll
     for (int round = 0; round < kRounds; round++) {
-      const bool valid = first + row + round * kRowsPerRound < T;
-      copy_async_16(tile + smem + round * kRowsPerRound * kRowBytes,
-                    valid ? from + round * kRowsPerRound * row_stride : src, valid);
+      const bool valid = row + round * kRowsPerRound < T;
+      const scalar_t* chunk = valid ? from + round * kRowsPerRound * row_stride : src;
+      const uint32_t at = smem + round * kRowsPerRound * kRowBytes;
+      copy_async_16(tile + at, chunk, valid);
+      if constexpr (kTwo) copy_async_16(tile2 + at, valid ? chunk + apart : src, valid);
     }
+    from += ROWS * row_stride;
+    row += ROWS;
   }
 };
 
