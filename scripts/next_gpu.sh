@@ -2,7 +2,7 @@
 # EXPERIMENT (branch next-gpu2): the first GPU call of the next session. The
 # branch cuts the wgmma kernels' per-tile instructions (sm_90a SASS, counted
 # here without a GPU): per-thread copy addresses worked out once
-# (TileCopyPlan), descriptors by one add (descriptor_plus), the warpgroup
+# (TileCopyWalk), descriptors by one add (descriptor_plus), the warpgroup
 # index through a shuffle, the output's rescale skipped when no row's
 # maximum moved, and the serial forward's mask fixed per call. All meant to
 # leave every result bit-identical. This call: build, the CUDA tests with
