@@ -13,7 +13,7 @@
 # call4_final.txt: forward 0.109 / 0.326 ms at head dim 64, fwd+bwd 0.440 /
 # 1.256; gpt2-small Block 1.962 ms).
 #   OUT=/tmp/n PACK=$OUT/next.tgz bash scripts/next_gpu.sh
-# Second call, the counters of the new forward (with --sass: executed
+# Second call, the counters of the new kernels (with --sass: executed
 # instructions per opcode, the first GPU run of that reading):
 #   python3 scripts/ncu_attention.py --shape 4,4096,12,64 --sdpa --sass wgmma_forward \
 #       --out $OUT/ncu
