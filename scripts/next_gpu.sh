@@ -15,7 +15,7 @@
 #   OUT=/tmp/n PACK=$OUT/next.tgz bash scripts/next_gpu.sh
 # Second call, the counters of the new kernels (with --sass: executed
 # instructions per opcode, the first GPU run of that reading):
-#   python3 scripts/ncu_attention.py --shape 4,4096,12,64 --sdpa --sass wgmma_forward \
+#   python3 scripts/ncu_attention.py --shape 4,4096,12,64 --sdpa --sass wgmma \
 #       --out $OUT/ncu
 set -uo pipefail
 cd "$(dirname "$0")/.."
