@@ -782,10 +782,11 @@ std::tuple<Tensor, Tensor> wgmma_attention_forward(const Tensor& qkv, int64_t n_
 
 void wgmma_attention_forward_into(const Tensor& qkv, int64_t n_head, const Tensor& out,
                                   const Tensor& lse) {
-  const TileChoice choice = default_forward_tiles(qkv.size(2) / 3 / n_head);
+  const int64_t hd = qkv.size(2) / 3 / n_head;
+  const TileChoice choice = default_forward_tiles(hd);
   NANOBLOCK_CHECK(launch_forward(qkv, n_head, out, lse, choice),
-                  "wgmma attention forward: no kernel built for head dim ",
-                  qkv.size(2) / 3 / n_head, " with key tile ", choice.key_tile, ", ",
+                  "wgmma attention forward: no kernel built for head dim ", hd,
+                  " with key tile ", choice.key_tile, ", ",
                   choice.warpgroups, " warpgroups, schedule ", choice.schedule,
                   " (NANOBLOCK_WGMMA_FORWARD)");
 }
