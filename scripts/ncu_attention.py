@@ -14,6 +14,13 @@ instruction) for the stalls, "pipe_" with "pct_of_peak" for the pipelines.
 --out also keeps ncu's own text report of every section (--print-details
 all), to read what the reduction leaves out. ncu runs with --clock-control
 none (the clocks a benchmark sees, METHOD.md). Needs ncu on PATH and a GPU.
+
+--sass NAME adds, for nanoblock's kernels whose name contains NAME, the
+executed instructions per SASS opcode (ncu's source page, SASS view:
+"Instructions Executed" per instruction, summed by opcode), largest first:
+which instructions fill the pipe that binds a kernel. Until it has run on
+the GPU machine its reading of that page is a guess at its columns; when
+they are not found it prints the page's head instead.
 """
 import argparse
 import csv
@@ -78,9 +85,13 @@ def report(raw_csv, top):
                     "smsp__issue_active.avg.pct_of_peak_sustained_active"):
             if key in row:
                 print(f"  {key:<70} {row[key]:>8}")
+        # One figure a pipeline (its average over the SMs while active):
+        # the .max/.min/.sum and "elapsed" variants of the busiest one would
+        # fill the list (session 9's report showed only the ALU that way).
         pipes = sorted(((number(v) or 0.0, k) for k, v in row.items()
-                        if "pipe_" in k and "pct_of_peak" in k), reverse=True)
-        print("  pipelines (% of peak):")
+                        if "pipe_" in k and k.endswith(".avg.pct_of_peak_sustained_active")),
+                       reverse=True)
+        print("  pipelines (% of peak, average over SMs while active):")
         for value, key in pipes[:top]:
             print(f"    {key:<76} {value:7.1f}")
         stalls = sorted(((number(v) or 0.0, k) for k, v in row.items()
@@ -91,12 +102,56 @@ def report(raw_csv, top):
             print(f"    {key:<76} {value:7.2f}")
 
 
+def opcode_counts(source_csv, top):
+    """Executed warp instructions per SASS opcode from ncu's --page source
+    --print-source sass --csv output (one table a profiled kernel)."""
+    lines = [l for l in source_csv.splitlines() if l.startswith('"')]
+    if not lines:
+        print(source_csv[:3000])
+        return
+    reader = csv.reader(io.StringIO("\n".join(lines)))
+    counts, source, executed = {}, None, None
+    for row in reader:
+        if "Source" in row:  # a header: a kernel's table starts
+            if counts:
+                print_opcodes(counts, top)
+            counts = {}
+            source = row.index("Source")
+            names = [i for i, n in enumerate(row)
+                     if "Instructions Executed" in n and "Thread" not in n]
+            executed = names[0] if names else None
+            if executed is None:
+                print("no 'Instructions Executed' column in:", row)
+            continue
+        if source is None or executed is None or len(row) <= max(source, executed):
+            continue
+        words = row[source].split()
+        if words and words[0].startswith("@"):  # a predicate guard
+            words = words[1:]
+        value = number(row[executed])
+        if words and value:
+            op = words[0].split(".")[0]
+            counts[op] = counts.get(op, 0) + value
+    if counts:
+        print_opcodes(counts, top)
+
+
+def print_opcodes(counts, top):
+    total = sum(counts.values())
+    print(f"  executed warp instructions by opcode ({total:.4g} in all):")
+    for op, value in sorted(counts.items(), key=lambda kv: -kv[1])[:2 * top]:
+        print(f"    {op:12s} {value:14,.0f}  {100 * value / total:5.1f}%")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="4,4096,12,64", help="B,T,n_head,head_dim")
     p.add_argument("--sdpa", action="store_true", help="also profile SDPA at the same shape")
     p.add_argument("--top", type=int, default=12, help="rows of pipelines and stalls shown")
     p.add_argument("--out", help="folder for ncu's full text report of each run")
+    p.add_argument("--sass", metavar="NAME",
+                   help="also executed instructions per opcode of nanoblock's kernels "
+                        "whose name contains NAME (e.g. wgmma_forward)")
     p.add_argument("--impl", default="nanoblock", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -113,6 +168,17 @@ def main():
             raise SystemExit(f"ncu failed ({done.returncode})")
         print(f"\n=== {impl}, shape {args.shape} (B,T,n_head,head_dim), bf16, fwd+bwd")
         report(done.stdout, args.top)
+        if args.sass and impl == "nanoblock":
+            source = subprocess.run(
+                base[:1] + ["--section", "SourceCounters", "--profile-from-start", "off",
+                            "--clock-control", "none", "-k", f"regex:{args.sass}",
+                            "--page", "source", "--print-source", "sass", "--csv"] + work,
+                capture_output=True, text=True)
+            print(f"\n=== SASS opcodes of the kernels matching {args.sass!r}")
+            if source.returncode != 0:
+                print(source.stdout[-2000:], source.stderr[-2000:])
+            else:
+                opcode_counts(source.stdout, args.top)
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, f"ncu_attention_{impl}.txt"), "w") as f:

@@ -187,9 +187,14 @@ __device__ __forceinline__ void pipelined_products(float (&s)[BK / 2], float (&o
   keep_in_order(o);
 }
 
-// o (layout (b), N = HD) times each row's correction.
+// o (layout (b), N = HD) times each row's correction. Skipped when no row
+// of the warp found a new maximum in the tile: every correction is then
+// exp2(0) = 1 exactly and the multiplies change nothing. After the first few
+// key tiles that is most tiles (a row's maximum rarely moves), and the
+// multiplies are HD / 2 of the per-tile instructions of a thread.
 template <int HD>
 __device__ __forceinline__ void rescale(float (&o)[HD / 2], const float (&correction)[2]) {
+  if (__all_sync(0xffffffffu, correction[0] == 1.f && correction[1] == 1.f)) return;
 #pragma unroll
   for (int j = 0; j < HD / 8; j++) {
 #pragma unroll
@@ -259,7 +264,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
   const int qt = tiles - 1 - static_cast<int>(blockIdx.x) / heads;  // longest rows first
   const int bh = static_cast<int>(blockIdx.x) % heads;
   const int b = bh / n_head, h = bh % n_head;
-  const int wg = threadIdx.x / kWarpgroupThreads;
+  const int wg = warpgroup_index();
   const int warp = threadIdx.x % kWarpgroupThreads / 32, lane = threadIdx.x % 32;
   const int64_t row_stride = 3 * C;
   const scalar_t* head = qkv + static_cast<int64_t>(b) * T * row_stride + h * HD;
@@ -274,9 +279,11 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
 
   const auto key_buffer = [&](int kt) { return k_s + (kt % kBuffers) * Tiles::kKvBytes; };
   const auto value_buffer = [&](int kt) { return v_s + (kt % kBuffers) * Tiles::kKvBytes; };
+  // Key and value tiles 0, 1, 2, ... in that order (copy_key_tile(kt) comes
+  // right after copy_key_tile(kt - 1)).
+  TileCopyWalk<BK, HD, kThreads, scalar_t> kv_walk(head + C, row_stride, 0);
   const auto copy_key_tile = [&](int kt) {
-    copy_tile_async<BK, HD, kThreads>(key_buffer(kt), head + C, row_stride, kt * BK, T);
-    copy_tile_async<BK, HD, kThreads>(value_buffer(kt), head + 2 * C, row_stride, kt * BK, T);
+    kv_walk.copy_next(key_buffer(kt), value_buffer(kt), C, T);
     copy_async_commit();
   };
   // Block-wide, on the tiles with a key after the block's first query:
@@ -305,8 +312,15 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
     const int k0 = kt * BK;
     // The causal mask is needed where some key of the tile follows some
     // query of the warpgroup, or lies past T.
-    const bool needs_mask = k0 + BK - 1 > wg_q0 || k0 + BK > T;
-    online_softmax<BK>(s, m, l, row, k0, T, needs_mask, scale_log2, correction);
+    // Two calls, each with its mask setting fixed: with one call on the
+    // runtime flag, ptxas computed the mask's comparisons for every tile
+    // (sm_90a, head dim 128: about 300 instructions before the first wgmma
+    // of each tile) and only selected by the flag afterwards.
+    if (k0 + BK - 1 > wg_q0 || k0 + BK > T) {
+      online_softmax<BK>(s, m, l, row, k0, T, true, scale_log2, correction);
+    } else {
+      online_softmax<BK>(s, m, l, row, k0, T, false, scale_log2, correction);
+    }
   };
 
   if constexpr (!Tiles::kPipelined) {
@@ -462,7 +476,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, 1)
   const int qt = tiles - 1 - static_cast<int>(blockIdx.x) / heads;  // longest rows first
   const int bh = static_cast<int>(blockIdx.x) % heads;
   const int b = bh / n_head, h = bh % n_head;
-  const int wg = threadIdx.x / kWarpgroupThreads;
+  const int wg = warpgroup_index();
   const int64_t row_stride = 3 * C;
   const scalar_t* head = qkv + static_cast<int64_t>(b) * T * row_stride + h * HD;
   const int q0 = qt * BQ;

@@ -230,7 +230,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
   const float* lse_head = lse + static_cast<int64_t>(place.bh) * T;
   const float* dot_head = row_dot + static_cast<int64_t>(place.bh) * T;
   const int64_t row_stride = 3 * C;
-  const int wg = threadIdx.x / kWarpgroupThreads;
+  const int wg = warpgroup_index();
   const int warp = threadIdx.x % kWarpgroupThreads / 32, lane = threadIdx.x % 32, t = lane % 4;
 
   const int k0 = kt * BK;
@@ -239,10 +239,13 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
   const int first_tile = k0 / BQ, query_tiles = (T + BQ - 1) / BQ;
   // Query tile qt lies in buffer (qt - first_tile) % kBuffers.
   const auto buffer = [&](int qt) { return (qt - first_tile) % kBuffers; };
+  // Query and dO tiles first_tile, first_tile + 1, ... in that order.
+  TileCopyWalk<BQ, HD, kThreads, scalar_t> q_walk(head, row_stride, first_tile * BQ);
+  TileCopyWalk<BQ, HD, kThreads, scalar_t> grad_walk(grad_head, C, first_tile * BQ);
   const auto copy_query_tile = [&](int qt) {
     const int i = buffer(qt);
-    copy_tile_async<BQ, HD, kThreads>(q_s + i * kQBytes, head, row_stride, qt * BQ, T);
-    copy_tile_async<BQ, HD, kThreads>(do_s + i * kQBytes, grad_head, C, qt * BQ, T);
+    q_walk.copy_next(q_s + i * kQBytes, T);
+    grad_walk.copy_next(do_s + i * kQBytes, T);
     copy_row_values_async<BQ, kThreads>(lse_s + i * BQ, lse_head, qt * BQ, T);
     copy_row_values_async<BQ, kThreads>(dot_s + i * BQ, dot_head, qt * BQ, T);
     copy_async_commit();
@@ -404,7 +407,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
   const scalar_t* head = place.qkv;
   const scalar_t* grad_head = place.grad_out;
   const int64_t row_stride = 3 * C;
-  const int wg = threadIdx.x / kWarpgroupThreads;
+  const int wg = warpgroup_index();
   const int warp = threadIdx.x % kWarpgroupThreads / 32, lane = threadIdx.x % 32, t = lane % 4;
 
   const int q0 = qt * BQ;
@@ -415,9 +418,10 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
 
   const auto key_buffer = [&](int kt) { return k_s + (kt % kBuffers) * kKvBytes; };
   const auto value_buffer = [&](int kt) { return v_s + (kt % kBuffers) * kKvBytes; };
+  // Key and value tiles 0, 1, 2, ... in that order.
+  TileCopyWalk<BK, HD, kThreads, scalar_t> kv_walk(head + C, row_stride, 0);
   const auto copy_key_tile = [&](int kt) {
-    copy_tile_async<BK, HD, kThreads>(key_buffer(kt), head + C, row_stride, kt * BK, T);
-    copy_tile_async<BK, HD, kThreads>(value_buffer(kt), head + 2 * C, row_stride, kt * BK, T);
+    kv_walk.copy_next(key_buffer(kt), value_buffer(kt), C, T);
     copy_async_commit();
   };
   copy_tile_async<BQ, HD, kThreads>(q_s, head, row_stride, q0, T);

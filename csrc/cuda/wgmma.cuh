@@ -122,6 +122,14 @@ constexpr int kAtomBytes = 1024;    // 8 rows of 128 bytes: the swizzle's period
 
 #if NANOBLOCK_WGMMA_DEVICE
 
+// This thread's warpgroup, read from lane 0 through a shuffle: the compiler
+// then knows it is the same across the warp and can keep what follows from
+// it (loop bounds and counters, shared addresses, wgmma descriptors) in
+// uniform registers, off the vector ALU that the softmax needs.
+__device__ __forceinline__ int warpgroup_index() {
+  return __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / kWarpgroupThreads, 0);
+}
+
 // This thread's copies (cp.async, tensor_core.cuh) are in shared memory and
 // ordered before what the async proxy (the tensor cores) reads after the
 // next barrier.
@@ -199,6 +207,65 @@ __device__ __forceinline__ void copy_tile_async(uint32_t tile, const scalar_t* s
   }
 }
 
+// copy_tile_async's copies for tiles taken in order (tile i: rows first +
+// i * ROWS), with this thread's share worked out once: round r of its chunks
+// lies r * kRowsPerRound rows below round 0's, at the same swizzle (a
+// multiple of 8 rows), and the next tile's chunk is one pointer add away. A
+// tile then costs a bounds test and an address add a round instead of the
+// division, swizzle and 64-bit products of every chunk (about 60 vector
+// instructions a key tile in the 64-key forward's loop, sm_90a SASS, where
+// the softmax wants the ALU). A walk can fill two tiles a step from rows a
+// fixed distance apart (K and V in qkv).
+template <int ROWS, int HD, int THREADS, typename scalar_t>
+struct TileCopyWalk {
+  static constexpr int kChunks = HD / 8;
+  static constexpr int kRounds = ROWS * kChunks / THREADS;
+  static constexpr int kRowsPerRound = THREADS / kChunks;
+  static_assert(ROWS * kChunks % THREADS == 0 && THREADS % kChunks == 0, "whole rounds of rows");
+  static_assert(kRowsPerRound % 8 == 0, "every round at round 0's swizzle");
+
+  const scalar_t* src;   // given for the rows at or past T (nothing is read there)
+  const scalar_t* from;  // this thread's round-0 chunk in the next tile
+  int64_t row_stride;    // elements
+  int row;               // that chunk's row
+  uint32_t smem;         // byte offset of that chunk in a swizzled tile
+
+  // Rows row_stride elements apart from src; the first tile starts at row first.
+  __device__ __forceinline__ TileCopyWalk(const scalar_t* src_, int64_t row_stride_, int first)
+      : src(src_), row_stride(row_stride_) {
+    const int r = static_cast<int>(threadIdx.x) % THREADS / kChunks;
+    const int c = static_cast<int>(threadIdx.x) % kChunks;
+    row = first + r;
+    from = src + row * row_stride + c * 8;
+    smem = swizzled_offset<ROWS>(r, c);
+  }
+
+  // The next tile (zeros at or past row T) into the swizzled tile at shared
+  // address `tile`; with tile2, also the rows `apart` elements further on
+  // into tile2. Then steps to the tile after.
+  __device__ __forceinline__ void copy_next(uint32_t tile, int T) {
+    copy_next<false>(tile, 0, 0, T);
+  }
+  __device__ __forceinline__ void copy_next(uint32_t tile, uint32_t tile2, int64_t apart, int T) {
+    copy_next<true>(tile, tile2, apart, T);
+  }
+
+ private:
+  template <bool kTwo>
+  __device__ __forceinline__ void copy_next(uint32_t tile, uint32_t tile2, int64_t apart, int T) {
+#pragma unroll
+    for (int round = 0; round < kRounds; round++) {
+      const bool valid = row + round * kRowsPerRound < T;
+      const scalar_t* chunk = valid ? from + round * kRowsPerRound * row_stride : src;
+      const uint32_t at = smem + round * kRowsPerRound * kRowBytes;
+      copy_async_16(tile + at, chunk, valid);
+      if constexpr (kTwo) copy_async_16(tile2 + at, valid ? chunk + apart : src, valid);
+    }
+    from += ROWS * row_stride;
+    row += ROWS;
+  }
+};
+
 // Matrix descriptor of a 128B-swizzled operand at shared address `start`
 // (layout (a) in the header).
 __device__ __forceinline__ uint64_t smem_descriptor(uint32_t start, uint32_t leading_bytes,
@@ -207,6 +274,17 @@ __device__ __forceinline__ uint64_t smem_descriptor(uint32_t start, uint32_t lea
          static_cast<uint64_t>((leading_bytes & 0x3FFFF) >> 4) << 16 |
          static_cast<uint64_t>((stride_bytes & 0x3FFFF) >> 4) << 32 |
          static_cast<uint64_t>(1) << 62;
+}
+
+// The descriptor of the operand `bytes` (a multiple of 16) after the one of
+// `desc`, both in the same shared memory: the start field (address / 16, 14
+// bits: shared addresses stay below 2^18) grows by bytes / 16 without a
+// carry out of the low word, so one 32-bit add instead of the mask, shift
+// and packing of smem_descriptor (4-5 instructions a wgmma in the forward's
+// loop, sm_90a SASS).
+__device__ __forceinline__ uint64_t descriptor_plus(uint64_t desc, uint32_t bytes) {
+  const uint32_t lo = static_cast<uint32_t>(desc) + (bytes >> 4);
+  return (desc & 0xFFFFFFFF00000000ull) | lo;
 }
 
 // The wgmma instructions used: D (N/2 floats a thread) += A B with
@@ -323,11 +401,13 @@ __device__ __forceinline__ void scores_to_a(uint32_t (&p)[BK / 16][4], const flo
 // dO V^T, and S^T = K Q^T with the key tile as A.)
 template <typename scalar_t, int HD, int BQ, int BK>
 __device__ __forceinline__ void issue_scores(float (&s)[BK / 2], uint32_t q_wg, uint32_t kb) {
+  const uint64_t a0 = smem_descriptor(q_wg, 16, kAtomBytes);
+  const uint64_t b0 = smem_descriptor(kb, 16, kAtomBytes);
 #pragma unroll
   for (int ks = 0; ks < HD / 16; ks++) {
     const uint32_t panel = ks / 4, in_row = (ks % 4) * 32;
-    const uint64_t a = smem_descriptor(q_wg + panel * BQ * kRowBytes + in_row, 16, kAtomBytes);
-    const uint64_t b = smem_descriptor(kb + panel * BK * kRowBytes + in_row, 16, kAtomBytes);
+    const uint64_t a = descriptor_plus(a0, panel * BQ * kRowBytes + in_row);
+    const uint64_t b = descriptor_plus(b0, panel * BK * kRowBytes + in_row);
     wgmma_ss<scalar_t, BK>(s, a, b, ks > 0);  // the first k step overwrites s
   }
 }
@@ -339,9 +419,10 @@ __device__ __forceinline__ void issue_scores(float (&s)[BK / 2], uint32_t q_wg, 
 template <typename scalar_t, int HD, int BK>
 __device__ __forceinline__ void issue_values(float (&o)[HD / 2], const uint32_t (&p)[BK / 16][4],
                                              uint32_t vb) {
+  const uint64_t b0 = smem_descriptor(vb, BK * kRowBytes, kAtomBytes);
 #pragma unroll
   for (int kk = 0; kk < BK / 16; kk++) {
-    const uint64_t b = smem_descriptor(vb + kk * 16 * kRowBytes, BK * kRowBytes, kAtomBytes);
+    const uint64_t b = descriptor_plus(b0, kk * 16 * kRowBytes);
     wgmma_rs<scalar_t, HD>(o, p[kk], b, 1);
   }
 }
