@@ -18,9 +18,9 @@ none (the clocks a benchmark sees, METHOD.md). Needs ncu on PATH and a GPU.
 --sass NAME adds, for nanoblock's kernels whose name contains NAME, the
 executed instructions per SASS opcode (ncu's source page, SASS view:
 "Instructions Executed" per instruction, summed by opcode), largest first:
-which instructions fill the pipe that binds a kernel. Until it has run on
-the GPU machine its reading of that page is a guess at its columns; when
-they are not found it prints the page's head instead.
+which instructions fill the pipe that binds a kernel. One table a kernel,
+in launch order (for wgmma: forward, grad_kv, grad_q; ncu names none of
+them); with --out, ncu's page itself is kept as ncu_attention_sass.csv.
 """
 import argparse
 import csv
@@ -110,12 +110,11 @@ def opcode_counts(source_csv, top):
         print(source_csv[:3000])
         return
     reader = csv.reader(io.StringIO("\n".join(lines)))
-    counts, source, executed = {}, None, None
+    tables, counts, source, executed = [], {}, None, None
     for row in reader:
         if "Source" in row:  # a header: a kernel's table starts
-            if counts:
-                print_opcodes(counts, top)
             counts = {}
+            tables.append(counts)
             source = row.index("Source")
             names = [i for i, n in enumerate(row)
                      if "Instructions Executed" in n and "Thread" not in n]
@@ -132,8 +131,13 @@ def opcode_counts(source_csv, top):
         if words and value:
             op = words[0].split(".")[0]
             counts[op] = counts.get(op, 0) + value
-    if counts:
-        print_opcodes(counts, top)
+    # ncu printed the backward kernels' tables twice each (H200, session 10);
+    # a table equal to one already shown is left out.
+    shown = []
+    for counts in tables:
+        if counts and counts not in shown:
+            shown.append(counts)
+            print_opcodes(counts, top)
 
 
 def print_opcodes(counts, top):
@@ -179,6 +183,10 @@ def main():
                 print(source.stdout[-2000:], source.stderr[-2000:])
             else:
                 opcode_counts(source.stdout, args.top)
+                if args.out:  # ncu's own table, to tell the kernels apart by hand
+                    os.makedirs(args.out, exist_ok=True)
+                    with open(os.path.join(args.out, "ncu_attention_sass.csv"), "w") as f:
+                        f.write(source.stdout)
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, f"ncu_attention_{impl}.txt"), "w") as f:
