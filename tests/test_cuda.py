@@ -671,11 +671,11 @@ def check_attention_low_precision(dtype, hd, T, B=2, misaligned=False, qkv64=Non
 
 
 # Scores that rise along the keys, by small steps and by jumps of up to 12
-# (natural-log units) now and then: a row's running max moves on most key
-# tiles, sometimes by less than the forward's rescale slack (8 in log2 units,
-# 5.5 here: the row keeps its max and its exponentials grow up to 2^8),
-# sometimes by more (it takes the new one). Row i's queries point along u,
-# keys along u by their rising level c_j, plus noise: s_ij ~ c_j.
+# (natural-log units) now and then: a row's running max moves on many key
+# tiles, by small and by large amounts, so the online softmax rescales its
+# sums and outputs often and by factors far from 1 (random scores move it
+# rarely after the first tiles). Queries point along u, keys along u by
+# their rising level c_j, plus noise: s_ij ~ c_j.
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hd", [64, 128])
 def test_attention_low_precision_rising_scores(dtype, hd, attention_path):

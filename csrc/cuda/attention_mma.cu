@@ -489,7 +489,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       float m_scaled[2], correction[2];
-      update_row_max(tile_max, m[mi], l[mi], scale_log2, 0.f, m_scaled, correction);
+      update_row_max(tile_max, m[mi], l[mi], scale_log2, m_scaled, correction);
 #pragma unroll
       for (int nt = 0; nt < BK / 8; nt++) {
 #pragma unroll

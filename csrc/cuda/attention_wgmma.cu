@@ -54,21 +54,6 @@ namespace nanoblock::cuda {
 
 namespace {
 
-// EXPERIMENT (branch lazy-rescale): the forward's rescale slack
-// (update_row_max, log2 units), NANOBLOCK_RESCALE_SLACK, read once; 0 is
-// main's exact running max.
-__constant__ float rescale_slack;
-
-void set_rescale_slack_once() {
-  static const bool done = [] {
-    const char* v = std::getenv("NANOBLOCK_RESCALE_SLACK");
-    const float slack = v ? static_cast<float>(std::atof(v)) : 0.f;
-    C10_CUDA_CHECK(cudaMemcpyToSymbol(rescale_slack, &slack, sizeof(slack)));
-    return true;
-  }();
-  (void)done;
-}
-
 // The schedules (the kernels' comments say what each does): every warpgroup
 // copies and multiplies, S, softmax and P V one after the other (serial) or
 // the softmax of one tile overlapping P V of the one before (pipelined); or
@@ -162,7 +147,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[BK / 2], float (&m)[2]
   }
   // The 4 lanes of a quad (lane ^ 1, lane ^ 2) hold the rest of each row.
   float m_scaled[2];
-  update_row_max(tile_max, m, l, scale_log2, rescale_slack, m_scaled, correction);
+  update_row_max(tile_max, m, l, scale_log2, m_scaled, correction);
 #pragma unroll
   for (int j = 0; j < BK / 8; j++) {
 #pragma unroll
@@ -717,7 +702,6 @@ bool launch_forward(const Tensor& qkv, int64_t n_head, const Tensor& out, const 
                     const TileChoice& choice) {
   const int64_t hd = qkv.size(2) / 3 / n_head;
   const float scale_log2 = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd))) * kLog2e;
-  set_rescale_slack_once();
   return qkv.scalar_type() == at::kBFloat16
              ? launch_built<at::BFloat16>(hd, choice, qkv, n_head, out, lse, scale_log2)
              : launch_built<at::Half>(hd, choice, qkv, n_head, out, lse, scale_log2);

@@ -77,21 +77,14 @@ __device__ __forceinline__ float quad_sum(float v) {
 // seen) and scales the partial sums l by the correction. Gives, per row, the
 // new max in the log2 domain (m * scale_log2; 0 for a row with no key yet,
 // so that exp2(-inf - 0) = 0) and the factor the old sums and outputs take.
-// slack (log2 units, >= 0): a row keeps its max while the tile's exceeds it
-// by at most that much, so its correction is exactly 1 (nothing to rescale)
-// and its exponentials are at most 2^slack; 0 keeps the exact running max.
-// Any slack gives the same softmax: out and lse are sums over one max, which
-// cancels in out = sum(exp2(s - m) v) / sum(exp2(s - m)). A row with no key
-// yet (m = -inf) always takes the new max (+inf or NaN is not <= slack).
 __device__ __forceinline__ void update_row_max(float (&tile_max)[2], float (&m)[2], float (&l)[2],
-                                               float scale_log2, float slack,
-                                               float (&m_scaled)[2], float (&correction)[2]) {
+                                               float scale_log2, float (&m_scaled)[2],
+                                               float (&correction)[2]) {
 #pragma unroll
   for (int i = 0; i < 2; i++) {
     tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 1));
     tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 2));
-    float m_new = fmaxf(m[i], tile_max[i]);
-    if ((m_new - m[i]) * scale_log2 <= slack) m_new = m[i];
+    const float m_new = fmaxf(m[i], tile_max[i]);
     m_scaled[i] = m_new == -INFINITY ? 0.f : m_new * scale_log2;
     correction[i] = exp2_approx(m[i] * scale_log2 - m_scaled[i]);
     m[i] = m_new;
