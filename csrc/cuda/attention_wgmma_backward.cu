@@ -138,8 +138,8 @@ __device__ __forceinline__ void issue_score_pair(float (&acc1)[N / 2], uint32_t 
 }
 
 // Where a block of either kernel works, from its index: tile `tile` of the
-// `tiles` per (batch, head) (blocks ordered by tile, most work first: small
-// key tiles in grad_kv, large query tiles in grad_q), head bh = b n_head + h,
+// `tiles` per (batch, head) (blocks in block_tile's order, most work first:
+// small key tiles in grad_kv, large query tiles in grad_q), head bh = b n_head + h,
 // and that head's row 0 in qkv (q; k at + C, v at + 2C; rows 3C apart),
 // grad_out (rows C apart) and grad_qkv (as qkv).
 template <typename scalar_t>
@@ -157,8 +157,9 @@ __device__ __forceinline__ BlockHead<scalar_t> block_head(const scalar_t* qkv,
                                                           int64_t C, int tiles,
                                                           bool small_tiles_first) {
   const int heads = static_cast<int>(gridDim.x) / tiles;  // B * n_head
-  const int i = static_cast<int>(blockIdx.x) / heads;
-  const int bh = static_cast<int>(blockIdx.x) % heads;
+  const BlockTile order = block_tile(static_cast<int>(blockIdx.x), tiles, heads,
+                                     l2_group_heads(T, HD, heads));
+  const int i = order.rank, bh = order.bh;
   const int64_t first_row = static_cast<int64_t>(bh / n_head) * T;
   const int column = bh % n_head * HD;
   return {small_tiles_first ? i : tiles - 1 - i, bh, qkv + first_row * 3 * C + column,
