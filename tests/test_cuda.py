@@ -649,11 +649,12 @@ def test_attention_low_precision_long(dtype, hd, T, attention_path):
     check_attention_low_precision(dtype, hd, T, B=1)
 
 
-def check_attention_low_precision(dtype, hd, T, B=2, misaligned=False):
+def check_attention_low_precision(dtype, hd, T, B=2, misaligned=False, qkv64=None):
     torch.manual_seed(15)
     nh = 2
     C = nh * hd
-    qkv64 = torch.randn(B, T, 3 * C, device=DEV, dtype=torch.float64)
+    if qkv64 is None:
+        qkv64 = torch.randn(B, T, 3 * C, device=DEV, dtype=torch.float64)
     gy64 = torch.randn(B, T, C, device=DEV, dtype=torch.float64)
     if misaligned:
         storage = torch.empty(qkv64.numel() + 1, device=DEV, dtype=dtype)
@@ -667,6 +668,31 @@ def check_attention_low_precision(dtype, hd, T, B=2, misaligned=False):
     out_ref, g_ref = attention_fwd_bwd(lambda t: _sdpa_heads(t, nh), qkv_low.contiguous(), gy_low)
     for name, a, r, exact in [("out", out_ours, out_ref, out64), ("grad_qkv", g_ours, g_ref, g64)]:
         check_within_2x(name, a, r, exact, 1e-3 * exact.abs().max().item())
+
+
+# Scores that rise along the keys, by small steps and by jumps of up to 12
+# (natural-log units) now and then: a row's running max moves on many key
+# tiles, by small and by large amounts, so the online softmax rescales its
+# sums and outputs often and by factors far from 1 (random scores move it
+# rarely after the first tiles). Queries point along u, keys along u by
+# their rising level c_j, plus noise: s_ij ~ c_j.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hd", [64, 128])
+def test_attention_low_precision_rising_scores(dtype, hd, attention_path):
+    torch.manual_seed(16)
+    B, T, nh = 2, 1025, 2
+    u = torch.randn(hd, device=DEV, dtype=torch.float64)
+    u /= u.norm()
+    steps = 0.2 * torch.randn(B, T, nh, device=DEV, dtype=torch.float64)
+    jumps = torch.rand(B, T, nh, device=DEV, dtype=torch.float64) < 1 / 40
+    steps += jumps * 12 * torch.rand(B, T, nh, device=DEV, dtype=torch.float64)
+    level = steps.cumsum(1)
+    level -= level.amax(1, keepdim=True) / 2  # scores of both signs
+    q = hd ** 0.5 * u * (1 + 0.1 * torch.randn(B, T, nh, 1, device=DEV, dtype=torch.float64))
+    k = level[..., None] * u + 0.3 * torch.randn(B, T, nh, hd, device=DEV, dtype=torch.float64)
+    v = torch.randn(B, T, nh, hd, device=DEV, dtype=torch.float64)
+    qkv64 = torch.cat([q, k, v], dim=2).reshape(B, T, 3 * nh * hd)
+    check_attention_low_precision(dtype, hd, T, B=B, qkv64=qkv64)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -29,7 +29,8 @@
 // ("producer": no block barrier per key tile, copies several tiles ahead,
 // more registers for the consumers). The dispatch runs the pipelined one at
 // head dim 64, the serial one at 128 (default_forward_tiles says why).
-// Blocks are ordered longest query tiles first (as in attention_mma.cu).
+// Blocks are ordered longest query tiles first (as in attention_mma.cu), in
+// groups of heads whose keys and values L2 holds (wgmma.cuh, block_tile).
 // Scores are kept in the log2 domain (scaled by scale * log2 e) and
 // exponentiated with exp2_approx (common.cuh); lse is written in
 // natural log units. Masked scores are set to -inf by select. A NaN or Inf
@@ -261,8 +262,10 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
 
   const int tiles = (T + BQ - 1) / BQ;
   const int heads = static_cast<int>(gridDim.x) / tiles;  // B * n_head
-  const int qt = tiles - 1 - static_cast<int>(blockIdx.x) / heads;  // longest rows first
-  const int bh = static_cast<int>(blockIdx.x) % heads;
+  const BlockTile place = block_tile(static_cast<int>(blockIdx.x), tiles, heads,
+                                     l2_group_heads(T, HD, heads));
+  const int qt = tiles - 1 - place.rank;  // longest rows first
+  const int bh = place.bh;
   const int b = bh / n_head, h = bh % n_head;
   const int wg = warpgroup_index();
   const int warp = threadIdx.x % kWarpgroupThreads / 32, lane = threadIdx.x % 32;
@@ -473,8 +476,10 @@ __global__ void __launch_bounds__(Tiles::kThreads, 1)
 
   const int tiles = (T + BQ - 1) / BQ;
   const int heads = static_cast<int>(gridDim.x) / tiles;  // B * n_head
-  const int qt = tiles - 1 - static_cast<int>(blockIdx.x) / heads;  // longest rows first
-  const int bh = static_cast<int>(blockIdx.x) % heads;
+  const BlockTile place = block_tile(static_cast<int>(blockIdx.x), tiles, heads,
+                                     l2_group_heads(T, HD, heads));
+  const int qt = tiles - 1 - place.rank;  // longest rows first
+  const int bh = place.bh;
   const int b = bh / n_head, h = bh % n_head;
   const int wg = warpgroup_index();
   const int64_t row_stride = 3 * C;

@@ -19,14 +19,19 @@
 //              S^T  = K Q^T    wgmma m64n{BQ}k16, A = K, B = Q  (smem, K-major)
 //              dP^T = V dO^T   wgmma m64n{BQ}k16, A = V, B = dO (smem, K-major)
 //              P^T  = exp2(S^T scale_log2 - lse log2 e), masked
-//              dS^T = P^T (dP^T - D) scale
+//              dS^T = P^T (dP^T - D)  (the softmax scale left out)
 //              dV  += P^T dO   wgmma m64n{HD}k16, A = P^T (registers), B = dO
 //                              (smem, MN-major)
-//              dK  += dS^T Q   same, A = dS^T, B = Q
+//              dK  += dS^T Q   same, A = dS^T, B = Q; times scale when stored
 //   grad_q   [grid: query tiles x (B * n_head)], longest first. WG
 //            warpgroups, 64 queries each; key tiles of BK up to the diagonal:
 //              S = Q K^T, dP = dO V^T (K-major, as the forward's S), P, dS,
-//              dQ += dS K      A = dS (registers), B = K (smem, MN-major)
+//              dQ += dS K      A = dS (registers), B = K (smem, MN-major);
+//                              times scale when stored
+// The softmax scale multiplies dK and dQ once at the end instead of every
+// element of dS (one multiply a score less; as FlashAttention does). At head
+// dim 64 the scale is 2^-3 and the results are the same bits either way
+// (the rounding of dS to 16 bits commutes with a power of two).
 // Each output element is owned by one thread and summed in a fixed order:
 // deterministic, no atomics (as attention_mma.cu). Masked P and dS are set
 // to 0 by select; a NaN or Inf in q, k or dO stays causal: on the diagonal
@@ -133,8 +138,8 @@ __device__ __forceinline__ void issue_score_pair(float (&acc1)[N / 2], uint32_t 
 }
 
 // Where a block of either kernel works, from its index: tile `tile` of the
-// `tiles` per (batch, head) (blocks ordered by tile, most work first: small
-// key tiles in grad_kv, large query tiles in grad_q), head bh = b n_head + h,
+// `tiles` per (batch, head) (blocks in block_tile's order, most work first:
+// small key tiles in grad_kv, large query tiles in grad_q), head bh = b n_head + h,
 // and that head's row 0 in qkv (q; k at + C, v at + 2C; rows 3C apart),
 // grad_out (rows C apart) and grad_qkv (as qkv).
 template <typename scalar_t>
@@ -152,8 +157,9 @@ __device__ __forceinline__ BlockHead<scalar_t> block_head(const scalar_t* qkv,
                                                           int64_t C, int tiles,
                                                           bool small_tiles_first) {
   const int heads = static_cast<int>(gridDim.x) / tiles;  // B * n_head
-  const int i = static_cast<int>(blockIdx.x) / heads;
-  const int bh = static_cast<int>(blockIdx.x) % heads;
+  const BlockTile order = block_tile(static_cast<int>(blockIdx.x), tiles, heads,
+                                     l2_group_heads(T, HD, heads));
+  const int i = order.rank, bh = order.bh;
   const int64_t first_row = static_cast<int64_t>(bh / n_head) * T;
   const int column = bh % n_head * HD;
   return {small_tiles_first ? i : tiles - 1 - i, bh, qkv + first_row * 3 * C + column,
@@ -178,6 +184,13 @@ __device__ __forceinline__ void store_accumulator_rows(scalar_t* dst, int64_t ro
           pack2<scalar_t>(acc[4 * j + 2 * i], acc[4 * j + 2 * i + 1]);
     }
   }
+}
+
+// acc (layout (b), N = HD) times scale: the softmax scale that dS leaves out.
+template <int HD>
+__device__ __forceinline__ void scale_accumulator(float (&acc)[HD / 2], float scale) {
+#pragma unroll
+  for (int i = 0; i < HD / 2; i++) acc[i] *= scale;
 }
 
 #endif  // NANOBLOCK_WGMMA_DEVICE
@@ -313,7 +326,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         const float row_d = (e & 1) ? d2.y : d2.x;
-        float ds = st[4 * j + e] * (dpt[4 * j + e] - row_d) * scale;
+        float ds = st[4 * j + e] * (dpt[4 * j + e] - row_d);
         if constexpr (decltype(mask)::value) {  // by select: dP^T may be NaN there
           const int query = q0 + 8 * j + 2 * t + (e & 1);
           if (query < key + 8 * (e >> 1) || query >= T) ds = 0.f;
@@ -370,6 +383,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
   keep_in_order(dv);
   keep_in_order(dk);
 
+  scale_accumulator<HD>(dk, scale);
   store_accumulator_rows<scalar_t, HD>(place.grad_qkv + C, row_stride, key, T, dk);
   store_accumulator_rows<scalar_t, HD>(place.grad_qkv + 2 * C, row_stride, key, T, dv);
 #endif  // NANOBLOCK_WGMMA_DEVICE
@@ -475,7 +489,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
     for (int j = 0; j < BK / 8; j++) {
 #pragma unroll
       for (int e = 0; e < 4; e++) {
-        float ds = s[4 * j + e] * (dp[4 * j + e] - dot_row[e >> 1]) * scale;
+        float ds = s[4 * j + e] * (dp[4 * j + e] - dot_row[e >> 1]);
         if constexpr (decltype(mask)::value) {  // by select: dP may be NaN there
           const int k = k0 + 8 * j + 2 * t + (e & 1), r = row + 8 * (e >> 1);
           if (k > r || r >= T) ds = 0.f;
@@ -510,6 +524,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
   keep_in_order(dq);
   for (; kt < key_tiles; kt++) next_tile(kt);  // every thread: key_tiles barriers
 
+  scale_accumulator<HD>(dq, scale);
   store_accumulator_rows<scalar_t, HD>(place.grad_qkv, row_stride, row, T, dq);
 #endif  // NANOBLOCK_WGMMA_DEVICE
 }
