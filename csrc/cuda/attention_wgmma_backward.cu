@@ -30,8 +30,10 @@
 //                              times scale when stored
 // The softmax scale multiplies dK and dQ once at the end instead of every
 // element of dS (one multiply a score less; as FlashAttention does). At head
-// dim 64 the scale is 2^-3 and the results are the same bits either way
-// (the rounding of dS to 16 bits commutes with a power of two).
+// dim 64 the scale is 2^-3, which commutes with every rounding on the way
+// (dS in float32, dS in 16 bits, the tensor cores' sums) away from
+// underflow: the same bits as scaling dS, but for float16 dS values near its
+// subnormal range (by construction; not compared bit for bit on the GPU).
 // Each output element is owned by one thread and summed in a fixed order:
 // deterministic, no atomics (as attention_mma.cu). Masked P and dS are set
 // to 0 by select; a NaN or Inf in q, k or dO stays causal: on the diagonal
