@@ -13,6 +13,10 @@
 #   OUT=$OUT/n PACK=$OUT/next.tgz bash scripts/next_gpu.sh
 # ($OUT/... : the GPU tool returns only what lies under its $OUT, at most 8
 # files, hence the one archive.)
+# Second call: every built wgmma tile shape against the defaults, now that
+# the per-tile costs and the block order changed (about 30 processes, ~4
+# minutes; session 7's sweep found the defaults best or within ~3%):
+#   bash scripts/sweep_wgmma_shapes.sh > $OUT/sweep.txt 2>&1
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/next}

@@ -5,7 +5,8 @@
 # other two on their defaults. The lists are the shapes built in
 # csrc/cuda/attention_wgmma.cu (launch_built) and
 # attention_wgmma_backward.cu (launch_built_grad_kv, launch_built_grad_q),
-# as TILE,WARPGROUPS,SCHEDULE; keep them in step.
+# as TILE,WARPGROUPS,SCHEDULE; keep them in step. Each list starts with
+# the dispatch's default (default_forward_tiles and its backward peers).
 #
 #   bash scripts/sweep_wgmma_shapes.sh                    # all three kernels
 #   bash scripts/sweep_wgmma_shapes.sh forward grad_q     # some of them
@@ -13,7 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 declare -A SHAPES=(
-  [forward-64]="64,2,0 128,2,2 64,2,2 64,3,2 128,2,0 128,2,1 128,1,0 64,2,1"
+  [forward-64]="64,2,1 64,2,0 128,2,2 64,2,2 64,3,2 128,2,0 128,2,1 128,1,0"
   [forward-128]="64,2,0 64,2,2 64,2,1 128,2,0 128,2,1"
   [grad_kv-64]="128,2,0 128,2,1 64,2,0 64,2,2 64,1,0"
   [grad_kv-128]="64,2,1 64,2,0 64,1,0"
