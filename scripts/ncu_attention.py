@@ -161,6 +161,8 @@ def main():
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
     for impl in ["nanoblock"] + (["sdpa"] if args.sdpa else []):
         base = ["ncu", "--set", "full", "--profile-from-start", "off", "--clock-control", "none"]
         work = [sys.executable, os.path.abspath(__file__), "--worker", "--shape", args.shape,
@@ -184,11 +186,9 @@ def main():
             else:
                 opcode_counts(source.stdout, args.top)
                 if args.out:  # ncu's own table, to tell the kernels apart by hand
-                    os.makedirs(args.out, exist_ok=True)
                     with open(os.path.join(args.out, "ncu_attention_sass.csv"), "w") as f:
                         f.write(source.stdout)
         if args.out:
-            os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, f"ncu_attention_{impl}.txt"), "w") as f:
                 subprocess.run(base + ["--print-details", "all"] + work, stdout=f,
                                stderr=subprocess.STDOUT, text=True)

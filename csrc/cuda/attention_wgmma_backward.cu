@@ -169,11 +169,13 @@ __device__ __forceinline__ BlockHead<scalar_t> block_head(const scalar_t* qkv,
 }
 
 // Writes rows row and row + 8 (those before T) of a [64][HD] float
-// accumulator held in layout (b) (columns 8j + 2t, 8j + 2t + 1) to dst, rows
-// row_stride elements apart, as 16-bit values.
+// accumulator held in layout (b) (columns 8j + 2t, 8j + 2t + 1), times
+// scale, to dst, rows row_stride elements apart, as 16-bit values (as
+// attention_mma.cu's store_rows; scale: the softmax scale that dS leaves out).
 template <typename scalar_t, int HD>
 __device__ __forceinline__ void store_accumulator_rows(scalar_t* dst, int64_t row_stride, int row,
-                                                       int T, const float (&acc)[HD / 2]) {
+                                                       int T, const float (&acc)[HD / 2],
+                                                       float scale = 1.f) {
   const int t = threadIdx.x % 4;
 #pragma unroll
   for (int i = 0; i < 2; i++) {
@@ -183,16 +185,9 @@ __device__ __forceinline__ void store_accumulator_rows(scalar_t* dst, int64_t ro
 #pragma unroll
     for (int j = 0; j < HD / 8; j++) {
       *reinterpret_cast<uint32_t*>(p + 8 * j) =
-          pack2<scalar_t>(acc[4 * j + 2 * i], acc[4 * j + 2 * i + 1]);
+          pack2<scalar_t>(acc[4 * j + 2 * i] * scale, acc[4 * j + 2 * i + 1] * scale);
     }
   }
-}
-
-// acc (layout (b), N = HD) times scale: the softmax scale that dS leaves out.
-template <int HD>
-__device__ __forceinline__ void scale_accumulator(float (&acc)[HD / 2], float scale) {
-#pragma unroll
-  for (int i = 0; i < HD / 2; i++) acc[i] *= scale;
 }
 
 #endif  // NANOBLOCK_WGMMA_DEVICE
@@ -385,8 +380,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
   keep_in_order(dv);
   keep_in_order(dk);
 
-  scale_accumulator<HD>(dk, scale);
-  store_accumulator_rows<scalar_t, HD>(place.grad_qkv + C, row_stride, key, T, dk);
+  store_accumulator_rows<scalar_t, HD>(place.grad_qkv + C, row_stride, key, T, dk, scale);
   store_accumulator_rows<scalar_t, HD>(place.grad_qkv + 2 * C, row_stride, key, T, dv);
 #endif  // NANOBLOCK_WGMMA_DEVICE
 }
@@ -526,8 +520,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
   keep_in_order(dq);
   for (; kt < key_tiles; kt++) next_tile(kt);  // every thread: key_tiles barriers
 
-  scale_accumulator<HD>(dq, scale);
-  store_accumulator_rows<scalar_t, HD>(place.grad_qkv, row_stride, row, T, dq);
+  store_accumulator_rows<scalar_t, HD>(place.grad_qkv, row_stride, row, T, dq, scale);
 #endif  // NANOBLOCK_WGMMA_DEVICE
 }
 
