@@ -17,6 +17,12 @@ Modes:
   forward           the forward under torch.no_grad (inference)
   backward          the backward alone (after a fresh forward, not timed, each time)
   forward_backward  a training step's share: forward with autograd, then backward
+  forward_backward_graph
+                    the same step captured once as a CUDA graph and replayed
+                    (GPU only; not in the default list): the kernels' time
+                    alone, with the host's launch and autograd work gone, as
+                    a user of CUDA graphs gets it. torch.compile is left out
+                    (its users get graphs from mode="reduce-overhead")
 
 The backward computes the gradients of x and of every parameter with
 torch.autograd.grad (no accumulation into .grad, the same work for everyone).
@@ -44,7 +50,8 @@ GPU_CONFIGS = [("gpt2-small", 16, 1024, 768, 12), ("gpt2-medium", 8, 1024, 1024,
                ("gpt2-xl", 4, 1024, 1600, 25), ("long", 4, 4096, 768, 12),
                ("tiny", 64, 256, 384, 6)]
 CPU_CONFIGS = [("cpu-small", 4, 128, 128, 4), ("cpu-medium", 8, 256, 384, 6)]
-MODES = ("forward", "backward", "forward_backward")
+MODES = ("forward", "backward", "forward_backward", "forward_backward_graph")
+DEFAULT_MODES = MODES[:3]
 IMPLS = ("nanoblock", "eager", "compile", "floor")
 
 
@@ -132,7 +139,7 @@ def run_config(name, B, T, C, H, impls, modes, dtype, device, rep_ms):
     for impl, (m, params) in modules.items():
         forward_backward_of(m, params)()  # compile / warm-up
         rows[impl] = dict(config=name, B=B, T=T, C=C, n_head=H, dtype=common.dtype_name(dtype),
-                          impl=impl, forward_ms=None, backward_ms=None, forward_backward_ms=None,
+                          impl=impl, **{m + "_ms": None for m in MODES},
                           # torch.compile's saved tensors live inside its graph, out of the hooks' sight
                           saved_mib=saved_bytes(m, x) / 2**20 if impl != "compile" else None,
                           peak_mib=common.peak_mib(forward_backward_of(m, params), device))
@@ -148,9 +155,14 @@ def run_config(name, B, T, C, H, impls, modes, dtype, device, rep_ms):
         fns = {i: forward_backward_of(m, params) for i, (m, params) in modules.items()}
         for impl, ms in common.time_ms(fns, device, rep_ms=rep_ms).items():
             rows[impl]["forward_backward_ms"] = ms
+    if "forward_backward_graph" in modes and device.type == "cuda":
+        fns = {i: forward_backward_of(m, params) for i, (m, params) in modules.items()
+               if i != "compile"}
+        for impl, ms in common.graph_replay_ms(fns, rep_ms=rep_ms).items():
+            rows[impl]["forward_backward_graph_ms"] = ms
     for r in rows.values():
         print(f"  {name:12s} {r['dtype']:9s} {r['impl']:10s}"
-              + "".join(f" {m.replace('forward', 'fwd').replace('backward', 'bwd').replace('_', '+')}"
+              + "".join(f" {m.replace('forward', 'fwd').replace('backward', 'bwd').replace('_graph', '(graph)').replace('_', '+')}"
                         f" {r[m + '_ms']:8.3f} ms" for m in MODES if r[m + "_ms"] is not None)
               + (f"   saved {r['saved_mib']:7.1f} MiB" if r["saved_mib"] is not None else "")
               + (f"   peak {r['peak_mib']:7.1f} MiB" if r["peak_mib"] is not None else ""),
@@ -233,7 +245,8 @@ def main(argv=None):
                         "default: the device's standard configs")
     p.add_argument("--impl", default=None,
                    help="comma-separated; default nanoblock,eager,compile(,floor on cuda)")
-    p.add_argument("--mode", default=",".join(MODES), help=f"comma-separated from {MODES}")
+    p.add_argument("--mode", default=",".join(DEFAULT_MODES),
+                   help=f"comma-separated from {MODES}; default {','.join(DEFAULT_MODES)}")
     args = p.parse_args(argv)
     device, dtypes = common.parse_device_dtypes(args)
     configs = parse_configs(args.config, device)

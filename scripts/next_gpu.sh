@@ -1,21 +1,16 @@
 #!/usr/bin/env bash
-# The next session's first GPU call (written at the end of session 10). On
-# main: session 10 landed the backward's scale fold and the L2-grouped block
-# order of the wgmma kernels with the attention tests only (no sanitizer, no
-# Block run). On branch mma-order (NOT run on a GPU): the same two changes
-# in the mma.sync kernels, which the H200 runs for head dims 32/48/80/96 and
-# for any head dim under NANOBLOCK_ATTENTION_KERNELS=mma. This call: build;
-# the CUDA tests with memcheck and racecheck beside them
-# (scripts/gpu_check.sh); bench_attention at head dims 64 and 128 on the
-# default kernels and on the mma.sync ones; the Block with its peers.
-# Compare with benchmarks/results/nvidia-h200/session10/ (call5_attention.txt:
-# fwd+bwd 0.397 / 1.112 ms at head dim 64; call2_block.txt: gpt2-small 1.911).
+# A GPU session's first call on main: build; the CUDA tests with memcheck and
+# racecheck beside them (scripts/gpu_check.sh); bench_attention at head dims
+# 64 and 128 on the default kernels and on the mma.sync ones (the mma.sync
+# kernels serve head dims 32/48/80/96 on Hopper and every head dim before
+# it; NANOBLOCK_ATTENTION_KERNELS=mma forces them); the Block with its peers,
+# forward+backward eagerly and replayed from a CUDA graph (the kernels' time
+# without the host's).
 #   OUT=$OUT/n PACK=$OUT/next.tgz bash scripts/next_gpu.sh
 # ($OUT/... : the GPU tool returns only what lies under its $OUT, at most 8
 # files, hence the one archive.)
-# Second call: every built wgmma tile shape against the defaults, now that
-# the per-tile costs and the block order changed (about 30 processes, ~4
-# minutes; session 7's sweep found the defaults best or within ~3%):
+# A second call can time every built wgmma tile shape against the defaults
+# (about 30 processes, ~4 minutes):
 #   bash scripts/sweep_wgmma_shapes.sh > $OUT/sweep.txt 2>&1
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +32,7 @@ for kernels in auto mma; do
   done
 done
 echo "=== bench_block ($(date +%T))"
-timeout 80 python3 benchmarks/bench_block.py --device cuda --config tiny --config gpt2-small \
-  --config long --dtype bfloat16 --impl nanoblock,eager,floor --mode forward_backward \
+timeout 120 python3 benchmarks/bench_block.py --device cuda --config tiny --config gpt2-small \
+  --config long --dtype bfloat16 --impl nanoblock,eager,floor --mode forward_backward,forward_backward_graph \
   --out "$out" --tag block 2>&1 | grep -vE "^card|Warn|run_backward" | tee "$out/block.txt"
 echo "=== done ($(date +%T))"
