@@ -186,6 +186,8 @@ def time_case(op, shape, case, dtype, device, ceil, rep_ms):
     for mode, times in timings:
         work_units = work["fwd" if mode == "forward" else "fb"]
         for impl, ms in times.items():
+            if ms is None:  # graph_replay_ms could not capture it (it said why)
+                continue
             if bandwidth:
                 achieved, unit = work_units * elt / ms / 1e6, "GB/s"
                 fraction = achieved / ceil["copy_gbs"]
