@@ -10,8 +10,9 @@
 //   grad_q   [grid: query tiles x (B * n_head)]  walks key tiles up to the
 //            diagonal: dq += dS k
 // Each output element is owned by one thread and summed in a fixed order:
-// deterministic, no atomics. The grid's slowest index is the tile, ordered
-// so the blocks with the most work start first.
+// deterministic, no atomics. Blocks take their (tile, head) from block_tile
+// (tensor_core.cuh): the blocks with the most work first, within groups of
+// heads whose streamed operand (k and v; q and dO in grad_kv) L2 holds.
 //
 // A block is 4 warps; each warp owns 16 (or 32) rows of the block's tile:
 // queries in the forward and grad_q, keys in grad_kv. The other operand
@@ -415,8 +416,10 @@ __global__ void __launch_bounds__(kThreads)
 
   const int tiles = (T + BQ - 1) / BQ;
   const int heads = static_cast<int>(gridDim.x) / tiles;  // B * n_head
-  const int qt = tiles - 1 - static_cast<int>(blockIdx.x) / heads;  // longest rows first
-  const int bh = static_cast<int>(blockIdx.x) % heads;
+  const BlockTile place = block_tile(static_cast<int>(blockIdx.x), tiles, heads,
+                                     l2_group_heads(T, HD, heads));
+  const int qt = tiles - 1 - place.rank;  // longest rows first
+  const int bh = place.bh;
   const int b = bh / n_head, h = bh % n_head;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int64_t row_stride = 3 * C;
@@ -605,9 +608,11 @@ __global__ void __launch_bounds__(kThreads)
   float* d_s = lse_s + 2 * BQ;                                 // [2][BQ]
 
   const int key_tiles = (T + BK - 1) / BK;
-  const int heads = static_cast<int>(gridDim.x) / key_tiles;
-  const int kt = static_cast<int>(blockIdx.x) / heads;  // small kt = most work, first
-  const int bh = static_cast<int>(blockIdx.x) % heads;
+  const int heads = static_cast<int>(gridDim.x) / key_tiles;  // B * n_head
+  const BlockTile place = block_tile(static_cast<int>(blockIdx.x), key_tiles, heads,
+                                     l2_group_heads(T, HD, heads));
+  const int kt = place.rank;  // small kt = most work, first
+  const int bh = place.bh;
   const int b = bh / n_head, h = bh % n_head;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int64_t row_stride = 3 * C;
@@ -731,9 +736,11 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* v_s = k_s + 2 * BK * S;                         // [2][BK][S]
 
   const int query_tiles = (T + BQ - 1) / BQ;
-  const int heads = static_cast<int>(gridDim.x) / query_tiles;
-  const int qt = query_tiles - 1 - static_cast<int>(blockIdx.x) / heads;  // longest first
-  const int bh = static_cast<int>(blockIdx.x) % heads;
+  const int heads = static_cast<int>(gridDim.x) / query_tiles;  // B * n_head
+  const BlockTile place = block_tile(static_cast<int>(blockIdx.x), query_tiles, heads,
+                                     l2_group_heads(T, HD, heads));
+  const int qt = query_tiles - 1 - place.rank;  // longest first
+  const int bh = place.bh;
   const int b = bh / n_head, h = bh % n_head;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int64_t row_stride = 3 * C;
