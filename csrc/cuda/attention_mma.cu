@@ -36,7 +36,12 @@
 //
 // Scores are kept in the log2 domain (scaled by scale * log2 e) and
 // exponentiated with exp2_approx (common.cuh); lse is written and read
-// in natural log units.
+// in natural log units. The backward's dS = P o (dP - D) leaves the softmax
+// scale out: dk and dq take it once, when stored (dk = dS^T q scale,
+// dq = dS k scale; dv = P^T dO takes none), as attention_wgmma_backward.cu
+// does: a multiply a score less. dS is rounded to 16 bits unscaled, so the
+// bits match scaling it first only where the scale is a power of two (head
+// dim 64, away from float16's subnormal range).
 //
 // Dropout (each kernel's DROPOUT flag; attention.cu's header has the math):
 // every probability a thread holds is multiplied by its multiplier Z (0 or
@@ -682,10 +687,10 @@ __global__ void __launch_bounds__(kThreads)
           if constexpr (DROPOUT) {
             const float z = fragment_multiplier(keep[mi], nt, e, keep_scale);
             st[mi][nt][e] = p * z;
-            dpt[mi][nt][e] = p * (z * dpt[mi][nt][e] - row_d) * scale;
+            dpt[mi][nt][e] = p * (z * dpt[mi][nt][e] - row_d);
           } else {
             st[mi][nt][e] = p;
-            dpt[mi][nt][e] = p * (dpt[mi][nt][e] - row_d) * scale;
+            dpt[mi][nt][e] = p * (dpt[mi][nt][e] - row_d);
           }
           if (masked) dpt[mi][nt][e] = 0.f;
         }
@@ -704,7 +709,8 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* grad_head_kv = grad_qkv + static_cast<int64_t>(b) * T * row_stride + h * HD;
 #pragma unroll
   for (int mi = 0; mi < M; mi++) {
-    store_rows<scalar_t, HD>(grad_head_kv + C, row_stride, warp_k0 + mi * 16 + g, T, dk[mi]);
+    store_rows<scalar_t, HD>(grad_head_kv + C, row_stride, warp_k0 + mi * 16 + g, T, dk[mi],
+                             scale, scale);  // dk = dS^T q scale
     store_rows<scalar_t, HD>(grad_head_kv + 2 * C, row_stride, warp_k0 + mi * 16 + g, T, dv[mi]);
   }
 }
@@ -804,9 +810,9 @@ __global__ void __launch_bounds__(kThreads)
           }
           if constexpr (DROPOUT) {
             const float z = fragment_multiplier(keep[mi], nt, e, keep_scale);
-            s[mi][nt][e] = p * (z * dp[mi][nt][e] - dot_row[mi][i]) * scale;
+            s[mi][nt][e] = p * (z * dp[mi][nt][e] - dot_row[mi][i]);
           } else {
-            s[mi][nt][e] = p * (dp[mi][nt][e] - dot_row[mi][i]) * scale;
+            s[mi][nt][e] = p * (dp[mi][nt][e] - dot_row[mi][i]);
           }
           if (masked) s[mi][nt][e] = 0.f;
         }
@@ -822,7 +828,8 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* grad_head_q = grad_qkv + static_cast<int64_t>(b) * T * row_stride + h * HD;
 #pragma unroll
   for (int mi = 0; mi < M; mi++) {
-    store_rows<scalar_t, HD>(grad_head_q, row_stride, warp_q0 + mi * 16 + g, T, dq[mi]);
+    store_rows<scalar_t, HD>(grad_head_q, row_stride, warp_q0 + mi * 16 + g, T, dq[mi], scale,
+                             scale);  // dq = dS k scale
   }
 }
 
