@@ -143,12 +143,18 @@ __device__ __forceinline__ void load_b_trans(uint32_t (&b)[4], const scalar_t* t
 // Starts copying rows first .. first + ROWS - 1 (zeros at or past T) of one
 // head's HD columns, rows row_stride apart in global memory, into the shared
 // tile dst [ROWS][HD + 8]. Neighbouring threads take neighbouring 16-byte
-// chunks of a row (coalesced).
+// chunks of a row (coalesced), in rounds counted at compile time
+// (copy_row_values_async, tensor_core.cuh, says why).
 template <int ROWS, int HD, typename scalar_t>
 __device__ __forceinline__ void copy_tile_async(scalar_t* dst, const scalar_t* src,
                                                 int64_t row_stride, int first, int T) {
   constexpr int kChunks = HD / 8;
-  for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += kThreads) {
+  constexpr int kRounds = (ROWS * kChunks + kThreads - 1) / kThreads;
+#pragma unroll
+  for (int round = 0; round < kRounds; round++) {
+    const int idx = round * kThreads + static_cast<int>(threadIdx.x);
+    // The last round is not whole at 32 rows of head dim 80 (320 chunks).
+    if (ROWS * kChunks % kThreads != 0 && idx >= ROWS * kChunks) break;
     const int r = idx / kChunks, c = idx % kChunks;
     const bool valid = first + r < T;
     const scalar_t* from = valid ? src + static_cast<int64_t>(first + r) * row_stride + c * 8 : src;

@@ -44,11 +44,19 @@ __device__ __forceinline__ void copy_async_wait_all() {
 }
 
 // Starts copying values[first .. first + ROWS - 1] (zeros at or past T) to
-// dst, one float a thread, THREADS threads (lse and D rows of a tile).
+// dst, one float a thread, by the block's THREADS threads (lse and D rows
+// of a tile). Thread x takes rows x, x + THREADS, ... in rounds counted at
+// compile time and unrolled: a loop from threadIdx.x has a trip count that
+// ptxas cannot bound, and it emitted a general unrolled loop with a
+// remainder loop, about 100 instructions a call.
 template <int ROWS, int THREADS>
 __device__ __forceinline__ void copy_row_values_async(float* dst, const float* values, int first,
                                                       int T) {
-  for (int r = threadIdx.x; r < ROWS; r += THREADS) {
+  constexpr int kRounds = (ROWS + THREADS - 1) / THREADS;
+#pragma unroll
+  for (int round = 0; round < kRounds; round++) {
+    const int r = round * THREADS + static_cast<int>(threadIdx.x);
+    if (ROWS % THREADS != 0 && r >= ROWS) break;  // the last round is not whole
     const bool valid = first + r < T;
     copy_async_4(dst + r, valid ? values + first + r : values, valid);
   }
