@@ -10,8 +10,9 @@
 //   grad_q   [grid: query tiles x (B * n_head)]  walks key tiles up to the
 //            diagonal: dq += dS k
 // Each output element is owned by one thread and summed in a fixed order:
-// deterministic, no atomics. The grid's slowest index is the tile, ordered
-// so the blocks with the most work start first.
+// deterministic, no atomics. Blocks take their (tile, head) from block_tile
+// (tensor_core.cuh): the blocks with the most work first, within groups of
+// heads whose streamed operand (k and v; q and dO in grad_kv) L2 holds.
 //
 // A block is 4 warps; each warp owns 16 (or 32) rows of the block's tile:
 // queries in the forward and grad_q, keys in grad_kv. The other operand
@@ -35,7 +36,12 @@
 //
 // Scores are kept in the log2 domain (scaled by scale * log2 e) and
 // exponentiated with exp2_approx (common.cuh); lse is written and read
-// in natural log units.
+// in natural log units. The backward's dS = P o (dP - D) leaves the softmax
+// scale out: dk and dq take it once, when stored (dk = dS^T q scale,
+// dq = dS k scale; dv = P^T dO takes none), as attention_wgmma_backward.cu
+// does: a multiply a score less. dS is rounded to 16 bits unscaled, so the
+// bits match scaling it first only where the scale is a power of two (head
+// dim 64, away from float16's subnormal range).
 //
 // Dropout (each kernel's DROPOUT flag; attention.cu's header has the math):
 // every probability a thread holds is multiplied by its multiplier Z (0 or
@@ -137,12 +143,18 @@ __device__ __forceinline__ void load_b_trans(uint32_t (&b)[4], const scalar_t* t
 // Starts copying rows first .. first + ROWS - 1 (zeros at or past T) of one
 // head's HD columns, rows row_stride apart in global memory, into the shared
 // tile dst [ROWS][HD + 8]. Neighbouring threads take neighbouring 16-byte
-// chunks of a row (coalesced).
+// chunks of a row (coalesced), in rounds counted at compile time
+// (copy_row_values_async, tensor_core.cuh, says why).
 template <int ROWS, int HD, typename scalar_t>
 __device__ __forceinline__ void copy_tile_async(scalar_t* dst, const scalar_t* src,
                                                 int64_t row_stride, int first, int T) {
   constexpr int kChunks = HD / 8;
-  for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += kThreads) {
+  constexpr int kRounds = (ROWS * kChunks + kThreads - 1) / kThreads;
+#pragma unroll
+  for (int round = 0; round < kRounds; round++) {
+    const int idx = round * kThreads + static_cast<int>(threadIdx.x);
+    // The last round is not whole at 32 rows of head dim 80 (320 chunks).
+    if (ROWS * kChunks % kThreads != 0 && idx >= ROWS * kChunks) break;
     const int r = idx / kChunks, c = idx % kChunks;
     const bool valid = first + r < T;
     const scalar_t* from = valid ? src + static_cast<int64_t>(first + r) * row_stride + c * 8 : src;
@@ -415,8 +427,10 @@ __global__ void __launch_bounds__(kThreads)
 
   const int tiles = (T + BQ - 1) / BQ;
   const int heads = static_cast<int>(gridDim.x) / tiles;  // B * n_head
-  const int qt = tiles - 1 - static_cast<int>(blockIdx.x) / heads;  // longest rows first
-  const int bh = static_cast<int>(blockIdx.x) % heads;
+  const BlockTile place = block_tile(static_cast<int>(blockIdx.x), tiles, heads,
+                                     l2_group_heads(T, HD, heads));
+  const int qt = tiles - 1 - place.rank;  // longest rows first
+  const int bh = place.bh;
   const int b = bh / n_head, h = bh % n_head;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int64_t row_stride = 3 * C;
@@ -605,9 +619,11 @@ __global__ void __launch_bounds__(kThreads)
   float* d_s = lse_s + 2 * BQ;                                 // [2][BQ]
 
   const int key_tiles = (T + BK - 1) / BK;
-  const int heads = static_cast<int>(gridDim.x) / key_tiles;
-  const int kt = static_cast<int>(blockIdx.x) / heads;  // small kt = most work, first
-  const int bh = static_cast<int>(blockIdx.x) % heads;
+  const int heads = static_cast<int>(gridDim.x) / key_tiles;  // B * n_head
+  const BlockTile place = block_tile(static_cast<int>(blockIdx.x), key_tiles, heads,
+                                     l2_group_heads(T, HD, heads));
+  const int kt = place.rank;  // small kt = most work, first
+  const int bh = place.bh;
   const int b = bh / n_head, h = bh % n_head;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int64_t row_stride = 3 * C;
@@ -677,10 +693,10 @@ __global__ void __launch_bounds__(kThreads)
           if constexpr (DROPOUT) {
             const float z = fragment_multiplier(keep[mi], nt, e, keep_scale);
             st[mi][nt][e] = p * z;
-            dpt[mi][nt][e] = p * (z * dpt[mi][nt][e] - row_d) * scale;
+            dpt[mi][nt][e] = p * (z * dpt[mi][nt][e] - row_d);
           } else {
             st[mi][nt][e] = p;
-            dpt[mi][nt][e] = p * (dpt[mi][nt][e] - row_d) * scale;
+            dpt[mi][nt][e] = p * (dpt[mi][nt][e] - row_d);
           }
           if (masked) dpt[mi][nt][e] = 0.f;
         }
@@ -699,7 +715,8 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* grad_head_kv = grad_qkv + static_cast<int64_t>(b) * T * row_stride + h * HD;
 #pragma unroll
   for (int mi = 0; mi < M; mi++) {
-    store_rows<scalar_t, HD>(grad_head_kv + C, row_stride, warp_k0 + mi * 16 + g, T, dk[mi]);
+    store_rows<scalar_t, HD>(grad_head_kv + C, row_stride, warp_k0 + mi * 16 + g, T, dk[mi],
+                             scale, scale);  // dk = dS^T q scale
     store_rows<scalar_t, HD>(grad_head_kv + 2 * C, row_stride, warp_k0 + mi * 16 + g, T, dv[mi]);
   }
 }
@@ -731,9 +748,11 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* v_s = k_s + 2 * BK * S;                         // [2][BK][S]
 
   const int query_tiles = (T + BQ - 1) / BQ;
-  const int heads = static_cast<int>(gridDim.x) / query_tiles;
-  const int qt = query_tiles - 1 - static_cast<int>(blockIdx.x) / heads;  // longest first
-  const int bh = static_cast<int>(blockIdx.x) % heads;
+  const int heads = static_cast<int>(gridDim.x) / query_tiles;  // B * n_head
+  const BlockTile place = block_tile(static_cast<int>(blockIdx.x), query_tiles, heads,
+                                     l2_group_heads(T, HD, heads));
+  const int qt = query_tiles - 1 - place.rank;  // longest first
+  const int bh = place.bh;
   const int b = bh / n_head, h = bh % n_head;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int64_t row_stride = 3 * C;
@@ -797,9 +816,9 @@ __global__ void __launch_bounds__(kThreads)
           }
           if constexpr (DROPOUT) {
             const float z = fragment_multiplier(keep[mi], nt, e, keep_scale);
-            s[mi][nt][e] = p * (z * dp[mi][nt][e] - dot_row[mi][i]) * scale;
+            s[mi][nt][e] = p * (z * dp[mi][nt][e] - dot_row[mi][i]);
           } else {
-            s[mi][nt][e] = p * (dp[mi][nt][e] - dot_row[mi][i]) * scale;
+            s[mi][nt][e] = p * (dp[mi][nt][e] - dot_row[mi][i]);
           }
           if (masked) s[mi][nt][e] = 0.f;
         }
@@ -815,7 +834,8 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* grad_head_q = grad_qkv + static_cast<int64_t>(b) * T * row_stride + h * HD;
 #pragma unroll
   for (int mi = 0; mi < M; mi++) {
-    store_rows<scalar_t, HD>(grad_head_q, row_stride, warp_q0 + mi * 16 + g, T, dq[mi]);
+    store_rows<scalar_t, HD>(grad_head_q, row_stride, warp_q0 + mi * 16 + g, T, dq[mi], scale,
+                             scale);  // dq = dS k scale
   }
 }
 

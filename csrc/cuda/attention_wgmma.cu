@@ -30,7 +30,7 @@
 // more registers for the consumers). The dispatch runs the pipelined one at
 // head dim 64, the serial one at 128 (default_forward_tiles says why).
 // Blocks are ordered longest query tiles first (as in attention_mma.cu), in
-// groups of heads whose keys and values L2 holds (wgmma.cuh, block_tile).
+// groups of heads whose keys and values L2 holds (tensor_core.cuh, block_tile).
 // Scores are kept in the log2 domain (scaled by scale * log2 e) and
 // exponentiated with exp2_approx (common.cuh); lse is written in
 // natural log units. Masked scores are set to -inf by select. A NaN or Inf

@@ -1,9 +1,10 @@
 // Device pieces shared by the tensor-core attention kernels (attention_mma.cu,
 // attention_wgmma.cu): asynchronous copies into shared memory, two floats
-// packed as 16-bit values, and the online-softmax bookkeeping of rows that
-// the 4 lanes of a quad share (the accumulator layout of mma.m16n8 and of
-// wgmma.m64nN alike: lanes 4g .. 4g + 3 hold row g). Device code: include
-// from .cu files only.
+// packed as 16-bit values, the online-softmax bookkeeping of rows that the
+// 4 lanes of a quad share (the accumulator layout of mma.m16n8 and of
+// wgmma.m64nN alike: lanes 4g .. 4g + 3 hold row g), the order in which
+// blocks take (tile, head) and the non-finite values on the causal
+// diagonal. Device code: include from .cu files only.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -43,11 +44,19 @@ __device__ __forceinline__ void copy_async_wait_all() {
 }
 
 // Starts copying values[first .. first + ROWS - 1] (zeros at or past T) to
-// dst, one float a thread, THREADS threads (lse and D rows of a tile).
+// dst, one float a thread, by the block's THREADS threads (lse and D rows
+// of a tile). Thread x takes rows x, x + THREADS, ... in rounds counted at
+// compile time and unrolled: a loop from threadIdx.x has a trip count that
+// ptxas cannot bound, and it emitted a general unrolled loop with a
+// remainder loop, about 100 instructions a call.
 template <int ROWS, int THREADS>
 __device__ __forceinline__ void copy_row_values_async(float* dst, const float* values, int first,
                                                       int T) {
-  for (int r = threadIdx.x; r < ROWS; r += THREADS) {
+  constexpr int kRounds = (ROWS + THREADS - 1) / THREADS;
+#pragma unroll
+  for (int round = 0; round < kRounds; round++) {
+    const int r = round * THREADS + static_cast<int>(threadIdx.x);
+    if (ROWS % THREADS != 0 && r >= ROWS) break;  // the last round is not whole
     const bool valid = first + r < T;
     copy_async_4(dst + r, valid ? values + first + r : values, valid);
   }
@@ -96,6 +105,49 @@ __device__ __forceinline__ void update_row_max(float (&tile_max)[2], float (&m)[
 // sum l of exp2(s * scale_log2 - m * scale_log2).
 __device__ __forceinline__ float row_lse(float m, float l, float scale_log2) {
   return (m * scale_log2 + log2f(l)) * kLn2;
+}
+
+// ---------------------------------------------------------------------------
+// Block order (attention_mma.cu and the wgmma kernels alike).
+
+// The order of an attention kernel's blocks: which tile of which (batch,
+// head) block `block` takes, of `tiles` tiles per head (rank 0: the tile
+// with the most work, rank tiles - 1 the least) and `heads` = B * n_head.
+// Heads go in groups of l2_group_heads(); within a group, rank-major (every
+// head's rank-0 tile, then every head's rank 1, ...), groups one after the
+// other, the last one smaller where heads does not divide. Most work first
+// evens out the causal imbalance (the blocks that finish last are short);
+// the grouping keeps the heads that the resident blocks stream the other
+// operand of (k and v in the forward and grad_q, q and dO in grad_kv) few
+// enough for L2 to hold them. Rank-major over all heads streamed every
+// head at once: at 48 heads, T = 4096 (48 MiB of k and v) the wgmma forward
+// hit L2 on 68% of its reads against cuDNN's 84% (H200, session 10's ncu).
+struct BlockTile {
+  int rank, bh;
+};
+
+// Heads per group: as many as have their streamed operand (two [T][HD]
+// 16-bit tensors) in kL2GroupBytes, at least 1, at most heads.
+constexpr int64_t kL2GroupBytes = int64_t(16) << 20;
+
+__host__ __device__ inline int l2_group_heads(int T, int HD, int heads) {
+  const int64_t per_head = static_cast<int64_t>(T) * HD * 2 * 2;
+  const int64_t fit = kL2GroupBytes / per_head;
+  return static_cast<int>(fit < 1 ? 1 : fit < heads ? fit : heads);
+}
+
+__device__ __forceinline__ BlockTile block_tile(int block, int tiles, int heads, int group) {
+  const int per_group = group * tiles;
+  const int g = block / per_group;
+  const int first_head = g * group;
+  const int in_group = min(group, heads - first_head);
+  const int i = block - g * per_group;
+  // Through a shuffle, as wgmma.cuh's warpgroup_index(): the divisions run
+  // on the vector ALU, and without it ptxas kept their results, and what it
+  // derives from them, in vector registers (the default wgmma forward
+  // spilled 32 bytes).
+  return {__shfl_sync(0xffffffffu, i / in_group, 0),
+          __shfl_sync(0xffffffffu, first_head + i % in_group, 0)};
 }
 
 // ---------------------------------------------------------------------------

@@ -130,45 +130,6 @@ __device__ __forceinline__ int warpgroup_index() {
   return __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / kWarpgroupThreads, 0);
 }
 
-// The order of an attention kernel's blocks: which tile of which (batch,
-// head) block `block` takes, of `tiles` tiles per head (rank 0: the tile
-// with the most work, rank tiles - 1 the least) and `heads` = B * n_head.
-// Heads go in groups of l2_group_heads(); within a group, rank-major (every
-// head's rank-0 tile, then every head's rank 1, ...), groups one after the
-// other, the last one smaller where heads does not divide. Most work first
-// evens out the causal imbalance (the blocks that finish last are short);
-// the grouping keeps the heads that the resident blocks stream the other
-// operand of (k and v in the forward and grad_q, q and dO in grad_kv) few
-// enough for L2 to hold them. Rank-major over all heads streamed every
-// head at once: at 48 heads, T = 4096 (48 MiB of k and v) the forward hit
-// L2 on 68% of its reads against cuDNN's 84% (H200, session 10's ncu).
-struct BlockTile {
-  int rank, bh;
-};
-
-// Heads per group: as many as have their streamed operand (two [T][HD]
-// 16-bit tensors) in kL2GroupBytes, at least 1, at most heads.
-constexpr int64_t kL2GroupBytes = int64_t(16) << 20;
-
-__host__ __device__ inline int l2_group_heads(int T, int HD, int heads) {
-  const int64_t per_head = static_cast<int64_t>(T) * HD * 2 * 2;
-  const int64_t fit = kL2GroupBytes / per_head;
-  return static_cast<int>(fit < 1 ? 1 : fit < heads ? fit : heads);
-}
-
-__device__ __forceinline__ BlockTile block_tile(int block, int tiles, int heads, int group) {
-  const int per_group = group * tiles;
-  const int g = block / per_group;
-  const int first_head = g * group;
-  const int in_group = min(group, heads - first_head);
-  const int i = block - g * per_group;
-  // Through a shuffle, as warpgroup_index(): the divisions run on the vector
-  // ALU, and without it ptxas kept their results, and what it derives from
-  // them, in vector registers (the default forward spilled 32 bytes).
-  return {__shfl_sync(0xffffffffu, i / in_group, 0),
-          __shfl_sync(0xffffffffu, first_head + i % in_group, 0)};
-}
-
 // This thread's copies (cp.async, tensor_core.cuh) are in shared memory and
 // ordered before what the async proxy (the tensor cores) reads after the
 // next barrier.
