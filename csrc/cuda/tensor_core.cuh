@@ -80,6 +80,16 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// v as lane 0 of the warp has it (a 32-bit integer), for a value that is the
+// same in every lane. Through the shuffle the compiler knows that too, and
+// can keep v and what is computed from it (loop bounds, shared addresses,
+// wgmma descriptors) in uniform registers, one for the whole warp.
+template <typename T>
+__device__ __forceinline__ T warp_uniform(T v) {
+  static_assert(std::is_integral_v<T> && sizeof(T) == 4, "a 32-bit integer");
+  return __shfl_sync(0xffffffffu, v, 0);
+}
+
 // The online-softmax step of a thread's two rows once its own maxima of the
 // new score tile are known (tile_max: raw scores, masked keys -inf): takes
 // the quad's max, updates the running maxima m (raw; -inf until a key is

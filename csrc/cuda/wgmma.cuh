@@ -122,12 +122,11 @@ constexpr int kAtomBytes = 1024;    // 8 rows of 128 bytes: the swizzle's period
 
 #if NANOBLOCK_WGMMA_DEVICE
 
-// This thread's warpgroup, read from lane 0 through a shuffle: the compiler
-// then knows it is the same across the warp and can keep what follows from
-// it (loop bounds and counters, shared addresses, wgmma descriptors) in
+// This thread's warpgroup, through warp_uniform: what follows from it (loop
+// bounds and counters, shared addresses, wgmma descriptors) can then stay in
 // uniform registers, off the vector ALU that the softmax needs.
 __device__ __forceinline__ int warpgroup_index() {
-  return __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / kWarpgroupThreads, 0);
+  return warp_uniform(static_cast<int>(threadIdx.x) / kWarpgroupThreads);
 }
 
 // This thread's copies (cp.async, tensor_core.cuh) are in shared memory and
@@ -267,9 +266,19 @@ struct TileCopyWalk {
 };
 
 // Matrix descriptor of a 128B-swizzled operand at shared address `start`
-// (layout (a) in the header).
+// (layout (a) in the header). Every lane of the warp calls it with the same
+// start (as the wgmma it is for): start goes through warp_uniform, so that
+// the descriptor is built in uniform registers, where wgmma reads it.
+// Without it ptxas built the descriptors in vector registers (the tile
+// addresses come from an S2R of the shared base and, per buffer, from a
+// loop counter it keeps in a vector register) and moved them with R2UR
+// before every wgmma: 56 in a step of the hd-128 grad_q (sm_90a SASS). Here
+// rather than where the tile addresses are computed: there, their uses by
+// the copies took shuffles too, and the hd-64 forward kept 128 registers
+// (114 here).
 __device__ __forceinline__ uint64_t smem_descriptor(uint32_t start, uint32_t leading_bytes,
                                                     uint32_t stride_bytes) {
+  start = warp_uniform(start);
   return static_cast<uint64_t>((start & 0x3FFFF) >> 4) |
          static_cast<uint64_t>((leading_bytes & 0x3FFFF) >> 4) << 16 |
          static_cast<uint64_t>((stride_bytes & 0x3FFFF) >> 4) << 32 |
