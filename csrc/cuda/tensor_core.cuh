@@ -152,12 +152,10 @@ __device__ __forceinline__ BlockTile block_tile(int block, int tiles, int heads,
   const int first_head = g * group;
   const int in_group = min(group, heads - first_head);
   const int i = block - g * per_group;
-  // Through a shuffle, as wgmma.cuh's warpgroup_index(): the divisions run
-  // on the vector ALU, and without it ptxas kept their results, and what it
-  // derives from them, in vector registers (the default wgmma forward
-  // spilled 32 bytes).
-  return {__shfl_sync(0xffffffffu, i / in_group, 0),
-          __shfl_sync(0xffffffffu, first_head + i % in_group, 0)};
+  // Through warp_uniform: the divisions run on the vector ALU, and without it
+  // ptxas kept their results, and what it derives from them, in vector
+  // registers (the default wgmma forward spilled 32 bytes).
+  return {warp_uniform(i / in_group), warp_uniform(first_head + i % in_group)};
 }
 
 // ---------------------------------------------------------------------------
