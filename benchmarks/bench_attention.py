@@ -1,5 +1,5 @@
 """Times nanoblock's causal attention op against PyTorch's SDPA (flash),
-forward and forward+backward, bf16, head dims 64, 80 and 128, T = 1024..4096.
+forward and forward+backward, bf16, head dims 64, 80, 96 and 128, T = 1024..4096.
 
     python benchmarks/bench_attention.py              # needs a CUDA GPU and triton
     python benchmarks/bench_attention.py --hd 64      # the head-dim-64 shapes only
@@ -21,7 +21,7 @@ from triton.testing import do_bench
 from nanoblock import ops
 
 SHAPES = [(16, 1024, 12, 64), (8, 1024, 16, 64), (4, 4096, 12, 64), (4, 1024, 16, 128),
-          (8, 1024, 16, 80)]  # head dim 80: the mma.sync kernels, on every GPU
+          (8, 1024, 16, 80), (8, 1024, 16, 96)]  # 80 and 96: the mma.sync kernels, on every GPU
 
 
 def main():

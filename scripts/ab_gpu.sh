@@ -8,6 +8,10 @@
 #   rm -rf .base && mkdir .base && git archive BASE csrc nanoblock setup.py pyproject.toml | tar -x -C .base
 # and name .base in the device tool's carry:
 #   OUT=$OUT/ab PACK=$OUT/ab.tgz bash scripts/ab_gpu.sh
+# Environment: KERNELS (default "auto mma": NANOBLOCK_ATTENTION_KERNELS
+# values to time), ROUNDS (default 2), TESTS=1 (after the build, the CUDA
+# tests on the working tree with racecheck and memcheck beside them,
+# through scripts/gpu_check.sh), BLOCK=0 (leave the Block out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/ab}
@@ -24,10 +28,16 @@ echo "=== build, both trees at once ($(date +%T))"
   >"$out/build_base.log" 2>&1; echo "base: $?") &
 wait
 echo "=== built ($(date +%T))"
+if [ "${TESTS:-0}" = 1 ]; then
+  OUT=$out/check PYTEST_TARGETS=tests/test_cuda.py PYTEST_FLAGS="-q -m cuda" \
+    SANITIZERS="memcheck racecheck" SANITIZER_TIMEOUT=150 SKIP_LONG_RUN=1 SKIP_BENCH=1 \
+    timeout 330 bash scripts/gpu_check.sh >"$out/gpu_check.txt" 2>&1
+  grep -E "passed|failed|SUMMARY|FAILED" "$out/gpu_check.txt"
+fi
 python3 -c "import nanoblock, os; print('new from', os.path.dirname(nanoblock.__file__))"
 PYTHONPATH=/tmp/base python3 -c "import nanoblock, os; print('base from', os.path.dirname(nanoblock.__file__))"
-for round in 1 2; do
-  for kernels in auto mma; do
+for round in $(seq "${ROUNDS:-2}"); do
+  for kernels in ${KERNELS:-auto mma}; do
     for tree in base new; do
       echo "=== round $round, $tree, kernels $kernels ($(date +%T))"
       if [ "$tree" = base ]; then pp=/tmp/base; else pp=; fi
@@ -36,6 +46,7 @@ for round in 1 2; do
     done
   done
 done 2>&1 | tee "$out/attention_ab.txt"
+[ "${BLOCK:-1}" = 0 ] && exit 0
 echo "=== bench_block, new ($(date +%T))"
 timeout 150 python3 benchmarks/bench_block.py --device cuda --config tiny --config gpt2-small \
   --config long --dtype bfloat16 --impl nanoblock,eager,floor \

@@ -266,19 +266,13 @@ struct TileCopyWalk {
 };
 
 // Matrix descriptor of a 128B-swizzled operand at shared address `start`
-// (layout (a) in the header). Every lane of the warp calls it with the same
-// start (as the wgmma it is for): start goes through warp_uniform, so that
-// the descriptor is built in uniform registers, where wgmma reads it.
-// Without it ptxas built the descriptors in vector registers (the tile
-// addresses come from an S2R of the shared base and, per buffer, from a
-// loop counter it keeps in a vector register) and moved them with R2UR
-// before every wgmma: 56 in a step of the hd-128 grad_q (sm_90a SASS). Here
-// rather than where the tile addresses are computed: there, their uses by
-// the copies took shuffles too, and the hd-64 forward kept 128 registers
-// (114 here).
+// (layout (a) in the header). Built from the address as it comes: taking
+// start through warp_uniform put the descriptors in uniform registers (no
+// R2UR before each wgmma, 114 instead of 128 registers in the hd-64
+// forward) but measured no faster on the H200 (forward 1-4% slower, fwd+bwd
+// within 1%, session 11), so it was left out.
 __device__ __forceinline__ uint64_t smem_descriptor(uint32_t start, uint32_t leading_bytes,
                                                     uint32_t stride_bytes) {
-  start = warp_uniform(start);
   return static_cast<uint64_t>((start & 0x3FFFF) >> 4) |
          static_cast<uint64_t>((leading_bytes & 0x3FFFF) >> 4) << 16 |
          static_cast<uint64_t>((stride_bytes & 0x3FFFF) >> 4) << 32 |
