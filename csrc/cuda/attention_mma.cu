@@ -144,15 +144,16 @@ __device__ __forceinline__ void load_b_trans(uint32_t (&b)[4], const scalar_t* t
 // head's HD columns, rows row_stride apart in global memory, into the shared
 // tile dst [ROWS][HD + 8]. Neighbouring threads take neighbouring 16-byte
 // chunks of a row (coalesced), in rounds counted at compile time
-// (copy_row_values_async, tensor_core.cuh, says why). UNROLL: rounds
-// unrolled (all by default; see kForwardKeyCopyUnroll).
-template <int ROWS, int HD, int UNROLL = (ROWS * (HD / 8) + kThreads - 1) / kThreads,
-          typename scalar_t>
+// (copy_row_values_async, tensor_core.cuh, says why). Unrolled at every
+// head dim: at 80 the forward then holds 196 registers instead of 161-168
+// (2 blocks an SM instead of 3), yet the rolled copies (unroll 1) ran it
+// 3.5% slower at head dims 80 and 96 (H200, session 11).
+template <int ROWS, int HD, typename scalar_t>
 __device__ __forceinline__ void copy_tile_async(scalar_t* dst, const scalar_t* src,
                                                 int64_t row_stride, int first, int T) {
   constexpr int kChunks = HD / 8;
   constexpr int kRounds = (ROWS * kChunks + kThreads - 1) / kThreads;
-#pragma unroll UNROLL
+#pragma unroll
   for (int round = 0; round < kRounds; round++) {
     const int idx = round * kThreads + static_cast<int>(threadIdx.x);
     // The last round is not whole at 32 rows of head dim 80 (320 chunks).
@@ -167,25 +168,15 @@ __device__ __forceinline__ void copy_tile_async(scalar_t* dst, const scalar_t* s
 // Starts copying key tile kt (rows kt * ROWS ..) of one head's k and v (at
 // head + C and head + 2 C) into buffer kt % 2 of k_s, v_s [2][ROWS][HD + 8],
 // as one commit group.
-template <int ROWS, int HD, int UNROLL = (ROWS * (HD / 8) + kThreads - 1) / kThreads,
-          typename scalar_t>
+template <int ROWS, int HD, typename scalar_t>
 __device__ __forceinline__ void copy_key_tile_async(scalar_t* k_s, scalar_t* v_s,
                                                     const scalar_t* head, int64_t row_stride,
                                                     int64_t C, int kt, int T) {
   const int buffer = (kt % 2) * ROWS * (HD + 8);
-  copy_tile_async<ROWS, HD, UNROLL>(k_s + buffer, head + C, row_stride, kt * ROWS, T);
-  copy_tile_async<ROWS, HD, UNROLL>(v_s + buffer, head + 2 * C, row_stride, kt * ROWS, T);
+  copy_tile_async<ROWS, HD>(k_s + buffer, head + C, row_stride, kt * ROWS, T);
+  copy_tile_async<ROWS, HD>(v_s + buffer, head + 2 * C, row_stride, kt * ROWS, T);
   copy_async_commit();
 }
-
-// The forward's key and value copies keep their rounds rolled at head dims
-// 80 and 96: unrolled, the rounds' addresses stay live across the key loop,
-// and the head-dim-80 forward took 196 registers instead of 168 (sm_90a),
-// 3 -> 2 blocks an SM, and ran 9% slower (H200, session 11); at 96 it
-// spilled more. Elsewhere the unrolled copies ran faster (forward 4-8%).
-template <int ROWS, int HD>
-constexpr int kForwardKeyCopyUnroll =
-    HD == 80 || HD == 96 ? 1 : (ROWS * (HD / 8) + kThreads - 1) / kThreads;
 
 // Writes the fragment rows `row` (g) and `row + 8` of a [16][HD] float
 // accumulator held as acc[HD / 8][4] into dst (rows row_stride apart), as
@@ -455,7 +446,7 @@ __global__ void __launch_bounds__(kThreads)
   const float keep_scale = static_cast<float>(dropout.scale);
 
   copy_tile_async<BQ, HD>(q_s, head, row_stride, q0, T);
-  copy_key_tile_async<BK, HD, kForwardKeyCopyUnroll<BK, HD>>(k_s, v_s, head, row_stride, C, 0, T);
+  copy_key_tile_async<BK, HD>(k_s, v_s, head, row_stride, C, 0, T);
 
   uint32_t qa[M][HD / 16][4];
   float o[M][HD / 8][4] = {};
@@ -473,10 +464,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int ks = 0; ks < HD / 16; ks++) load_a<S>(qa[mi][ks], q_s, (warp * M + mi) * 16, ks * 16);
     }
-    if (kt + 1 < key_tiles) {
-      copy_key_tile_async<BK, HD, kForwardKeyCopyUnroll<BK, HD>>(k_s, v_s, head, row_stride, C,
-                                                                 kt + 1, T);
-    }
+    if (kt + 1 < key_tiles) copy_key_tile_async<BK, HD>(k_s, v_s, head, row_stride, C, kt + 1, T);
     const int k0 = kt * BK;
     if (k0 > warp_q0 + 16 * M - 1) continue;  // the whole tile is after this warp's queries
     const scalar_t* kb = k_s + (kt % 2) * BK * S;
