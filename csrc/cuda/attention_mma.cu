@@ -431,7 +431,7 @@ __global__ void __launch_bounds__(kThreads)
   const int tiles = (T + BQ - 1) / BQ;
   const int heads = static_cast<int>(gridDim.x) / tiles;  // B * n_head
   const BlockTile place = block_tile(static_cast<int>(blockIdx.x), tiles, heads,
-                                     l2_group_heads(T, HD, heads));
+                                     l2_groups(T, HD, heads));
   const int qt = tiles - 1 - place.rank;  // longest rows first
   const int bh = place.bh;
   const int b = bh / n_head, h = bh % n_head;
@@ -624,7 +624,7 @@ __global__ void __launch_bounds__(kThreads)
   const int key_tiles = (T + BK - 1) / BK;
   const int heads = static_cast<int>(gridDim.x) / key_tiles;  // B * n_head
   const BlockTile place = block_tile(static_cast<int>(blockIdx.x), key_tiles, heads,
-                                     l2_group_heads(T, HD, heads));
+                                     l2_groups(T, HD, heads));
   const int kt = place.rank;  // small kt = most work, first
   const int bh = place.bh;
   const int b = bh / n_head, h = bh % n_head;
@@ -753,7 +753,7 @@ __global__ void __launch_bounds__(kThreads)
   const int query_tiles = (T + BQ - 1) / BQ;
   const int heads = static_cast<int>(gridDim.x) / query_tiles;  // B * n_head
   const BlockTile place = block_tile(static_cast<int>(blockIdx.x), query_tiles, heads,
-                                     l2_group_heads(T, HD, heads));
+                                     l2_groups(T, HD, heads));
   const int qt = query_tiles - 1 - place.rank;  // longest first
   const int bh = place.bh;
   const int b = bh / n_head, h = bh % n_head;

@@ -263,7 +263,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
   const int tiles = (T + BQ - 1) / BQ;
   const int heads = static_cast<int>(gridDim.x) / tiles;  // B * n_head
   const BlockTile place = block_tile(static_cast<int>(blockIdx.x), tiles, heads,
-                                     l2_group_heads(T, HD, heads));
+                                     l2_groups(T, HD, heads));
   const int qt = tiles - 1 - place.rank;  // longest rows first
   const int bh = place.bh;
   const int b = bh / n_head, h = bh % n_head;
@@ -477,7 +477,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, 1)
   const int tiles = (T + BQ - 1) / BQ;
   const int heads = static_cast<int>(gridDim.x) / tiles;  // B * n_head
   const BlockTile place = block_tile(static_cast<int>(blockIdx.x), tiles, heads,
-                                     l2_group_heads(T, HD, heads));
+                                     l2_groups(T, HD, heads));
   const int qt = tiles - 1 - place.rank;  // longest rows first
   const int bh = place.bh;
   const int b = bh / n_head, h = bh % n_head;

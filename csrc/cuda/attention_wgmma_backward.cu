@@ -160,7 +160,7 @@ __device__ __forceinline__ BlockHead<scalar_t> block_head(const scalar_t* qkv,
                                                           bool small_tiles_first) {
   const int heads = static_cast<int>(gridDim.x) / tiles;  // B * n_head
   const BlockTile order = block_tile(static_cast<int>(blockIdx.x), tiles, heads,
-                                     l2_group_heads(T, HD, heads));
+                                     l2_groups(T, HD, heads));
   const int i = order.rank, bh = order.bh;
   const int64_t first_row = static_cast<int64_t>(bh / n_head) * T;
   const int column = bh % n_head * HD;

@@ -123,35 +123,51 @@ __device__ __forceinline__ float row_lse(float m, float l, float scale_log2) {
 // The order of an attention kernel's blocks: which tile of which (batch,
 // head) block `block` takes, of `tiles` tiles per head (rank 0: the tile
 // with the most work, rank tiles - 1 the least) and `heads` = B * n_head.
-// Heads go in groups of l2_group_heads(); within a group, rank-major (every
-// head's rank-0 tile, then every head's rank 1, ...), groups one after the
-// other, the last one smaller where heads does not divide. Most work first
-// evens out the causal imbalance (the blocks that finish last are short);
-// the grouping keeps the heads that the resident blocks stream the other
-// operand of (k and v in the forward and grad_q, q and dO in grad_kv) few
-// enough for L2 to hold them. Rank-major over all heads streamed every
-// head at once: at 48 heads, T = 4096 (48 MiB of k and v) the wgmma forward
-// hit L2 on 68% of its reads against cuDNN's 84% (H200, session 10's ncu).
+// Heads go in l2_groups() groups of as even a size as they divide into (the
+// first heads % groups groups one head more); within a group, rank-major
+// (every head's rank-0 tile, then every head's rank 1, ...), groups one
+// after the other. Most work first evens out the causal imbalance (the
+// blocks that finish last are short); the grouping keeps the heads that the
+// resident blocks stream the other operand of (k and v in the forward and
+// grad_q, q and dO in grad_kv) few enough for L2 to hold them. Rank-major
+// over all heads streamed every head at once: at 48 heads, T = 4096 (48 MiB
+// of k and v) the wgmma forward hit L2 on 68% of its reads against cuDNN's
+// 84% (H200, session 10's ncu). Even sizes, because a small last group
+// starts its longest tiles last, when few blocks are left to run beside
+// them: groups of as many heads as fit (51, 51 and 26 of 128 heads at
+// T = 1024, head dim 80) ran the mma forward 9% slower than rank-major over
+// all heads (H200, session 11).
 struct BlockTile {
   int rank, bh;
 };
 
-// Heads per group: as many as have their streamed operand (two [T][HD]
-// 16-bit tensors) in kL2GroupBytes, at least 1, at most heads.
+// The fewest groups whose heads each have their streamed operand (two
+// [T][HD] 16-bit tensors) in kL2GroupBytes, at least one head a group.
 constexpr int64_t kL2GroupBytes = int64_t(16) << 20;
 
-__host__ __device__ inline int l2_group_heads(int T, int HD, int heads) {
+__host__ __device__ inline int l2_groups(int T, int HD, int heads) {
   const int64_t per_head = static_cast<int64_t>(T) * HD * 2 * 2;
-  const int64_t fit = kL2GroupBytes / per_head;
-  return static_cast<int>(fit < 1 ? 1 : fit < heads ? fit : heads);
+  const int64_t fit = kL2GroupBytes / per_head < 1 ? 1 : kL2GroupBytes / per_head;
+  return static_cast<int>((heads + fit - 1) / fit);
 }
 
-__device__ __forceinline__ BlockTile block_tile(int block, int tiles, int heads, int group) {
-  const int per_group = group * tiles;
-  const int g = block / per_group;
-  const int first_head = g * group;
-  const int in_group = min(group, heads - first_head);
-  const int i = block - g * per_group;
+__device__ __forceinline__ BlockTile block_tile(int block, int tiles, int heads, int groups) {
+  const int small = heads / groups;               // heads of a small group
+  const int large_groups = heads - small * groups;  // groups of small + 1 heads, first
+  const int large_blocks = large_groups * (small + 1) * tiles;
+  int in_group, first_head, i;
+  if (block < large_blocks) {
+    in_group = small + 1;
+    const int g = block / (in_group * tiles);
+    first_head = g * in_group;
+    i = block - g * in_group * tiles;
+  } else {
+    in_group = small;
+    const int rest = block - large_blocks;
+    const int g = rest / (in_group * tiles);
+    first_head = large_groups * (small + 1) + g * in_group;
+    i = rest - g * in_group * tiles;
+  }
   // Through warp_uniform: the divisions run on the vector ALU, and without it
   // ptxas kept their results, and what it derives from them, in vector
   // registers (the default wgmma forward spilled 32 bytes).
