@@ -11,8 +11,14 @@
 #   OUT=$OUT/n PACK=$OUT/next.tgz bash scripts/next_gpu.sh
 # ($OUT/... : the GPU tool returns only what lies under its $OUT, at most 8
 # files, hence the one archive.)
-# A second call can time every built wgmma tile shape against the defaults
-# (about 30 processes, ~4 minutes):
+# Second call: why the head-dim-80 mma.sync forward is 9-12% slower than
+# before session 11 (0.131 -> 0.143-0.147 ms at (8, 1024, 16, 80); not the
+# copy unroll, not the uneven groups). The baseline is main with every head
+# in one group (the old rank-major order), so the A/B isolates the order:
+#   rm -rf .base && mkdir .base && git archive HEAD csrc nanoblock setup.py pyproject.toml | tar -x -C .base
+#   sed -i 's|return static_cast<int>((heads + fit - 1) / fit);|return 1;|' .base/csrc/cuda/tensor_core.cuh
+#   OUT=$OUT/ab PACK=$OUT/ab.tgz BLOCK=0 bash scripts/ab_gpu.sh     (carry: .base)
+# Later: every built wgmma tile shape against the defaults (~4 minutes):
 #   bash scripts/sweep_wgmma_shapes.sh > $OUT/sweep.txt 2>&1
 set -uo pipefail
 cd "$(dirname "$0")/.."
