@@ -429,9 +429,7 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* v_s = k_s + 2 * BK * S;                         // [2][BK][S]
 
   const int tiles = (T + BQ - 1) / BQ;
-  const int heads = static_cast<int>(gridDim.x) / tiles;  // B * n_head
-  const BlockTile place = block_tile(static_cast<int>(blockIdx.x), tiles, heads,
-                                     l2_groups(T, HD, heads));
+  const BlockTile place = block_tile(tiles, T, HD);
   const int qt = tiles - 1 - place.rank;  // longest rows first
   const int bh = place.bh;
   const int b = bh / n_head, h = bh % n_head;
@@ -622,9 +620,7 @@ __global__ void __launch_bounds__(kThreads)
   float* d_s = lse_s + 2 * BQ;                                 // [2][BQ]
 
   const int key_tiles = (T + BK - 1) / BK;
-  const int heads = static_cast<int>(gridDim.x) / key_tiles;  // B * n_head
-  const BlockTile place = block_tile(static_cast<int>(blockIdx.x), key_tiles, heads,
-                                     l2_groups(T, HD, heads));
+  const BlockTile place = block_tile(key_tiles, T, HD);
   const int kt = place.rank;  // small kt = most work, first
   const int bh = place.bh;
   const int b = bh / n_head, h = bh % n_head;
@@ -751,9 +747,7 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* v_s = k_s + 2 * BK * S;                         // [2][BK][S]
 
   const int query_tiles = (T + BQ - 1) / BQ;
-  const int heads = static_cast<int>(gridDim.x) / query_tiles;  // B * n_head
-  const BlockTile place = block_tile(static_cast<int>(blockIdx.x), query_tiles, heads,
-                                     l2_groups(T, HD, heads));
+  const BlockTile place = block_tile(query_tiles, T, HD);
   const int qt = query_tiles - 1 - place.rank;  // longest first
   const int bh = place.bh;
   const int b = bh / n_head, h = bh % n_head;

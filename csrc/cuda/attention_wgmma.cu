@@ -261,9 +261,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocks)
   const uint32_t v_s = k_s + kBuffers * Tiles::kKvBytes;  // [kBuffers] value tiles
 
   const int tiles = (T + BQ - 1) / BQ;
-  const int heads = static_cast<int>(gridDim.x) / tiles;  // B * n_head
-  const BlockTile place = block_tile(static_cast<int>(blockIdx.x), tiles, heads,
-                                     l2_groups(T, HD, heads));
+  const BlockTile place = block_tile(tiles, T, HD);
   const int qt = tiles - 1 - place.rank;  // longest rows first
   const int bh = place.bh;
   const int b = bh / n_head, h = bh % n_head;
@@ -475,9 +473,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, 1)
   int* vote = reinterpret_cast<int*>(smem_raw + (vote_s - shared_address(smem_raw)));
 
   const int tiles = (T + BQ - 1) / BQ;
-  const int heads = static_cast<int>(gridDim.x) / tiles;  // B * n_head
-  const BlockTile place = block_tile(static_cast<int>(blockIdx.x), tiles, heads,
-                                     l2_groups(T, HD, heads));
+  const BlockTile place = block_tile(tiles, T, HD);
   const int qt = tiles - 1 - place.rank;  // longest rows first
   const int bh = place.bh;
   const int b = bh / n_head, h = bh % n_head;

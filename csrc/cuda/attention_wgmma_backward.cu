@@ -158,9 +158,7 @@ __device__ __forceinline__ BlockHead<scalar_t> block_head(const scalar_t* qkv,
                                                           scalar_t* grad_qkv, int T, int n_head,
                                                           int64_t C, int tiles,
                                                           bool small_tiles_first) {
-  const int heads = static_cast<int>(gridDim.x) / tiles;  // B * n_head
-  const BlockTile order = block_tile(static_cast<int>(blockIdx.x), tiles, heads,
-                                     l2_groups(T, HD, heads));
+  const BlockTile order = block_tile(tiles, T, HD);
   const int i = order.rank, bh = order.bh;
   const int64_t first_row = static_cast<int64_t>(bh / n_head) * T;
   const int column = bh % n_head * HD;

@@ -121,8 +121,8 @@ __device__ __forceinline__ float row_lse(float m, float l, float scale_log2) {
 // Block order (attention_mma.cu and the wgmma kernels alike).
 
 // The order of an attention kernel's blocks: which tile of which (batch,
-// head) block `block` takes, of `tiles` tiles per head (rank 0: the tile
-// with the most work, rank tiles - 1 the least) and `heads` = B * n_head.
+// head) this block takes, in a grid of `tiles` tiles per head (rank 0: the
+// tile with the most work, rank tiles - 1 the least) times heads = B * n_head.
 // Heads go in l2_groups() groups of as even a size as they divide into (the
 // first heads % groups groups one head more); within a group, rank-major
 // (every head's rank-0 tile, then every head's rank 1, ...), groups one
@@ -151,11 +151,16 @@ __host__ __device__ inline int l2_groups(int T, int HD, int heads) {
   return static_cast<int>((heads + fit - 1) / fit);
 }
 
-__device__ __forceinline__ BlockTile block_tile(int block, int tiles, int heads, int groups) {
-  const int small = heads / groups;               // heads of a small group
+// Heads have T rows of HD columns; the grid is tiles x heads blocks.
+__device__ __forceinline__ BlockTile block_tile(int tiles, int T, int HD) {
+  const int block = static_cast<int>(blockIdx.x);
+  const int heads = static_cast<int>(gridDim.x) / tiles;  // B * n_head
+  const int groups = l2_groups(T, HD, heads);
+  const int small = heads / groups;                 // heads of a small group
   const int large_groups = heads - small * groups;  // groups of small + 1 heads, first
   const int large_blocks = large_groups * (small + 1) * tiles;
-  int in_group, first_head, i;
+  int in_group, first_head, i;  // (as selects instead of two branches: 2 more
+                                // registers in the default wgmma forward)
   if (block < large_blocks) {
     in_group = small + 1;
     const int g = block / (in_group * tiles);
