@@ -14,11 +14,7 @@
 # through scripts/gpu_check.sh), BLOCK=0 (leave the Block out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-/tmp/ab}
-mkdir -p "$out"
-if [ -n "${PACK:-}" ]; then
-  trap 'tar czf "$PACK" -C "$out" . 2>/dev/null' EXIT
-fi
+source scripts/out_and_pack.sh /tmp/ab
 [ -d .base/csrc ] || { echo "no .base/ (see the header)"; exit 2; }
 rm -rf /tmp/base && cp -r .base /tmp/base
 echo "=== build, both trees at once ($(date +%T))"

@@ -32,12 +32,8 @@
 # Exit status: non-zero if the build, the tests or a sanitizer check failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-out}"
-mkdir -p "$OUT"
-if [ -n "${PACK:-}" ]; then
-  trap 'tar czf "$PACK" -C "$OUT" . 2>/dev/null' EXIT
-  trap 'exit 143' TERM INT
-fi
+source scripts/out_and_pack.sh out
+OUT=$out
 export PYTHONUNBUFFERED=1
 PY=python3
 failed=()

@@ -22,11 +22,7 @@
 #   bash scripts/sweep_wgmma_shapes.sh > $OUT/sweep.txt 2>&1
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-/tmp/next}
-mkdir -p "$out"
-if [ -n "${PACK:-}" ]; then
-  trap 'tar czf "$PACK" -C "$out" . 2>/dev/null' EXIT
-fi
+source scripts/out_and_pack.sh /tmp/next
 OUT=$out PYTEST_TARGETS=tests/test_cuda.py PYTEST_FLAGS="-q -m cuda" \
   SANITIZERS="memcheck racecheck" \
   SANITIZER_TIMEOUT=200 SKIP_LONG_RUN=1 SKIP_BENCH=1 timeout 420 bash scripts/gpu_check.sh \
