@@ -147,7 +147,7 @@ def run_config(name, B, T, C, H, impls, modes, dtype, device, rep_ms):
     for impl, (m, params) in modules.items():
         forward_backward_of(m, params)()  # compile / warm-up
         rows[impl] = dict(config=name, B=B, T=T, C=C, n_head=H, dtype=common.dtype_name(dtype),
-                          impl=impl, **{m + "_ms": None for m in MODES},
+                          impl=impl, **{mode + "_ms": None for mode in MODES},
                           # torch.compile's saved tensors live inside its graph, out of the hooks' sight
                           saved_mib=saved_bytes(m, x) / 2**20 if impl != "compile" else None,
                           peak_mib=common.peak_mib(forward_backward_of(m, params), device))
