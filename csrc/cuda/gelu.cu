@@ -165,12 +165,25 @@ __global__ void gelu_backward_kernel(const scalar_t* __restrict__ grad_out,
 // A sweep over the rows of [N, F] that also sums columns: grid (column tiles
 // of 32 * VEC, row groups), block (32, kPartialRows). Thread (lane, r) takes
 // the VEC columns at (tile * 32 + lane) * VEC of rows r, r + kPartialRows, ..
-// of its group, calls row_op(offset, column, sums) on each (which does the
-// elementwise work and adds VEC values to sums), then the kPartialRows sums
-// of each column are added in r order into partials [groups, F]
-// (store_column_sums).
+// of its group. For each row, row_op.load(offset) reads the row's values and
+// row_op.apply(loaded, offset, column, sums) does the elementwise work and
+// adds VEC values to sums; then the kPartialRows sums of each column are
+// added in r order into partials [groups, F] (store_column_sums).
+// kRowsPerStep rows' loads are issued before any of their math: with one
+// row's loads in flight a thread, the GELU backward at [16384, 3072] was
+// bound by latency, not bandwidth (ncu, H200, session 12: 45% of DRAM's
+// throughput and 39% of the SMs', 178 us). A thread still adds its rows in
+// row order, so the sums, and their bits, are unchanged.
+constexpr int kRowsPerStep = 2;
+// Four blocks an SM (at most 64 registers a thread: the bfloat16 GELU rows
+// need 64 with two rows in flight, where 80 left room for three blocks);
+// two for float64, whose two rows spilled at three.
+template <typename scalar_t>
+constexpr int kColumnSumBlocksPerSM = sizeof(scalar_t) == 8 ? 2 : 4;
+
 template <typename scalar_t, int VEC, typename RowOp>
-__global__ void rows_with_column_sums_kernel(int64_t N, int64_t F, int64_t rows_per_group,
+__global__ void __launch_bounds__(32 * kPartialRows, kColumnSumBlocksPerSM<scalar_t>)
+rows_with_column_sums_kernel(int64_t N, int64_t F, int64_t rows_per_group,
                                              RowOp row_op,
                                              acc_type<scalar_t>* __restrict__ partials) {
   using acc_t = acc_type<scalar_t>;
@@ -181,8 +194,21 @@ __global__ void rows_with_column_sums_kernel(int64_t N, int64_t F, int64_t rows_
   const int64_t row_end = std::min(N, (group + 1) * rows_per_group);
   acc_t sums[1][VEC] = {};
   if (column < F) {
-    for (int64_t row = group * rows_per_group + threadIdx.y; row < row_end; row += kPartialRows) {
-      row_op(row * F + column, column, sums[0]);
+    int64_t row = group * rows_per_group + threadIdx.y;
+    constexpr int64_t kStep = static_cast<int64_t>(kRowsPerStep) * kPartialRows;
+    for (; row + (kRowsPerStep - 1) * kPartialRows < row_end; row += kStep) {
+      typename RowOp::Loaded loaded[kRowsPerStep];
+#pragma unroll
+      for (int i = 0; i < kRowsPerStep; i++) {
+        loaded[i] = row_op.load((row + i * kPartialRows) * F + column);
+      }
+#pragma unroll
+      for (int i = 0; i < kRowsPerStep; i++) {
+        row_op.apply(loaded[i], (row + i * kPartialRows) * F + column, column, sums[0]);
+      }
+    }
+    for (; row < row_end; row += kPartialRows) {  // the group's last rows, fewer than a step
+      row_op.apply(row_op.load(row * F + column), row * F + column, column, sums[0]);
     }
   }
   store_column_sums<acc_t, 1, VEC>(sums, threadIdx.y, kPartialRows, threadIdx.x, 32,
@@ -193,9 +219,10 @@ __global__ void rows_with_column_sums_kernel(int64_t N, int64_t F, int64_t rows_
 // Row op of bias_grad: sums += grad.
 template <typename scalar_t, int VEC>
 struct SumRowOp {
+  using Loaded = Vec<scalar_t, VEC>;
   const scalar_t* grad;
-  __device__ void operator()(int64_t offset, int64_t, acc_type<scalar_t> (&sums)[VEC]) const {
-    const auto g = load_vec<scalar_t, VEC>(grad + offset);
+  __device__ Loaded load(int64_t offset) const { return load_vec<scalar_t, VEC>(grad + offset); }
+  __device__ void apply(const Loaded& g, int64_t, int64_t, acc_type<scalar_t> (&sums)[VEC]) const {
 #pragma unroll
     for (int k = 0; k < VEC; k++) sums[k] += static_cast<acc_type<scalar_t>>(g.v[k]);
   }
@@ -205,27 +232,33 @@ struct SumRowOp {
 // it and gelu(x + bias) to out; sums += dL/dx (as rounded, what grad_x holds).
 template <typename scalar_t, int VEC, bool TANH>
 struct GeluBackwardRecomputeRowOp {
+  using V = Vec<scalar_t, VEC>;
+  struct Loaded {  // (the bias is read in apply: one slice for all the rows, out of L1)
+    V x, d;
+  };
   scalar_t* grad;
   const scalar_t* x;
   const scalar_t* bias;
   scalar_t* out;
-  __device__ void operator()(int64_t offset, int64_t column,
-                             acc_type<scalar_t> (&sums)[VEC]) const {
+  __device__ Loaded load(int64_t offset) const {
+    Loaded l;
+    l.x = load_vec<scalar_t, VEC>(x + offset);
+    l.d = load_vec<scalar_t, VEC>(grad + offset);
+    return l;
+  }
+  __device__ void apply(const Loaded& l, int64_t offset, int64_t column,
+                        acc_type<scalar_t> (&sums)[VEC]) const {
     using acc_t = acc_type<scalar_t>;
     using Math = GeluMathFor<scalar_t>;
-    using V = Vec<scalar_t, VEC>;
-    const V a = load_vec<scalar_t, VEC>(x + offset);
-    const V d = load_vec<scalar_t, VEC>(grad + offset);
-    V b;
+    V b, dx, y;
     if (bias != nullptr) b = load_vec<scalar_t, VEC>(bias + column);
-    V dx, y;
 #pragma unroll
     for (int k = 0; k < VEC; k++) {
-      acc_t u = static_cast<acc_t>(a.v[k]);
+      acc_t u = static_cast<acc_t>(l.x.v[k]);
       if (bias != nullptr) u += static_cast<acc_t>(b.v[k]);
       y.v[k] = static_cast<scalar_t>(TANH ? Math::tanh(u) : Math::exact(u));
       const acc_t g = TANH ? Math::tanh_grad(u) : Math::exact_grad(u);
-      dx.v[k] = static_cast<scalar_t>(static_cast<acc_t>(d.v[k]) * g);
+      dx.v[k] = static_cast<scalar_t>(static_cast<acc_t>(l.d.v[k]) * g);
       sums[k] += static_cast<acc_t>(dx.v[k]);
     }
     store_vec<scalar_t, VEC>(grad + offset, dx);
