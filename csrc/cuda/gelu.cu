@@ -173,19 +173,20 @@ __global__ void gelu_backward_kernel(const scalar_t* __restrict__ grad_out,
 // row's loads in flight a thread, the GELU backward at [16384, 3072] was
 // bound by latency, not bandwidth (ncu, H200, session 12: 45% of DRAM's
 // throughput and 39% of the SMs', 178 us). A thread still adds its rows in
-// row order, so the sums, and their bits, are unchanged.
-constexpr int kRowsPerStep = 2;
-// Four blocks an SM (at most 64 registers a thread: the bfloat16 GELU rows
-// need 64 with two rows in flight, where 80 left room for three blocks);
-// two for float64, whose two rows spilled at three.
+// row order, so the sums, and their bits, are unchanged. Measured on an
+// H200 (bfloat16, session 12, same-call A/Bs): one row 176 us, two rows at
+// four blocks an SM (64 registers) 118 us, four rows at three blocks (80
+// registers; 16 bytes spill in one of the two GELU kernels) 106 us.
+constexpr int kRowsPerStep = 4;
+// Blocks an SM the registers must leave room for: three (80 registers a
+// thread); two for float64, whose rows need more.
 template <typename scalar_t>
-constexpr int kColumnSumBlocksPerSM = sizeof(scalar_t) == 8 ? 2 : 4;
+constexpr int kColumnSumBlocksPerSM = sizeof(scalar_t) == 8 ? 2 : 3;
 
 template <typename scalar_t, int VEC, typename RowOp>
 __global__ void __launch_bounds__(32 * kPartialRows, kColumnSumBlocksPerSM<scalar_t>)
-rows_with_column_sums_kernel(int64_t N, int64_t F, int64_t rows_per_group,
-                                             RowOp row_op,
-                                             acc_type<scalar_t>* __restrict__ partials) {
+    rows_with_column_sums_kernel(int64_t N, int64_t F, int64_t rows_per_group, RowOp row_op,
+                                 acc_type<scalar_t>* __restrict__ partials) {
   using acc_t = acc_type<scalar_t>;
   __shared__ acc_t scratch[kPartialRows * 32 * VEC];
   const int64_t tile_begin = blockIdx.x * 32 * static_cast<int64_t>(VEC);
