@@ -73,6 +73,7 @@ sanitize() {
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "${SANITIZER_TIMEOUT:-0}" \
       compute-sanitizer --tool "$tool" "$@" \
       $PY -m pytest -x -v -p no:cacheprovider tests/test_cuda.py -k "$k" >"$log" 2>&1
+  echo $? >"$log.rc"  # 124 or 137: cut off by SANITIZER_TIMEOUT
 }
 
 sanitizers=()
@@ -136,7 +137,20 @@ $PY -m pytest ${PYTEST_FLAGS:--x -q} ${deselect[@]+"${deselect[@]}"} ${PYTEST_TA
 if [ ${#sanitizers[@]} -gt 0 ]; then
   step "waiting for the sanitizers"
   wait "${sanitizers[@]}"
+  # A sanitizer cut off by its timeout can leave its pytest behind, which
+  # would share the card with what comes next (the benchmarks).
+  pkill -f -- "-p no:cacheprovider tests/test_cuda.py" 2>/dev/null
   for tool in $tools; do
+    rc=$(cat "$OUT/$tool.log.rc" 2>/dev/null || echo "?")
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+      # Cut off: say how far it got and whether it had reported anything.
+      done_tests=$(grep -cE " (PASSED|FAILED|SKIPPED|ERROR) " "$OUT/$tool.log")
+      errors=$(grep -cE "^========= (Invalid|Race|Uninitialized|Program hit|Error|Warning)" "$OUT/$tool.log")
+      echo "-- $tool: cut off after ${SANITIZER_TIMEOUT}s, $done_tests tests done, $errors reports before it"
+      [ "$errors" -eq 0 ] && failed+=("$tool (cut off after $done_tests tests, no report)") \
+                           || failed+=("$tool ($errors reports)")
+      continue
+    fi
     echo "-- $tool: $(grep -E "passed|failed" "$OUT/$tool.log" | tail -n 1)"
     grep -E "(ERROR|RACECHECK) SUMMARY" "$OUT/$tool.log" | tail -n 2
     grep -qE "[0-9]+ passed" "$OUT/$tool.log" || failed+=("$tool (tests)")
