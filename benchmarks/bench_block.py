@@ -26,12 +26,13 @@ Modes:
 
 The backward computes the gradients of x and of every parameter with
 torch.autograd.grad (no accumulation into .grad, the same work for everyone).
-Timing: median of many runs after warm-up (benchmarks/common.py: time_ms);
-random inputs and weights, never zeros. Memory: the bytes autograd keeps for
-the backward (saved tensors, counted once per storage, x and weights
-included), and on GPU the peak allocated during forward+backward above what
-was allocated before. Results go to JSON (with device, versions, git commit)
-and a PNG (time and speed-up per config).
+Timing: medians of the implementations timed in interleaved rounds, after
+warm-up (benchmarks/common.py: time_ms); random inputs and weights, never
+zeros. Memory: the bytes autograd keeps for the backward (saved tensors,
+counted once per storage, x and weights included), and on GPU the peak
+allocated during forward+backward above what was allocated before. Results
+go to JSON (with device, versions, git commit) and a PNG (time and speed-up
+per config).
 """
 import os
 import sys

@@ -92,24 +92,33 @@ def dtype_name(dtype):
 def time_ms(fns, device, rounds=3, rep_ms=100, min_run_time=0.3):
     """Median milliseconds of each function in fns (a dict name -> fn).
 
-    GPU: triton's do_bench on each (its own warm-up; the L2 cache is flushed
-    between calls). CPU: the machine's speed drifts over seconds (other
-    tenants, clocks), so the functions are timed in interleaved rounds
-    (a, b, c, a, b, c, ...) and each gets the median of its rounds' medians;
-    every implementation sees the same conditions."""
+    The functions are timed in interleaved rounds (a, b, c, a, b, c, ...) and
+    each gets the median of its rounds' medians, so every implementation sees
+    the same conditions: the machine's speed drifts over seconds (other
+    tenants, clocks). That matters most where a step is bound by the host
+    (the tiny Block on the GPU machine: in session 12 one process timed
+    nanoblock at 0.71 ms and eager at 1.53, the next 1.06 and 1.95, each
+    implementation timed once, one after the other). A round: on the GPU,
+    triton's do_bench (its own warm-up; the L2 cache is flushed between
+    calls); on the CPU, torch.utils.benchmark's blocked_autorange."""
     if device.type == "cuda":
         from triton.testing import do_bench
-        return {k: do_bench(fn, warmup=max(10, rep_ms // 8), rep=rep_ms, return_mode="median")
-                for k, fn in fns.items()}
-    from torch.utils import benchmark
-    samples = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(rounds):
-        for k, fn in fns.items():
+
+        def measure(fn):
+            return do_bench(fn, warmup=max(10, rep_ms // 8), rep=rep_ms, return_mode="median")
+    else:
+        from torch.utils import benchmark
+
+        def measure(fn):
             t = benchmark.Timer(stmt="fn()", globals={"fn": fn},
                                 num_threads=torch.get_num_threads())
-            samples[k].append(t.blocked_autorange(min_run_time=min_run_time).median * 1e3)
+            return t.blocked_autorange(min_run_time=min_run_time).median * 1e3
+        for fn in fns.values():
+            fn()  # warm-up (do_bench has its own)
+    samples = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            samples[k].append(measure(fn))
     return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
 
 
@@ -178,9 +187,9 @@ def time_part_ms(fns, device, rounds=3, rep_ms=100):
     timed), counting timed alone: for a backward, which needs a fresh forward
     each time (torch.compile's backward frees its buffers, so one forward
     cannot serve many backwards). Each gets about rep_ms of timed runs per
-    round (on GPU between CUDA events), in interleaved rounds on the CPU."""
+    round (on GPU between CUDA events), in interleaved rounds as in time_ms."""
     samples = {k: [] for k in fns}
-    for _ in range(rounds if device.type == "cpu" else 1):
+    for _ in range(rounds):
         for k, (prepare, timed) in fns.items():
             timed(prepare())  # warm-up
             spent = 0.0
