@@ -5,13 +5,17 @@
 # Then bench_attention on each, alternating (default kernels and the
 # mma.sync ones), and the Block (eager fwd+bwd and CUDA-graph replay) on the
 # working tree. Make .base here first (ignored through .git/info/exclude):
-#   rm -rf .base && mkdir .base && git archive BASE csrc nanoblock setup.py pyproject.toml | tar -x -C .base
+#   rm -rf .base && mkdir .base && git archive BASE csrc nanoblock setup.py pyproject.toml benchmarks | tar -x -C .base
 # and name .base in the device tool's carry:
 #   OUT=$OUT/ab PACK=$OUT/ab.tgz bash scripts/ab_gpu.sh
 # Environment: KERNELS (default "auto mma": NANOBLOCK_ATTENTION_KERNELS
-# values to time), ROUNDS (default 2), TESTS=1 (after the build, the CUDA
-# tests on the working tree with racecheck and memcheck beside them,
-# through scripts/gpu_check.sh), BLOCK=0 (leave the Block out).
+# values to time; empty: no attention A/B), ROUNDS (default 2), TESTS=1
+# (after the build, the CUDA tests on the working tree with racecheck and
+# memcheck beside them, through scripts/gpu_check.sh), PROFILE=1 (rounds of
+# benchmarks/profile_block.py at gpt2-small and tiny on each tree,
+# alternating: kernel time per kernel, host time, graph replay; .base needs
+# benchmarks/ for it, so add benchmarks to the git archive above), BLOCK=0
+# (leave the Block out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/out_and_pack.sh /tmp/ab
@@ -33,7 +37,7 @@ fi
 python3 -c "import nanoblock, os; print('new from', os.path.dirname(nanoblock.__file__))"
 PYTHONPATH=/tmp/base python3 -c "import nanoblock, os; print('base from', os.path.dirname(nanoblock.__file__))"
 for round in $(seq "${ROUNDS:-2}"); do
-  for kernels in ${KERNELS:-auto mma}; do
+  for kernels in ${KERNELS-auto mma}; do
     for tree in base new; do
       echo "=== round $round, $tree, kernels $kernels ($(date +%T))"
       if [ "$tree" = base ]; then pp=/tmp/base; else pp=; fi
@@ -42,6 +46,20 @@ for round in $(seq "${ROUNDS:-2}"); do
     done
   done
 done 2>&1 | tee "$out/attention_ab.txt"
+if [ "${PROFILE:-0}" = 1 ]; then
+  # profile_block.py puts its own repository first on sys.path, so each
+  # tree's copy runs from inside it (PYTHONPATH alone does not select the tree).
+  for round in $(seq "${ROUNDS:-2}"); do
+    for tree in base new; do
+      if [ "$tree" = base ]; then dir=/tmp/base; else dir=$PWD; fi
+      for config in 16,1024,768,12 64,256,384,6; do
+        echo "=== round $round, $tree, profile_block $config ($(date +%T))"
+        (cd "$dir" && timeout 90 python3 benchmarks/profile_block.py --config "$config" \
+          --steps 20 2>&1 | grep -vE "Warn|run_backward|_warn_once")
+      done
+    done
+  done 2>&1 | tee "$out/profile_ab.txt"
+fi
 [ "${BLOCK:-1}" = 0 ] && exit 0
 echo "=== bench_block, new ($(date +%T))"
 timeout 150 python3 benchmarks/bench_block.py --device cuda --config tiny --config gpt2-small \
