@@ -5,7 +5,7 @@
 # Then bench_attention on each, alternating (default kernels and the
 # mma.sync ones), and the Block (eager fwd+bwd and CUDA-graph replay) on the
 # working tree. Make .base here first (ignored through .git/info/exclude):
-#   rm -rf .base && mkdir .base && git archive BASE csrc nanoblock setup.py pyproject.toml benchmarks | tar -x -C .base
+#   rm -rf .base && mkdir .base && git archive BASE csrc nanoblock setup.py pyproject.toml benchmarks scripts | tar -x -C .base
 # and name .base in the device tool's carry:
 #   OUT=$OUT/ab PACK=$OUT/ab.tgz bash scripts/ab_gpu.sh
 # Environment: KERNELS (default "auto mma": NANOBLOCK_ATTENTION_KERNELS
@@ -14,8 +14,10 @@
 # memcheck beside them, through scripts/gpu_check.sh), PROFILE=1 (rounds of
 # benchmarks/profile_block.py at gpt2-small and tiny on each tree,
 # alternating: kernel time per kernel, host time, graph replay; .base needs
-# benchmarks/ for it, so add benchmarks to the git archive above), BLOCK=0
-# (leave the Block out).
+# benchmarks/ for it, so add benchmarks to the git archive above), BITS=1
+# (scripts/bits_dump.py on each tree, from inside it, then the comparison:
+# which results differ in any bit; .base needs scripts/), BLOCK=0 (leave the
+# Block out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/out_and_pack.sh /tmp/ab
@@ -33,6 +35,13 @@ if [ "${TESTS:-0}" = 1 ]; then
     SANITIZERS="memcheck racecheck" SANITIZER_TIMEOUT=150 SKIP_LONG_RUN=1 SKIP_BENCH=1 \
     timeout 330 bash scripts/gpu_check.sh >"$out/gpu_check.txt" 2>&1
   grep -E "passed|failed|SUMMARY|FAILED" "$out/gpu_check.txt"
+fi
+if [ "${BITS:-0}" = 1 ]; then
+  echo "=== bits: both trees on the same inputs ($(date +%T))"
+  (cd /tmp/base && timeout 120 python3 scripts/bits_dump.py /tmp/bits_base.pt)
+  timeout 120 python3 scripts/bits_dump.py /tmp/bits_new.pt
+  python3 scripts/bits_dump.py --compare /tmp/bits_base.pt /tmp/bits_new.pt >"$out/bits.txt" 2>&1
+  head -n 40 "$out/bits.txt"; tail -n 1 "$out/bits.txt"
 fi
 python3 -c "import nanoblock, os; print('new from', os.path.dirname(nanoblock.__file__))"
 PYTHONPATH=/tmp/base python3 -c "import nanoblock, os; print('base from', os.path.dirname(nanoblock.__file__))"

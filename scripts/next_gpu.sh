@@ -12,8 +12,10 @@
 # ($OUT/... : the GPU tool returns only what lies under its $OUT, at most 8
 # files, hence the one archive.) memcheck's subset needs about 240 s beside
 # pytest (84% of it in 200 s, session 12), hence its 270.
-# A/B of a change against a baseline tree, both built in one call:
-# scripts/ab_gpu.sh (its header). Benchmarks and profiles of the baseline
+# Then the changes waiting in pending/ (compiled, never run on a GPU): each
+# an A/B against main with tests, a bitwise comparison and profiles
+# (pending/README.md). A/B of a change against a baseline tree, both built
+# in one call: scripts/ab_gpu.sh (its header). Benchmarks and profiles of the baseline
 # must run from inside it (cd /tmp/base): bench_block.py and
 # profile_block.py put their own repository first on sys.path, so
 # PYTHONPATH alone does not select the tree (session 12).
