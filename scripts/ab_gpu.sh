@@ -43,8 +43,10 @@ if [ "${BITS:-0}" = 1 ]; then
   python3 scripts/bits_dump.py --compare /tmp/bits_base.pt /tmp/bits_new.pt >"$out/bits.txt" 2>&1
   head -n 40 "$out/bits.txt"; tail -n 1 "$out/bits.txt"
 fi
-python3 -c "import nanoblock, os; print('new from', os.path.dirname(nanoblock.__file__))"
-PYTHONPATH=/tmp/base python3 -c "import nanoblock, os; print('base from', os.path.dirname(nanoblock.__file__))"
+# Which nanoblock each tree's bench_attention run imports, asked as it asks
+# (from outside a repository: python -c puts the current folder first).
+(cd /tmp && python3 -c "import nanoblock, os; print('new from', os.path.dirname(nanoblock.__file__))")
+(cd /tmp && PYTHONPATH=/tmp/base python3 -c "import nanoblock, os; print('base from', os.path.dirname(nanoblock.__file__))")
 for round in $(seq "${ROUNDS:-2}"); do
   for kernels in ${KERNELS-auto mma}; do
     for tree in base new; do

@@ -15,8 +15,8 @@
 # Then the changes waiting in pending/ (compiled, never run on a GPU): each
 # an A/B against main with tests, a bitwise comparison and profiles
 # (pending/README.md). A/B of a change against a baseline tree, both built
-# in one call: scripts/ab_gpu.sh (its header). Benchmarks and profiles of the baseline
-# must run from inside it (cd /tmp/base): bench_block.py and
+# in one call: scripts/ab_gpu.sh (its header). Benchmarks and profiles of
+# the baseline must run from inside it (cd /tmp/base): bench_block.py and
 # profile_block.py put their own repository first on sys.path, so
 # PYTHONPATH alone does not select the tree (session 12).
 # Later: every built wgmma tile shape against the defaults (~4 minutes):

@@ -28,7 +28,11 @@ for line in open(sys.argv[1]):
     if m and kernel:
         print(f"{int(m.group(1)):4d} regs  {spill:18s} {kernel[:150]}")
 PY
-# cuobjdump: the CUDA install's, or pip's nvidia-cuda-cuobjdump (this
-# machine's CUDA 13.0 lacks it: pip install nvidia-cuda-cuobjdump).
-cuobjdump=$(command -v cuobjdump || python3 -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13/bin/cuobjdump'))")
-if [ -n "${SASS:-}" ]; then "$cuobjdump" -sass "$work/$name.cubin" > "$work/$name.sass"; echo "SASS: $work/$name.sass"; fi
+# SASS: cuobjdump, the CUDA install's or pip's nvidia-cuda-cuobjdump (this
+# machine's CUDA 13.0 lacks it: pip install nvidia-cuda-cuobjdump). Looked
+# for only when asked: without SASS a machine needs neither.
+if [ -n "${SASS:-}" ]; then
+  cuobjdump=$(command -v cuobjdump || python3 -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13/bin/cuobjdump'))")
+  "$cuobjdump" -sass "$work/$name.cubin" > "$work/$name.sass"
+  echo "SASS: $work/$name.sass"
+fi
