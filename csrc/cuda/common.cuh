@@ -20,7 +20,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 
 #include "../kernels.h"
@@ -44,6 +48,28 @@ inline int multiprocessor_count() {
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
   return count;
+}
+
+// Blocks of `kernel` at `threads` threads (no dynamic shared memory) that
+// the current GPU holds at once: the occupancy calculator's blocks per
+// multiprocessor times the multiprocessors, asked once per kernel, block
+// size and device (host time counts at small shapes).
+template <typename Kernel>
+int resident_blocks(Kernel kernel, int threads) {
+  static std::mutex lock;
+  static std::map<std::tuple<const void*, int, int>, int> known;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), threads, device);
+  const std::lock_guard<std::mutex> guard(lock);
+  const auto found = known.find(key);
+  if (found != known.end()) return found->second;
+  int per_multiprocessor = 0;
+  C10_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, threads, 0));
+  const int blocks = std::max(1, per_multiprocessor) * multiprocessor_count();
+  known.emplace(key, blocks);
+  return blocks;
 }
 
 // Dispatch over the four dtypes the CUDA kernels support.

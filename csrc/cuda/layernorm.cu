@@ -87,14 +87,22 @@ __device__ __forceinline__ Vec<scalar_t, VEC> normalize(const Vec<scalar_t, VEC>
 }
 
 // Rows that fit in registers (all but the longest): a team of warps_per_row
-// warps takes one row, teams per block. Thread t of a team loads the vectors
-// t + s * team_threads (s < SLOTS) of its row once, into registers: the
-// mean, the variance around it (two passes, for accuracy) and the output
-// come from there, so the row is read from memory once and no block-wide
-// barrier is needed when a warp holds the row (rows up to 1024 bfloat16
-// elements). With residual != nullptr the row normalized is sum = x +
-// residual (x + dropout(residual) with DROPOUT), written to sum_out as it is
-// formed.
+// warps takes one row at a time, teams per block. Thread t of a team loads
+// the vectors t + s * team_threads (s < SLOTS) of its row once, into
+// registers: the mean, the variance around it (two passes, for accuracy) and
+// the output come from there, so the row is read from memory once and no
+// block-wide barrier is needed when a warp holds the row (rows up to 1024
+// bfloat16 elements). With residual != nullptr the row normalized is sum =
+// x + residual (x + dropout(residual) with DROPOUT), written to sum_out as it
+// is formed.
+// Without a residual (kLoadAhead) the grid holds as many blocks as fit on
+// the GPU at once (resident_blocks), and a team takes rows team, team +
+// teams * blocks, .., loading each next row while it reduces the current
+// one: with one row a team and nothing else in flight, the (16384, 768)
+// bfloat16 forward ran at 37% of DRAM's throughput, 42% of the warps
+// resident (ncu, H200, session 12). Each row's arithmetic is the same
+// whichever team takes it, so the bits do not depend on the grid. With a
+// residual, a team takes one row, and loads the row's x and residual at once.
 constexpr int kForwardMaxSlots = 4;
 constexpr int kForwardMaxWarpsPerRow = 16;
 constexpr int kForwardThreads = 256;  // per block, unless one row takes more
@@ -144,10 +152,27 @@ __device__ __forceinline__ acc_t team_sum(acc_t v, acc_t* scratch, int warps_per
   return total;
 }
 
-template <typename scalar_t, int VEC, int SLOTS, bool DROPOUT>
-__global__ void __launch_bounds__(32 * kForwardMaxWarpsPerRow)
+// RESIDUAL: residual is given (a template argument, so that the plain
+// LayerNorm holds no registers for it); DROPOUT only with RESIDUAL.
+// Only the plain LayerNorm loads a row ahead: with the residual, two rows of
+// x and residual took 101 registers at C = 768 (bfloat16), or spilled 208
+// bytes when held to 64, and fewer warps would have been resident than the
+// loads ahead gain.
+template <bool RESIDUAL>
+constexpr bool kLoadAhead = !RESIDUAL;
+
+// Blocks of the largest size (kForwardMaxWarpsPerRow warps) an SM must hold:
+// two, at most 64 registers a thread, so that the plain LayerNorm's second
+// row, and the residual's vectors loaded beside the row's, do not cost
+// resident warps; one with four slots, or with dropout (its mask's
+// arithmetic spilled 68 bytes at three slots in 64 registers).
+template <int SLOTS, bool DROPOUT>
+constexpr int kForwardMinBlocks = SLOTS < 4 && !DROPOUT ? 2 : 1;
+
+template <typename scalar_t, int VEC, int SLOTS, bool RESIDUAL, bool DROPOUT>
+__global__ void __launch_bounds__(32 * kForwardMaxWarpsPerRow, kForwardMinBlocks<SLOTS, DROPOUT>)
     layer_norm_forward_kernel(const scalar_t* __restrict__ x,         // [N, C]
-                              const scalar_t* __restrict__ residual,  // [N, C] or null
+                              const scalar_t* __restrict__ residual,  // [N, C] with RESIDUAL
                               const scalar_t* __restrict__ weight,    // [C]
                               const scalar_t* __restrict__ bias,      // [C] or null
                               scalar_t* __restrict__ sum_out,         // [N, C] with residual
@@ -162,66 +187,94 @@ __global__ void __launch_bounds__(32 * kForwardMaxWarpsPerRow)
   const int team_threads = 32 * warps_per_row;
   const int teams = blockDim.x / team_threads;
   const int team = threadIdx.x / team_threads, t = threadIdx.x % team_threads;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * teams + team;
+  const int64_t rows_per_round = static_cast<int64_t>(gridDim.x) * teams;
   const int vectors = static_cast<int>(C / VEC);  // at most 32 * 16 * 4 (forward_shape)
-  // Slot s holds the vector at column(s), when in_row(s); a team past the
-  // last row holds nothing but still takes part in team_sum's barriers.
+  // Slot s of a row holds the vector at column(s), when in_row(row, s); a
+  // team past the last row holds nothing but still takes part in team_sum's
+  // barriers.
   const auto column = [&](int s) { return (t + s * team_threads) * VEC; };
-  const auto in_row = [&](int s) { return row < N && t + s * team_threads < vectors; };
+  const auto in_row = [&](int64_t row, int s) {
+    return row < N && t + s * team_threads < vectors;
+  };
   const DeviceMask mask(dropout, DROPOUT);
 
-  V a[SLOTS];
-  acc_t sum = 0;
-#pragma unroll
-  for (int s = 0; s < SLOTS; s++) {
-    if (in_row(s)) a[s] = load_vec<scalar_t, VEC>(x + row * C + column(s));
-  }
-  if (residual != nullptr) {
+  // A row's x and residual vectors as loaded.
+  const auto load_row = [&](int64_t row, V (&a)[SLOTS], V (&r)[SLOTS]) {
 #pragma unroll
     for (int s = 0; s < SLOTS; s++) {
-      if (in_row(s)) {
-        add_residual<scalar_t, VEC, DROPOUT>(
-            a[s], load_vec<scalar_t, VEC>(residual + row * C + column(s)), mask, dropout,
-            static_cast<uint64_t>(row * C + column(s)));
-        store_vec<scalar_t, VEC>(sum_out + row * C + column(s), a[s]);
+      if (in_row(row, s)) {
+        a[s] = load_vec<scalar_t, VEC>(x + row * C + column(s));
+        if constexpr (RESIDUAL) r[s] = load_vec<scalar_t, VEC>(residual + row * C + column(s));
       }
     }
-  }
-#pragma unroll
-  for (int s = 0; s < SLOTS; s++) {
-    if (in_row(s)) {
-#pragma unroll
-      for (int k = 0; k < VEC; k++) sum += static_cast<acc_t>(a[s].v[k]);
-    }
-  }
-  const acc_t mean = team_sum(sum, scratch, warps_per_row) / static_cast<acc_t>(C);
+  };
 
-  acc_t sq = 0;
+  // Normalizes row (its x in a, its residual in r): sum_out, out, mean, rstd.
+  const auto normalize_row = [&](int64_t row, V (&a)[SLOTS], const V (&r)[SLOTS]) {
+    if constexpr (RESIDUAL) {
 #pragma unroll
-  for (int s = 0; s < SLOTS; s++) {
-    if (in_row(s)) {
-#pragma unroll
-      for (int k = 0; k < VEC; k++) {
-        const acc_t d = static_cast<acc_t>(a[s].v[k]) - mean;
-        sq += d * d;
+      for (int s = 0; s < SLOTS; s++) {
+        if (in_row(row, s)) {
+          add_residual<scalar_t, VEC, DROPOUT>(a[s], r[s], mask, dropout,
+                                               static_cast<uint64_t>(row * C + column(s)));
+          store_vec<scalar_t, VEC>(sum_out + row * C + column(s), a[s]);
+        }
       }
     }
-  }
-  const acc_t rstd =
-      rsqrt_acc(team_sum(sq, scratch, warps_per_row) / static_cast<acc_t>(C) + eps);
+    acc_t sum = 0;
+#pragma unroll
+    for (int s = 0; s < SLOTS; s++) {
+      if (in_row(row, s)) {
+#pragma unroll
+        for (int k = 0; k < VEC; k++) sum += static_cast<acc_t>(a[s].v[k]);
+      }
+    }
+    const acc_t mean = team_sum(sum, scratch, warps_per_row) / static_cast<acc_t>(C);
+
+    acc_t sq = 0;
+#pragma unroll
+    for (int s = 0; s < SLOTS; s++) {
+      if (in_row(row, s)) {
+#pragma unroll
+        for (int k = 0; k < VEC; k++) {
+          const acc_t d = static_cast<acc_t>(a[s].v[k]) - mean;
+          sq += d * d;
+        }
+      }
+    }
+    const acc_t rstd =
+        rsqrt_acc(team_sum(sq, scratch, warps_per_row) / static_cast<acc_t>(C) + eps);
 
 #pragma unroll
-  for (int s = 0; s < SLOTS; s++) {
-    if (in_row(s)) {
-      store_vec<scalar_t, VEC>(out + row * C + column(s),
-                               normalize<scalar_t, VEC>(a[s], weight + column(s),
-                                                        bias == nullptr ? nullptr : bias + column(s),
-                                                        mean, rstd));
+    for (int s = 0; s < SLOTS; s++) {
+      if (in_row(row, s)) {
+        store_vec<scalar_t, VEC>(
+            out + row * C + column(s),
+            normalize<scalar_t, VEC>(a[s], weight + column(s),
+                                     bias == nullptr ? nullptr : bias + column(s), mean, rstd));
+      }
     }
+    if (t == 0 && row < N) {
+      mean_out[row] = mean;
+      rstd_out[row] = rstd;
+    }
+  };
+
+  V a[SLOTS], r[SLOTS];
+  int64_t row = static_cast<int64_t>(blockIdx.x) * teams + team;
+  load_row(row, a, r);
+  if constexpr (!kLoadAhead<RESIDUAL>) {  // the grid has a team for every row
+    normalize_row(row, a, r);
+    return;
   }
-  if (t == 0 && row < N) {
-    mean_out[row] = mean;
-    rstd_out[row] = rstd;
+  V next[SLOTS], unused[SLOTS];
+  // The same trip count for every team of a block (team_sum's barriers).
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * teams; first < N;
+       first += rows_per_round, row += rows_per_round) {
+    load_row(row + rows_per_round, next, unused);  // (nothing past the last row)
+    normalize_row(row, a, r);
+#pragma unroll
+    for (int s = 0; s < SLOTS; s++) a[s] = next[s];
   }
 }
 
@@ -715,13 +768,24 @@ void launch_forward(const Tensor& x, const Tensor& residual, const Tensor& weigh
       }
       with_forward_slots(shape.slots, [&](auto slots_constant) {
         constexpr int SLOTS = decltype(slots_constant)::value;
-        layer_norm_forward_kernel<scalar_t, VEC, SLOTS, DROPOUT>
-            <<<static_cast<unsigned>(ceil_div(N, shape.teams)),
-               32 * shape.warps_per_row * shape.teams, 0, stream>>>(
-                x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, out_ptr, mean.mutable_data_ptr<acc_t>(),
-                rstd.mutable_data_ptr<acc_t>(), N, C, static_cast<acc_t>(eps),
-                shape.warps_per_row, dropout);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const auto launch = [&](auto kernel, bool load_ahead) {
+          const int threads = 32 * shape.warps_per_row * shape.teams;
+          // One team a row, or, loading rows ahead, fewer blocks than that where
+          // they would not all fit at once: then teams take several rows each
+          // (the kernel's comment).
+          const int64_t blocks = ceil_div(N, shape.teams);
+          const int64_t resident = load_ahead ? resident_blocks(kernel, threads) : blocks;
+          kernel<<<static_cast<unsigned>(std::min(blocks, resident)), threads, 0, stream>>>(
+              x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, out_ptr, mean.mutable_data_ptr<acc_t>(),
+              rstd.mutable_data_ptr<acc_t>(), N, C, static_cast<acc_t>(eps),
+              shape.warps_per_row, dropout);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if (res_ptr != nullptr) {
+          launch(layer_norm_forward_kernel<scalar_t, VEC, SLOTS, true, DROPOUT>, kLoadAhead<true>);
+        } else {  // (the dropout is the residual's: without one there is none)
+          launch(layer_norm_forward_kernel<scalar_t, VEC, SLOTS, false, false>, kLoadAhead<false>);
+        }
       });
     });
   });
