@@ -43,6 +43,20 @@
 // bits match scaling it first only where the scale is a power of two (head
 // dim 64, away from float16's subnormal range).
 //
+// The causal mask (keys after the query, or at or past T) touches only the
+// tiles on a warp's diagonal and the tiles that cross T. So each kernel's
+// loop over a tile's elements (mask and online softmax in the forward, P
+// and dS in the backward) is a lambda that takes std::true_type (with the
+// mask) or std::false_type (without it: not one compare), as the wgmma
+// forward's tiles do (for_each_key_tile, wgmma.cuh). A run-time test of
+// every element, even when false, cost the tile its compares and selects:
+// at head dim 80 (bfloat16, sm_90a) an unmasked forward tile ran 492
+// instructions from its first product to its last, 367 without the test
+// (53 ISETP, 34 FSEL and 32 PLOP3 fewer; 80 HMMA both). grad_q with
+// dropout keeps the run-time test (see there). Masking an element that needs
+// no mask changes no bit, so which tiles take the masked loop leaves the
+// results as they were.
+//
 // Dropout (each kernel's DROPOUT flag; attention.cu's header has the math):
 // every probability a thread holds is multiplied by its multiplier Z (0 or
 // 1 / (1 - p)), made from its (query, key) (DeviceMask, common.cuh): the
@@ -484,51 +498,58 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 
-    // Causal mask (only where some key of the tile follows some query of the
-    // warp, or lies past T), then the online softmax. A row lives in the 4
-    // lanes of a quad.
-    const bool needs_mask = k0 + BK - 1 > warp_q0 || k0 + BK > T;
+    // Causal mask, then the online softmax. A row lives in the 4 lanes of a
+    // quad. Only the tiles where some key follows some query of the warp, or
+    // lies past T, need the mask; the others run the loop without it (see
+    // the header).
+    const auto online_softmax = [&](auto with_mask) {
 #pragma unroll
-    for (int mi = 0; mi < M; mi++) {
-      const int row0 = warp_q0 + mi * 16 + g;
-      float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int nt = 0; nt < BK / 8; nt++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          if (needs_mask) {
-            const int key = k0 + nt * 8 + 2 * t + (e & 1);
-            if (key > row0 + 8 * (e >> 1) || key >= T) s[mi][nt][e] = -INFINITY;
-          }
-          tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[mi][nt][e]);
-        }
-      }
-      float m_scaled[2], correction[2];
-      update_row_max(tile_max, m[mi], l[mi], scale_log2, m_scaled, correction);
-#pragma unroll
-      for (int nt = 0; nt < BK / 8; nt++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          s[mi][nt][e] = exp2_approx(fmaf(s[mi][nt][e], scale_log2, -m_scaled[e >> 1]));
-          l[mi][e >> 1] += s[mi][nt][e];
-        }
-      }
-      if constexpr (DROPOUT) {  // o sums (P o Z) v; l (so lse) stays the sum of P
+      for (int mi = 0; mi < M; mi++) {
+        const int row0 = warp_q0 + mi * 16 + g;
+        float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int nt = 0; nt < BK / 8; nt++) {
 #pragma unroll
-          for (int e = 0; e < 4; e++) {  // x 0 keeps a NaN, as on the CPU
-            s[mi][nt][e] *= fragment_multiplier(keep[mi], nt, e, keep_scale);
+          for (int e = 0; e < 4; e++) {
+            if constexpr (decltype(with_mask)::value) {
+              const int key = k0 + nt * 8 + 2 * t + (e & 1);
+              if (key > row0 + 8 * (e >> 1) || key >= T) s[mi][nt][e] = -INFINITY;
+            }
+            tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[mi][nt][e]);
           }
         }
-      }
+        float m_scaled[2], correction[2];
+        update_row_max(tile_max, m[mi], l[mi], scale_log2, m_scaled, correction);
 #pragma unroll
-      for (int nd = 0; nd < HD / 8; nd++) {
-        o[mi][nd][0] *= correction[0];
-        o[mi][nd][1] *= correction[0];
-        o[mi][nd][2] *= correction[1];
-        o[mi][nd][3] *= correction[1];
+        for (int nt = 0; nt < BK / 8; nt++) {
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            s[mi][nt][e] = exp2_approx(fmaf(s[mi][nt][e], scale_log2, -m_scaled[e >> 1]));
+            l[mi][e >> 1] += s[mi][nt][e];
+          }
+        }
+        if constexpr (DROPOUT) {  // o sums (P o Z) v; l (so lse) stays the sum of P
+#pragma unroll
+          for (int nt = 0; nt < BK / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {  // x 0 keeps a NaN, as on the CPU
+              s[mi][nt][e] *= fragment_multiplier(keep[mi], nt, e, keep_scale);
+            }
+          }
+        }
+#pragma unroll
+        for (int nd = 0; nd < HD / 8; nd++) {
+          o[mi][nd][0] *= correction[0];
+          o[mi][nd][1] *= correction[0];
+          o[mi][nd][2] *= correction[1];
+          o[mi][nd][3] *= correction[1];
+        }
       }
+    };
+    if (k0 + BK - 1 > warp_q0 || k0 + BK > T) {
+      online_softmax(std::true_type{});
+    } else {
+      online_softmax(std::false_type{});
     }
 
     if (warp_q0 < k0 + BK) {  // o += P v; this tile holds the warp's diagonal
@@ -666,48 +687,57 @@ __global__ void __launch_bounds__(kThreads)
 
     float st[M][BQ / 8][4] = {}, dpt[M][BQ / 8][4] = {};
     two_products<M, BQ, HD, S>(st, dpt, k_s, v_s, warp * M * 16, qb, dob);
-    // P^T and dS^T in place of S^T and dP^T; only the tiles on the diagonal
-    // or past T need the mask (query rows past T have lse 0, not -inf). With
-    // dropout, (P o Z)^T and (P o (Z o dP - D))^T. A masked dS is set to 0,
-    // not multiplied by P's 0: dP holds a later position's NaN or Inf.
-    const bool needs_mask = q0 < warp_k0 + 16 * M - 1 || q0 + BQ > T;
+    // P^T and dS^T in place of S^T and dP^T, then dv += P^T dO, dk += dS^T q.
+    // Only the tiles on the warp's diagonal or past T need the mask (query
+    // rows past T have lse 0, not -inf); the others run the loop without it
+    // (see the header), and hold no diagonal, so their products skip that
+    // test too. With dropout, (P o Z)^T and (P o (Z o dP - D))^T. A masked dS
+    // is set to 0, not multiplied by P's 0: dP holds a later position's NaN
+    // or Inf.
+    const auto accumulate_dv_dk = [&](auto with_mask) {
 #pragma unroll
-    for (int nt = 0; nt < BQ / 8; nt++) {
-      const float2 lse2 = *reinterpret_cast<const float2*>(lse_b + nt * 8 + 2 * t);
-      const float2 d2 = *reinterpret_cast<const float2*>(d_b + nt * 8 + 2 * t);
+      for (int nt = 0; nt < BQ / 8; nt++) {
+        const float2 lse2 = *reinterpret_cast<const float2*>(lse_b + nt * 8 + 2 * t);
+        const float2 d2 = *reinterpret_cast<const float2*>(d_b + nt * 8 + 2 * t);
 #pragma unroll
-      for (int mi = 0; mi < M; mi++) {
+        for (int mi = 0; mi < M; mi++) {
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const float row_lse = (e & 1) ? lse2.y : lse2.x;
-          const float row_d = (e & 1) ? d2.y : d2.x;
-          float p = exp2_approx(fmaf(st[mi][nt][e], scale_log2, -row_lse * kLog2e));
-          bool masked = false;
-          if (needs_mask) {
-            const int query = q0 + nt * 8 + 2 * t + (e & 1);
-            const int key = warp_k0 + mi * 16 + g + 8 * (e >> 1);
-            masked = query < key || query >= T;
-            if (masked) p = 0.f;
+          for (int e = 0; e < 4; e++) {
+            const float row_lse = (e & 1) ? lse2.y : lse2.x;
+            const float row_d = (e & 1) ? d2.y : d2.x;
+            float p = exp2_approx(fmaf(st[mi][nt][e], scale_log2, -row_lse * kLog2e));
+            bool masked = false;
+            if constexpr (decltype(with_mask)::value) {
+              const int query = q0 + nt * 8 + 2 * t + (e & 1);
+              const int key = warp_k0 + mi * 16 + g + 8 * (e >> 1);
+              masked = query < key || query >= T;
+              if (masked) p = 0.f;
+            }
+            if constexpr (DROPOUT) {
+              const float z = fragment_multiplier(keep[mi], nt, e, keep_scale);
+              st[mi][nt][e] = p * z;
+              dpt[mi][nt][e] = p * (z * dpt[mi][nt][e] - row_d);
+            } else {
+              st[mi][nt][e] = p;
+              dpt[mi][nt][e] = p * (dpt[mi][nt][e] - row_d);
+            }
+            if (masked) dpt[mi][nt][e] = 0.f;
           }
-          if constexpr (DROPOUT) {
-            const float z = fragment_multiplier(keep[mi], nt, e, keep_scale);
-            st[mi][nt][e] = p * z;
-            dpt[mi][nt][e] = p * (z * dpt[mi][nt][e] - row_d);
-          } else {
-            st[mi][nt][e] = p;
-            dpt[mi][nt][e] = p * (dpt[mi][nt][e] - row_d);
-          }
-          if (masked) dpt[mi][nt][e] = 0.f;
         }
       }
-    }
-    if (warp_k0 >= q0) {  // this tile holds the warp's diagonal
-      const int diag = (warp_k0 - q0) / 16;
-      accumulate_product_causal<M, BQ, HD, S, true>(dv, st, dob, diag);  // dv += P^T dO
-      accumulate_product_causal<M, BQ, HD, S, true>(dk, dpt, qb, diag);  // dk += dS^T q
+      if (decltype(with_mask)::value && warp_k0 >= q0) {  // this tile holds the warp's diagonal
+        const int diag = (warp_k0 - q0) / 16;
+        accumulate_product_causal<M, BQ, HD, S, true>(dv, st, dob, diag);  // dv += P^T dO
+        accumulate_product_causal<M, BQ, HD, S, true>(dk, dpt, qb, diag);  // dk += dS^T q
+      } else {
+        accumulate_product<M, BQ, HD, S>(dv, st, dob);
+        accumulate_product<M, BQ, HD, S>(dk, dpt, qb);
+      }
+    };
+    if (q0 < warp_k0 + 16 * M - 1 || q0 + BQ > T) {
+      accumulate_dv_dk(std::true_type{});
     } else {
-      accumulate_product<M, BQ, HD, S>(dv, st, dob);
-      accumulate_product<M, BQ, HD, S>(dk, dpt, qb);
+      accumulate_dv_dk(std::false_type{});
     }
   }
 
@@ -795,31 +825,44 @@ __global__ void __launch_bounds__(kThreads)
     two_products<M, BK, HD, S>(s, dp, q_s, do_s, warp * M * 16, kb, vb);
     // dS in place of S; with dropout P o (Z o dP - D). A masked dS is set to
     // 0, not multiplied by P's 0: dP holds a later position's NaN or Inf.
+    // Only the tiles on the warp's diagonal, or where its rows cross T, need
+    // the mask; without dropout the others run the loop without it (see the
+    // header). With dropout every tile runs the loop with the test: split,
+    // that kernel took 166-168 registers instead of 128 at head dim 32 (3
+    // blocks an SM instead of 4) and spilled at 64 and 128 on sm_80 and at 96
+    // on sm_90a.
     const bool needs_mask = k0 + BK - 1 > warp_q0 || warp_q0 + 16 * M > T;
+    const auto scores_to_ds = [&](auto with_mask) {
 #pragma unroll
-    for (int mi = 0; mi < M; mi++) {
+      for (int mi = 0; mi < M; mi++) {
 #pragma unroll
-      for (int nt = 0; nt < BK / 8; nt++) {
+        for (int nt = 0; nt < BK / 8; nt++) {
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int i = e >> 1;
-          float p = exp2_approx(fmaf(s[mi][nt][e], scale_log2, -lse_row[mi][i]));
-          bool masked = false;
-          if (needs_mask) {
-            const int key = k0 + nt * 8 + 2 * t + (e & 1);
-            const int row = warp_q0 + mi * 16 + g + 8 * i;
-            masked = key > row || row >= T;
-            if (masked) p = 0.f;
+          for (int e = 0; e < 4; e++) {
+            const int i = e >> 1;
+            float p = exp2_approx(fmaf(s[mi][nt][e], scale_log2, -lse_row[mi][i]));
+            bool masked = false;
+            if (decltype(with_mask)::value && needs_mask) {
+              const int key = k0 + nt * 8 + 2 * t + (e & 1);
+              const int row = warp_q0 + mi * 16 + g + 8 * i;
+              masked = key > row || row >= T;
+              if (masked) p = 0.f;
+            }
+            if constexpr (DROPOUT) {
+              const float z = fragment_multiplier(keep[mi], nt, e, keep_scale);
+              s[mi][nt][e] = p * (z * dp[mi][nt][e] - dot_row[mi][i]);
+            } else {
+              s[mi][nt][e] = p * (dp[mi][nt][e] - dot_row[mi][i]);
+            }
+            if (masked) s[mi][nt][e] = 0.f;
           }
-          if constexpr (DROPOUT) {
-            const float z = fragment_multiplier(keep[mi], nt, e, keep_scale);
-            s[mi][nt][e] = p * (z * dp[mi][nt][e] - dot_row[mi][i]);
-          } else {
-            s[mi][nt][e] = p * (dp[mi][nt][e] - dot_row[mi][i]);
-          }
-          if (masked) s[mi][nt][e] = 0.f;
         }
       }
+    };
+    if (needs_mask || DROPOUT) {
+      scores_to_ds(std::true_type{});
+    } else {
+      scores_to_ds(std::false_type{});
     }
     if (warp_q0 < k0 + BK) {  // dq += dS k; this tile holds the warp's diagonal
       accumulate_product_causal<M, BK, HD, S, false>(dq, s, kb, (warp_q0 - k0) / 16);
