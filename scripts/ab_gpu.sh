@@ -12,7 +12,9 @@
 # values to time; empty: no attention A/B), ROUNDS (default 2), TESTS=1
 # (after the build, the CUDA tests on the working tree with racecheck and
 # memcheck beside them, through scripts/gpu_check.sh; SANITIZER_TIMEOUT
-# default 150 s, TESTS_TIMEOUT the whole step's, default 330), PROFILE=1 (rounds of
+# default 150 s, TESTS_TIMEOUT the whole step's, default 330; PYTEST_TARGETS,
+# PYTEST_FLAGS and SKIP_SANITIZER=1 pass through), HOST=1 (rounds of
+# benchmarks/host_time.py at tiny on each tree, alternating), PROFILE=1 (rounds of
 # benchmarks/profile_block.py at gpt2-small and tiny on each tree,
 # alternating: kernel time per kernel, host time, graph replay; .base needs
 # benchmarks/ for it, so add benchmarks to the git archive above), BITS=1
@@ -37,8 +39,8 @@ echo "=== build, both trees at once ($(date +%T))"
 wait
 echo "=== built ($(date +%T))"
 if [ "${TESTS:-0}" = 1 ]; then
-  OUT=$out/check PYTEST_TARGETS=tests/test_cuda.py PYTEST_FLAGS="-q -m cuda" \
-    SANITIZERS="memcheck racecheck" SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-150} SKIP_LONG_RUN=1 SKIP_BENCH=1 \
+  OUT=$out/check PYTEST_TARGETS=${PYTEST_TARGETS:-tests/test_cuda.py} \
+    PYTEST_FLAGS=${PYTEST_FLAGS:--q -m cuda} SANITIZERS="memcheck racecheck" SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-150} SKIP_LONG_RUN=1 SKIP_BENCH=1 \
     timeout "${TESTS_TIMEOUT:-330}" bash scripts/gpu_check.sh >"$out/gpu_check.txt" 2>&1
   grep -E "passed|failed|SUMMARY|FAILED" "$out/gpu_check.txt"
 fi
@@ -76,6 +78,17 @@ if [ "${PROFILE:-0}" = 1 ]; then
       done
     done
   done 2>&1 | tee "$out/profile_ab.txt"
+fi
+if [ "${HOST:-0}" = 1 ]; then
+  # host_time.py, like profile_block.py, imports its own tree: run from inside it.
+  for round in $(seq "${ROUNDS:-2}"); do
+    for tree in base new; do
+      if [ "$tree" = base ]; then dir=/tmp/base; else dir=$PWD; fi
+      echo "=== round $round, $tree, host_time tiny ($(date +%T))"
+      (cd "$dir" && timeout 90 python3 benchmarks/host_time.py --device cuda 2>&1 \
+        | grep -vE "Warn|run_backward|_warn_once")
+    done
+  done 2>&1 | tee "$out/host_ab.txt"
 fi
 [ "${BLOCK:-1}" = 0 ] && exit 0
 echo "=== bench_block, new ($(date +%T))"
