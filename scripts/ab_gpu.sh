@@ -13,8 +13,9 @@
 # (after the build, the CUDA tests on the working tree with racecheck and
 # memcheck beside them, through scripts/gpu_check.sh; SANITIZER_TIMEOUT
 # default 150 s, TESTS_TIMEOUT the whole step's, default 330; PYTEST_TARGETS,
-# PYTEST_FLAGS and SKIP_SANITIZER=1 pass through), HOST=1 (rounds of
-# benchmarks/host_time.py at tiny on each tree, alternating), PROFILE=1 (rounds of
+# PYTEST_FLAGS and SKIP_SANITIZER=1 pass through), HOST=1 (HOST_ROUNDS,
+# default 1, of benchmarks/host_time.py at tiny on each tree, alternating;
+# each row of it is already a best of 20), PROFILE=1 (rounds of
 # benchmarks/profile_block.py at gpt2-small and tiny on each tree,
 # alternating: kernel time per kernel, host time, graph replay; .base needs
 # benchmarks/ for it, so add benchmarks to the git archive above), BITS=1
@@ -81,7 +82,7 @@ if [ "${PROFILE:-0}" = 1 ]; then
 fi
 if [ "${HOST:-0}" = 1 ]; then
   # host_time.py, like profile_block.py, imports its own tree: run from inside it.
-  for round in $(seq "${ROUNDS:-2}"); do
+  for round in $(seq "${HOST_ROUNDS:-1}"); do
     for tree in base new; do
       if [ "$tree" = base ]; then dir=/tmp/base; else dir=$PWD; fi
       echo "=== round $round, $tree, host_time tiny ($(date +%T))"
