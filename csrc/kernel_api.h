@@ -91,7 +91,8 @@ std::tuple<Tensor, Tensor> gelu_backward_recompute(const Tensor& grad_out,
                                                    const Tensor& x,
                                                    const Tensor& bias, bool tanh);
 // The GEMMs of the Block's Linear layers: a [M, K] @ b [K, N] (+ bias [N])
-// -> [M, N], contiguous; ATen's mm and addmm (on CUDA called without the
-// dispatcher).
+// -> [M, N], contiguous; a and b may be transposed views (weight.t()).
+// ATen's mm and addmm on the CPU; on CUDA, cuBLASLt with cached plans for
+// float16 / bfloat16, ATen's (without the dispatcher) otherwise (gemm.cu).
 Tensor matmul(const Tensor& a, const Tensor& b);
 Tensor matmul_bias(const Tensor& bias, const Tensor& a, const Tensor& b);

@@ -57,6 +57,15 @@ void allow_wgmma_attention(bool allowed);
 // This build holds the wgmma kernels (sm_90a) and the current device is
 // compute capability 9.0 (asked of the driver once per device).
 bool wgmma_attention_available();
+
+// Which path the float16 / bfloat16 CUDA GEMMs (gemm.cu) take: with cuBLASLt
+// allowed (the default), cuBLASLt with a plan cached per shape where it
+// applies, else ATen's mm / addmm. NANOBLOCK_GEMM_KERNELS=aten in the
+// environment when the library loads, or the op
+// nanoblock::gemm_kernels("aten") (ops.cpp), sends every GEMM to ATen, so
+// that tests and benchmarks (host_time.py) run both paths in one process.
+bool cublaslt_gemm_allowed();
+void allow_cublaslt_gemm(bool allowed);
 }  // namespace cuda
 #endif
 

@@ -416,23 +416,43 @@ void autocast_kernel(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 
 #define NANOBLOCK_DROPOUT_PARAMS "float dropout_p=0., Tensor? rng=None"
 
+// A process setting of the CUDA kernels (kernels.h) with two values, `on`
+// (the default) and `off`, as an op: sets it to `use` if given (None only
+// asks) and returns it as it was before. Not an op on tensors; tests and
+// benchmarks use these to run both paths in one process. `allowed` and
+// `allow` are null in a build without CUDA: nothing to set, it stays `on`.
+std::string kernel_setting(const char* op, const std::optional<std::string>& use,
+                           const char* on, const char* off, bool (*allowed)(),
+                           void (*allow)(bool)) {
+  NANOBLOCK_CHECK(!use || *use == on || *use == off, "nanoblock.", op, ": use must be '", on,
+                  "' or '", off, "', got '", *use, "'");
+  if (allowed == nullptr) return on;
+  const std::string before = allowed() ? on : off;
+  if (use) allow(*use == on);
+  return before;
+}
+
 // nanoblock::attention_kernels(use): which kernels the CUDA attention may
 // take, "auto" (Hopper's wgmma ones where they apply) or "mma" (never
-// wgmma); None only asks. Returns the setting before the call. A process
-// setting, not an op on tensors; tests use it to run both paths.
+// wgmma).
 std::string attention_kernels(std::optional<std::string> use) {
 #ifdef NANOBLOCK_WITH_CUDA
-  const std::string before = cuda::wgmma_attention_allowed() ? "auto" : "mma";
-  if (use) {
-    NANOBLOCK_CHECK(*use == "auto" || *use == "mma",
-                    "nanoblock.attention_kernels: use must be 'auto' or 'mma', got '", *use, "'");
-    cuda::allow_wgmma_attention(*use == "auto");
-  }
-  return before;
+  return kernel_setting("attention_kernels", use, "auto", "mma", &cuda::wgmma_attention_allowed,
+                        &cuda::allow_wgmma_attention);
 #else
-  NANOBLOCK_CHECK(!use || *use == "auto" || *use == "mma",
-                  "nanoblock.attention_kernels: use must be 'auto' or 'mma', got '", *use, "'");
-  return "auto";  // no CUDA kernels in this build
+  return kernel_setting("attention_kernels", use, "auto", "mma", nullptr, nullptr);
+#endif
+}
+
+// nanoblock::gemm_kernels(use): which path the float16 / bfloat16 CUDA GEMMs
+// take, "cublaslt" (cuBLASLt with cached plans where it applies) or "aten"
+// (ATen's mm / addmm always).
+std::string gemm_kernels(std::optional<std::string> use) {
+#ifdef NANOBLOCK_WITH_CUDA
+  return kernel_setting("gemm_kernels", use, "cublaslt", "aten", &cuda::cublaslt_gemm_allowed,
+                        &cuda::allow_cublaslt_gemm);
+#else
+  return kernel_setting("gemm_kernels", use, "cublaslt", "aten", nullptr, nullptr);
 #endif
 }
 
@@ -448,6 +468,7 @@ bool wgmma_attention_available() {
 
 TORCH_LIBRARY(nanoblock, m) {
   m.def("attention_kernels(str? use=None) -> str", &attention_kernels);
+  m.def("gemm_kernels(str? use=None) -> str", &gemm_kernels);
   m.def("wgmma_attention_available() -> bool", &wgmma_attention_available);
   m.def("layer_norm_forward(Tensor x, Tensor weight, Tensor? bias, float eps) "
         "-> (Tensor out, Tensor mean, Tensor rstd)");

@@ -71,6 +71,18 @@ def attention_path(request):
         _ops.attention_kernels(before)
 
 
+# Which path the float16 / bfloat16 GEMMs take (csrc/cuda/gemm.cu,
+# nanoblock::gemm_kernels): "cublaslt" (cached cuBLASLt plans, the default)
+# or "aten" (ATen's mm / addmm).
+@pytest.fixture(params=["cublaslt", "aten"])
+def gemm_path(request):
+    before = _ops.gemm_kernels(request.param)
+    try:
+        yield request.param
+    finally:
+        _ops.gemm_kernels(before)
+
+
 def skip_unless_wgmma_takes(path, hd):
     """The wgmma path only differs where it applies (head dims 64 and 128)."""
     if path == "wgmma" and hd not in (64, 128):
@@ -499,6 +511,19 @@ def test_block_low_precision_biases_vs_reference(B, T, n_head, hd, dtype):
     check_block_low_precision(B, T, n_head, hd, dtype, "exact", bias=True)
 
 
+@pytest.mark.parametrize("B,T,n_head,hd,dtype,bias", [
+    (8, 64, 6, 64, torch.bfloat16, True),  # the tiny config's C = 384
+    (2, 97, 12, 64, torch.float16, True),
+    (3, 33, 6, 66, torch.bfloat16, False),  # C = 396: rows 8-byte aligned
+    (2, 13, 3, 25, torch.bfloat16, True),  # C = 75: rows 2-byte aligned, odd leading dims
+    (1, 1, 2, 32, torch.float16, True),  # one row: every GEMM goes to ATen (a dim of 1)
+])
+def test_block_low_precision_gemm_paths(B, T, n_head, hd, dtype, bias, gemm_path):
+    """The Block's GEMMs by cuBLASLt's cached plans (the bias in its epilogue,
+    transposed operands for the weight gradients) and by ATen."""
+    check_block_low_precision(B, T, n_head, hd, dtype, "exact", bias=bias)
+
+
 def check_block_low_precision(B, T, n_head, hd, dtype, gelu, bias):
     """The Block's output and every gradient in dtype: at most 2x the error of
     the reference Block in dtype, against it in float64."""
@@ -533,18 +558,46 @@ def check_block_low_precision(B, T, n_head, hd, dtype, gelu, bias):
 # Determinism and odd inputs
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_block_backward_deterministic(dtype):
+@pytest.mark.parametrize("dtype,C", [(torch.bfloat16, 192), (torch.float32, 192),
+                                     (torch.bfloat16, 75)])
+def test_block_backward_deterministic(dtype, C, gemm_path):
+    """Bit for bit the same twice; with cuBLASLt, because a shape keeps the
+    algorithm its plan chose (gemm.cu)."""
     torch.manual_seed(12)
-    cfg = make_config(192, 3, bias=True, gelu="exact")
+    cfg = make_config(C, 3, bias=True, gelu="exact")
     block = randomize(nanoblock.Block(cfg)).to(DEV, dtype)
-    x = torch.randn(2, 300, 192, device=DEV, dtype=dtype)
+    x = torch.randn(2, 300, C, device=DEV, dtype=dtype)
     gy = torch.randn_like(x)
     y1, g1 = run_block(block, x, gy)
     y2, g2 = run_block(block, x, gy)
     assert torch.equal(y1, y2)
     for name in g1:
         assert torch.equal(g1[name], g2[name]), f"grad {name} differs between two runs"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemm_plans_made_under_graph_capture(dtype):
+    """GEMM shapes first seen inside a CUDA graph capture: their cuBLASLt
+    plans (the heuristic: host work only) are made during the capture, and
+    the replay gives the bits of an eager call, which reuses those plans."""
+    torch.manual_seed(14)
+    block = randomize(nanoblock.Block(make_config(96, 2, bias=True))).to(DEV, dtype)
+    params = [p.detach() for p in block.block_params()]
+    warm = torch.randn(2, 8, 96, device=DEV, dtype=dtype)
+    x = torch.randn(3, 41, 96, device=DEV, dtype=dtype)  # 123 rows: new GEMM shapes
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):  # warm-up off the capture
+        _ops.block_forward(warm, *params, 2, "none")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = _ops.block_forward(x, *params, 2, "none")[0]
+    graph.replay()
+    with torch.no_grad():
+        eager = _ops.block_forward(x, *params, 2, "none")[0]
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
 
 
 def test_ops_backward_deterministic_small():

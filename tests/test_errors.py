@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import nanoblock
-from nanoblock import ops
+from nanoblock import _build_info, ops
 
 from conftest import make_config
 
@@ -125,3 +125,22 @@ def test_double_backward_raises_instead_of_wrong_numbers():
     g, = torch.autograd.grad(ops.causal_attention(qkv, 2).sum(), qkv, create_graph=True)
     with pytest.raises(RuntimeError, match="second derivatives"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("op,values", [("attention_kernels", ("auto", "mma")),
+                                       ("gemm_kernels", ("cublaslt", "aten"))])
+def test_kernel_settings(op, values):
+    """The process settings of the CUDA kernels (csrc/ops.cpp): a value out of
+    the two is refused by name; a setting returns the one before it."""
+    setting = getattr(nb, op)
+    with pytest.raises(RuntimeError, match=f"nanoblock.{op}: use must be '{values[0]}' or "
+                                           f"'{values[1]}', got 'fast'"):
+        setting("fast")
+    before = setting()
+    try:
+        assert setting(values[1]) == before
+        # without CUDA kernels in the build there is nothing to set
+        assert setting() == (values[1] if _build_info.backend == "cuda" else values[0])
+    finally:
+        setting(before)
+    assert setting() == before
