@@ -3,6 +3,9 @@
 Install with `pip install --no-build-isolation -e .` so the extension compiles
 against the torch you already have. The CUDA extension is built when that
 torch has CUDA and nvcc is found, the CPU one otherwise; the build says which.
+The CUDA extension calls cuBLASLt (csrc/cuda/gemm.cu): from the CUDA toolkit
+if it has it, else from pip's nvidia-cublas (which CUDA builds of torch
+install beside themselves).
 
 Environment:
   NANOBLOCK_CPU_ONLY=1       build the CPU extension even where CUDA is there
@@ -11,6 +14,7 @@ Environment:
   MAX_JOBS                   parallel compile jobs (ninja)
 """
 import glob
+import importlib.util
 import os
 import re
 import subprocess
@@ -64,6 +68,44 @@ def want_cuda():
     return True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, nvcc {nvcc}"
 
 
+def cublaslt_in(include_dir, lib_dir):
+    """(include_dir, library file) where cuBLASLt's header and library are
+    in these folders, else None. pip's nvidia-cublas ships only the versioned
+    library (libcublasLt.so.13), which -lcublasLt does not find, so the
+    extension links the file itself: the unversioned name where there is
+    one, else the one with the major version (sorted first either way)."""
+    libraries = sorted(glob.glob(os.path.join(lib_dir, "libcublasLt.so*")))
+    if os.path.isfile(os.path.join(include_dir, "cublasLt.h")) and libraries:
+        return include_dir, libraries[0]
+    return None
+
+
+def find_cublaslt():
+    """cuBLASLt for the CUDA extension, as cublaslt_in returns it: the CUDA
+    toolkit's (CUDA_HOME), else pip's nvidia-cublas, found through Python's
+    import system (nvidia/cu13/{include,lib} for CUDA 13, nvidia/cublas/...
+    for CUDA 12). Exits saying what to install when there is neither."""
+    major = int(torch.version.cuda.split(".")[0])
+    places = [(os.path.join(CUDA_HOME, "include"), os.path.join(CUDA_HOME, lib))
+              for lib in ("lib64", "lib")]
+    for package in (f"nvidia.cu{major}", "nvidia.cublas"):
+        try:
+            spec = importlib.util.find_spec(package)
+        except ImportError:  # no nvidia namespace package at all
+            spec = None
+        if spec is not None and spec.submodule_search_locations:
+            places += [(os.path.join(root, "include"), os.path.join(root, "lib"))
+                       for root in spec.submodule_search_locations]
+    for include_dir, lib_dir in places:
+        found = cublaslt_in(include_dir, lib_dir)
+        if found:
+            return found
+    wheel = "nvidia-cublas" if major >= 13 else f"nvidia-cublas-cu{major}"
+    sys.exit(f"nanoblock: the CUDA extension needs cuBLASLt (csrc/cuda/gemm.cu calls it), which is "
+             f"neither in the CUDA toolkit at {CUDA_HOME} nor installed by pip. Install it for "
+             f"CUDA {major}: pip install {wheel}   (or set NANOBLOCK_CPU_ONLY=1 for the CPU build)")
+
+
 def hopper_as_sm90a(arch_list):
     """TORCH_CUDA_ARCH_LIST with 9.0 (or Hopper) spelt 9.0a, +PTX kept."""
     archs = arch_list.replace(" ", ";").replace("Hopper", "9.0+PTX").split(";")
@@ -103,9 +145,15 @@ def extension():
             "-DNANOBLOCK_WITH_CUDA"]
     if "9.0a" in os.environ["TORCH_CUDA_ARCH_LIST"]:
         nvcc.append("-DNANOBLOCK_SM90A")  # the build holds the wgmma kernels
-    return CUDAExtension("nanoblock._C", sources,
+    # cuBLASLt: its headers' folder (where pip's holds the other CUDA
+    # libraries' headers too), the library file itself and its folder as an
+    # rpath (torch has usually loaded that library already by then).
+    cublaslt_include, cublaslt = find_cublaslt()
+    print(f"nanoblock: cuBLASLt from {cublaslt}", flush=True)
+    link += [cublaslt, f"-Wl,-rpath,{os.path.dirname(cublaslt)}"]
+    return CUDAExtension("nanoblock._C", sources, include_dirs=[cublaslt_include],
                          extra_compile_args={"cxx": cxx + ["-DNANOBLOCK_WITH_CUDA"], "nvcc": nvcc},
-                         extra_link_args=link, libraries=["cublasLt"]), "cuda", why
+                         extra_link_args=link), "cuda", why
 
 
 ext, backend, why = extension()

@@ -86,15 +86,50 @@ def test_build_without_torch_says_what_to_do(tmp_path):
     assert "needs PyTorch installed first" in out and "--no-build-isolation" in out, out
 
 
-def test_build_with_mismatched_nvcc_says_what_to_do(tmp_path):
-    # A CUDA 99 nvcc next to a torch that says it was built with CUDA 12.
+def fake_cuda_toolkit(tmp_path, release):
+    """CUDA_HOME with only an nvcc that reports `release` (no cuBLAS)."""
     nvcc = tmp_path / "cuda" / "bin" / "nvcc"
     nvcc.parent.mkdir(parents=True)
-    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 99.1, V99.1.1'\n")
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
     nvcc.chmod(0o755)
-    code, out = run_setup(tmp_path, "import torch; torch.version.cuda = '12.8'; "
-                          "torch.cuda._is_compiled = lambda: True; torch.cuda.is_available = lambda: False",
-                          env={"CUDA_HOME": str(tmp_path / "cuda"), "NANOBLOCK_CPU_ONLY": "0"})
+    return str(tmp_path / "cuda")
+
+
+def cuda_torch(version):
+    """Python that makes torch say it was built with CUDA `version` (no GPU)."""
+    return (f"import torch; torch.version.cuda = '{version}'; "
+            "torch.cuda._is_compiled = lambda: True; torch.cuda.is_available = lambda: False")
+
+
+def test_build_with_mismatched_nvcc_says_what_to_do(tmp_path):
+    # A CUDA 99 nvcc next to a torch that says it was built with CUDA 12.
+    code, out = run_setup(tmp_path, cuda_torch("12.8"),
+                          env={"CUDA_HOME": fake_cuda_toolkit(tmp_path, "99.1"),
+                               "NANOBLOCK_CPU_ONLY": "0"})
     assert code != 0
     assert "nvcc is CUDA 99.1 but torch was built with CUDA 12.8" in out, out
     assert "NANOBLOCK_CPU_ONLY=1" in out, out
+
+
+def test_cuda_build_finds_pip_cublaslt(tmp_path):
+    # pip's nvidia-cublas layout for CUDA 13, with only the versioned library
+    pip = tmp_path / "site" / "nvidia" / "cu13"
+    (pip / "include").mkdir(parents=True)
+    (pip / "include" / "cublasLt.h").write_text("")
+    (pip / "lib").mkdir()
+    (pip / "lib" / "libcublasLt.so.13").write_text("")
+    code, out = run_setup(tmp_path, cuda_torch("13.0"),
+                          env={"CUDA_HOME": fake_cuda_toolkit(tmp_path, "13.0"),
+                               "NANOBLOCK_CPU_ONLY": "0",
+                               "PYTHONPATH": str(tmp_path / "site")})
+    assert code == 0, out
+    assert f"nanoblock: cuBLASLt from {pip / 'lib' / 'libcublasLt.so.13'}" in out, out
+
+
+def test_cuda_build_without_cublaslt_says_what_to_install(tmp_path):
+    # no nvidia namespace package to find it in, and a toolkit without it
+    code, out = run_setup(tmp_path, "sys.modules['nvidia'] = None\n" + cuda_torch("13.0"),
+                          env={"CUDA_HOME": fake_cuda_toolkit(tmp_path, "13.0"),
+                               "NANOBLOCK_CPU_ONLY": "0"})
+    assert code != 0
+    assert "needs cuBLASLt" in out and "pip install nvidia-cublas" in out, out
