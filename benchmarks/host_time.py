@@ -12,6 +12,12 @@ held busy by a sleep kernel, so no launch waits for the GPU: the numbers are
 host microseconds per call, not GPU time. On the CPU (no sleep kernel) they
 include the computation, so use a tiny --config there.
 
+On CUDA the last rows time the Block ops with their GEMMs by cuBLASLt's
+cached plans (csrc/cuda/gemm.cu, the default for float16 / bfloat16) and by
+ATen's mm / addmm (nanoblock::gemm_kernels("aten")): their difference over an
+op's GEMMs (4 forward, 8 backward) is what one GEMM saves, beside the torch.mm
+and torch.addmm rows (17.5 and 16.6 us on the H200 with torch 2.11).
+
 The backward rows split autograd's share: torch.autograd.grad's Python
 wrapper (autograd.grad minus "engine only", its engine.run_backward), the
 engine around our one node (engine only minus the block_backward op, no
@@ -72,6 +78,13 @@ def main():
     cat = torch.cat(leaves)
     gcat = torch.randn_like(cat)
 
+    def block_forward_op():
+        return nb.block_forward(xd, *[q.detach() for q in params], H, "none", 0.0, None)
+
+    def block_backward_op():
+        return nb.block_backward(gy, xd, *[q.detach() for q in params], *saved[1:], H, "none",
+                                 0.0, None)
+
     print(f"host time per call, us ({device}, {dtype}, config B={B} T={T} C={C} heads={H}; "
           f"torch {torch.__version__}{', ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''})")
     pieces = [
@@ -90,14 +103,9 @@ def main():
         ("nanoblock: Block forward, autograd on", lambda: ours(x)),
         ("eager:     Block forward, autograd on", lambda: ref(x)),
         ("nanoblock: block_params()", lambda: ours.block_params()),
-        ("nanoblock: block_forward op, no grad",
-         lambda: nb.block_forward(xd, *[q.detach() for q in params], H, "none", 0.0, None)),
-        ("nanoblock: block_backward op",
-         lambda: nb.block_backward(gy, xd, *[q.detach() for q in params], *saved[1:], H, "none",
-                                   0.0, None)),
-        ("nanoblock: block_backward op, no grad (as in bwd)",
-         lambda: nb.block_backward(gy, xd, *[q.detach() for q in params], *saved[1:], H, "none",
-                                   0.0, None)),
+        ("nanoblock: block_forward op, no grad", block_forward_op),
+        ("nanoblock: block_backward op", block_backward_op),
+        ("nanoblock: block_backward op, no grad (as in bwd)", block_backward_op),
         ("nanoblock: layer_norm_forward op", lambda: nb.layer_norm_forward(xd, lnw, lnb, 1e-5)),
         ("nanoblock: causal_attention_forward op",
          lambda: nb.causal_attention_forward(qkv, H, 0.0, None)),
@@ -112,6 +120,34 @@ def main():
     for name, fn in pieces:
         with torch.no_grad() if "no grad" in name else torch.enable_grad():
             print(f"  {name:52s} {common.host_us(fn, device):8.1f}")
+    if device.type == "cuda":
+        gemm_paths(nb, {"block_forward op": (block_forward_op, 4),
+                        "block_backward op": (block_backward_op, 8)})
+
+
+def gemm_paths(nb, ops):
+    """ops: name -> (fn, the GEMMs one call makes). Times each, no grad,
+    with its GEMMs by cuBLASLt's cached plans (csrc/cuda/gemm.cu's default)
+    and by ATen (nanoblock::gemm_kernels("aten")), in alternating rounds (the
+    host's state drifts), best of each; the difference over the GEMMs is the
+    host time that one GEMM saves, to set beside the torch.mm and torch.addmm
+    rows."""
+    best = {}
+    for _ in range(3):
+        for path in ("cublaslt", "aten"):
+            before = nb.gemm_kernels(path)
+            try:
+                with torch.no_grad():
+                    for name, (fn, _) in ops.items():
+                        us = common.host_us(fn, torch.device("cuda"))
+                        best[name, path] = min(best.get((name, path), us), us)
+            finally:
+                nb.gemm_kernels(before)
+    for name, (_, gemms) in ops.items():
+        for path in ("cublaslt", "aten"):
+            print(f"  {'nanoblock: ' + name + ', GEMMs by ' + path:52s} {best[name, path]:8.1f}")
+        saved = (best[name, "aten"] - best[name, "cublaslt"]) / gemms
+        print(f"  {'  host time a GEMM saves by cuBLASLt plans':52s} {saved:8.1f}")
 
 
 if __name__ == "__main__":
