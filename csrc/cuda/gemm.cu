@@ -32,8 +32,8 @@
 // transposed by cuBLASLt (op T, leading dimension its column stride).
 //
 // The bias goes in cuBLASLt's epilogue (CUBLASLT_EPILOGUE_BIAS): a vector as
-// long as D's rows (N), added to each column of D, i.e. to each row of c, in
-// float32 before the one rounding to 16 bits.
+// long as D's rows (N), added to each column of D, i.e. to each row of c, by
+// the GEMM kernel itself (as PyTorch's addmm has cuBLASLt do it).
 //
 // Determinism. A plan's algorithm (kernel, tile, split-K and its reduction)
 // is chosen once per key and kept for the life of the process, so a shape
