@@ -45,9 +45,11 @@
 // CUDA graphs: no host synchronization and no allocation outside PyTorch's
 // caching allocator. Handle, stream and workspace are PyTorch's
 // (getCurrentCUDABlasLtHandle, the current stream, getCUDABlasLtWorkspace:
-// one per handle and stream, the one PyTorch's own cuBLASLt calls use); c
-// comes from the caching allocator; alpha and beta are host values that go
-// into the launch. A shape first seen under capture runs the heuristic
+// one per handle and stream, the one PyTorch's own cuBLASLt calls use),
+// except that an algorithm wanting more workspace than that one has
+// (workspace_limit) gets its own from the caching allocator; c comes from
+// the caching allocator; alpha and beta are host values that go into the
+// launch. A shape first seen under capture runs the heuristic
 // there, which is host work only.
 #include <ATen/Context.h>
 #include <ATen/cuda/CUDAContextLight.h>
@@ -56,6 +58,7 @@
 #include <ATen/ops/mm_cuda_dispatch.h>
 #include <cublasLt.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -146,6 +149,17 @@ uint32_t reduction_schemes(at::ScalarType dtype) {
   }
 }
 
+// The most workspace a plan's algorithm may take: as much as ATen's cuBLAS
+// calls (torch.mm) get, where that is more than PyTorch's cuBLASLt
+// workspace. Split-K algorithms keep their partial sums there, and the
+// weight gradients (K = B * T, M x N small) want them: at the tiny config
+// (H200, session 13) torch.mm ran split-K kernels for these, while a plan
+// within PyTorch's cuBLASLt workspace got none and took 147 us a step
+// against 118.
+size_t workspace_limit() {
+  return std::max(at::cuda::getCUDABlasLtWorkspaceSize(), at::cuda::getChosenWorkspaceSize());
+}
+
 // Everything the heuristic's answer depends on. A Block step has about 12.
 struct PlanKey {
   int device;
@@ -174,6 +188,7 @@ struct Plan {
   cublasLtMatmulDesc_t matmul = nullptr;
   cublasLtMatrixLayout_t a_layout = nullptr, b_layout = nullptr, c_layout = nullptr;
   cublasLtMatmulAlgo_t algo{};
+  size_t workspace_size = 0;  // what algo takes (the heuristic's answer)
   // The bias pointer is set on the shared descriptor for each call: held
   // from the set through the launch, in case two threads run this plan.
   std::mutex call_mutex;
@@ -244,6 +259,7 @@ std::unique_ptr<Plan> make_plan(const PlanKey& key, const Operand& a, const Oper
   if (status != CUBLAS_STATUS_NOT_SUPPORTED) check_lt(status, "cublasLtMatmulAlgoGetHeuristic");
   if (status == CUBLAS_STATUS_SUCCESS && found > 0 && result.state == CUBLAS_STATUS_SUCCESS) {
     plan->algo = result.algo;
+    plan->workspace_size = result.workspaceSize;
     plan->supported = true;
   }
   return plan;
@@ -296,7 +312,7 @@ bool cublaslt_matmul(const Tensor& c, const Tensor& a, const Tensor& b, const Te
   if (!a_operand || !b_operand) return false;
 
   const cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
-  const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
+  const size_t workspace_size = workspace_limit();
   const void* bias_ptr = bias.defined() ? bias.const_data_ptr() : nullptr;
   const PlanKey key{c.get_device(), dtype, M, N, K,
                     a_operand->transposed, b_operand->transposed, a_operand->ld, b_operand->ld,
@@ -307,12 +323,21 @@ bool cublaslt_matmul(const Tensor& c, const Tensor& a, const Tensor& b, const Te
   if (plan == nullptr || !plan->supported) return false;
 
   const float alpha = 1, beta = 0;  // the scale type is float (CUDA_R_32F)
-  void* const workspace = at::cuda::getCUDABlasLtWorkspace();
+  // PyTorch's cuBLASLt workspace where the algorithm fits in it, else one
+  // from the caching allocator on this stream (freed when this returns, and
+  // reused only by work queued after this GEMM on the stream).
+  void* workspace = at::cuda::getCUDABlasLtWorkspace();
+  Tensor own_workspace;
+  if (plan->workspace_size > at::cuda::getCUDABlasLtWorkspaceSize()) {
+    own_workspace = at::detail::empty_cuda({static_cast<int64_t>(plan->workspace_size)},
+                                           c.options().dtype(at::kByte));
+    workspace = own_workspace.data_ptr();
+  }
   const std::lock_guard<std::mutex> hold(plan->call_mutex);
   if (bias.defined()) set_attribute(plan->matmul, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias_ptr);
   check_lt(cublasLtMatmul(handle, plan->matmul, &alpha, b.const_data_ptr(), plan->b_layout,
                           a.const_data_ptr(), plan->a_layout, &beta, c.data_ptr(), plan->c_layout,
-                          c.data_ptr(), plan->c_layout, &plan->algo, workspace, workspace_size,
+                          c.data_ptr(), plan->c_layout, &plan->algo, workspace, plan->workspace_size,
                           current_stream()),
            "cublasLtMatmul");
   return true;
