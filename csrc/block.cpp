@@ -75,12 +75,17 @@ std::tuple<Tensor, BlockSaved> block_forward(const Kernels& k, const Tensor& x,
   s.fc = unrows(k.matmul(rows(ln_2), w.c_fc_weight.t()), B, T);
   ln_2.reset();
   Tensor gelu = k.gelu_forward(s.fc, w.c_fc_bias, tanh);
-  // out = x1 + dropout(gelu @ W^T + bias): the bias in the GEMM's epilogue
-  // (cuBLASLt on CUDA), then one elementwise add. Accumulating the GEMM onto
-  // a copy of x1 and adding the bias after took a copy and a broadcast add
-  // that PyTorch does not vectorize (12.8 + 32.6 us at gpt2-small on an H200,
-  // session 3's profile_block.txt), 150 MB moved against 100 now, and rounded
-  // differently from the reference's x1 + c_proj(gelu).
+  // out = x1 + dropout(gelu @ W^T + bias). Without dropout, one GEMM
+  // (matmul_bias_add: on CUDA the residual is cuBLASLt's C and the sum is
+  // rounded once; the add's own pass over [N, C] goes). With dropout, the
+  // bias in the GEMM's epilogue, then dropout and add in one pass. (ATen's
+  // addmm accumulating onto a copy of x1 took a copy and a broadcast bias
+  // add: 12.8 + 32.6 us at gpt2-small on an H200, session 3.)
+  if (!d.mlp_residual.active()) {
+    Tensor out = k.matmul_bias_add(w.mlp_c_proj_bias, rows(gelu), w.mlp_c_proj_weight.t(),
+                                   rows(s.x1));
+    return {unrows(out, B, T), s};
+  }
   Tensor mlp = linear(k, rows(gelu), w.mlp_c_proj_weight, w.mlp_c_proj_bias);
   return {unrows(k.dropout_add(mlp, rows(s.x1), d.mlp_residual), B, T), s};
 }

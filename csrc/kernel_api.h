@@ -96,3 +96,9 @@ std::tuple<Tensor, Tensor> gelu_backward_recompute(const Tensor& grad_out,
 // float16 / bfloat16, ATen's (without the dispatcher) otherwise (gemm.cu).
 Tensor matmul(const Tensor& a, const Tensor& b);
 Tensor matmul_bias(const Tensor& bias, const Tensor& a, const Tensor& b);
+// residual [M, N] + a @ b (+ bias [N], may be undefined) -> [M, N]: the
+// Block's last Linear and its residual add (dropout inactive). On the CPU
+// the two ops, matmul_bias and dropout_add; on CUDA by cuBLASLt, one GEMM
+// with the residual as its C (beta = 1), rounded once (gemm.cu).
+Tensor matmul_bias_add(const Tensor& bias, const Tensor& a, const Tensor& b,
+                       const Tensor& residual);

@@ -85,6 +85,7 @@ struct Kernels {
   decltype(&cpu::dropout_add) dropout_add;
   decltype(&cpu::matmul) matmul;
   decltype(&cpu::matmul_bias) matmul_bias;
+  decltype(&cpu::matmul_bias_add) matmul_bias_add;
 };
 
 #define NANOBLOCK_KERNEL_TABLE(ns)                                                   \
@@ -93,7 +94,7 @@ struct Kernels {
         &ns::causal_attention_forward, &ns::causal_attention_backward,               \
         &ns::gelu_forward, &ns::gelu_backward, &ns::bias_grad,                       \
         &ns::gelu_backward_recompute, &ns::dropout_add, &ns::matmul,                 \
-        &ns::matmul_bias                                                             \
+        &ns::matmul_bias, &ns::matmul_bias_add                                       \
   }
 
 inline constexpr Kernels cpu_kernels = NANOBLOCK_KERNEL_TABLE(cpu);
