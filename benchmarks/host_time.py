@@ -28,6 +28,7 @@ caller's: compare the floor on the device measured.
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -120,9 +121,43 @@ def main():
     for name, fn in pieces:
         with torch.no_grad() if "no grad" in name else torch.enable_grad():
             print(f"  {name:52s} {common.host_us(fn, device):8.1f}")
+    # Where forward+backward's excess over the two alone goes (session 12:
+    # 989 us against 119 + 505 at tiny): each half of the step timed inside
+    # the same loop.
+    for name, model, inputs in (("nanoblock", ours, [x] + w), ("eager    ", ref, [x] + wr)):
+        fwd, bwd = split_host_us(lambda: model(x),
+                                 lambda y: torch.autograd.grad(y, inputs, gy), device)
+        print(f"  {name + ': forward+backward, its forward':52s} {fwd:8.1f}")
+        print(f"  {name + ': forward+backward, its backward':52s} {bwd:8.1f}")
     if device.type == "cuda":
         gemm_paths(nb, {"block_forward op": (block_forward_op, 4),
                         "block_backward op": (block_backward_op, 8)})
+
+
+def split_host_us(forward, backward, device, calls=10, rounds=20):
+    """common.host_us for y = forward(); backward(y), each half timed apart
+    within the same calls: (forward us, backward us) per call, of the round
+    best in their sum."""
+    for _ in range(3):
+        backward(forward())
+    best = (float("inf"), 0.0, 0.0)
+    for _ in range(rounds):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda._sleep(100_000_000)
+        fwd = bwd = 0.0
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            y = forward()
+            t1 = time.perf_counter()
+            backward(y)
+            del y
+            t2 = time.perf_counter()
+            fwd, bwd = fwd + t1 - t0, bwd + t2 - t1
+        best = min(best, (fwd + bwd, fwd, bwd))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return 1e6 * best[1] / calls, 1e6 * best[2] / calls
 
 
 def gemm_paths(nb, ops):
