@@ -15,8 +15,9 @@ include the computation, so use a tiny --config there.
 On CUDA the last rows time the Block ops with their GEMMs by cuBLASLt's
 cached plans (csrc/cuda/gemm.cu, the default for float16 / bfloat16) and by
 ATen's mm / addmm (nanoblock::gemm_kernels("aten")): their difference over an
-op's GEMMs (4 forward, 8 backward) is what one GEMM saves, beside the torch.mm
-and torch.addmm rows (17.5 and 16.6 us on the H200 with torch 2.11).
+op's GEMMs (4 forward, 8 backward) is what one GEMM saves: 1.0-1.5 us on the
+H200 (session 13), against the 17.5 and 16.6 us of the torch.mm and
+torch.addmm rows, which go through the dispatcher as the Block's GEMMs do not.
 
 The backward rows split autograd's share: torch.autograd.grad's Python
 wrapper (autograd.grad minus "engine only", its engine.run_backward), the

@@ -6,12 +6,15 @@
 // made once per shape and kept: the matmul descriptor, the three matrix
 // layouts and the algorithm that cublasLtMatmulAlgoGetHeuristic ranks
 // first. Every later call of the shape is an allocation of c, a lookup and
-// one cublasLtMatmul. The reason is host time: the small configs are bound
-// by it (tiny, 64 x 256 x 384: 0.67 ms of kernels, ~0.99 ms of host time a
-// forward+backward, 12 GEMMs of it), and PyTorch's path (torch.mm: 17.5 us
-// of host time on the H200, host_time.py) makes its descriptors and runs
-// the heuristic again on every call. Not yet run or measured on a GPU: only
-// compiled (sm_90a, against cuBLAS 13's headers).
+// one cublasLtMatmul. What that buys, measured (H200, session 13): the
+// Block's last GEMM takes its residual add (matmul_bias_add, below), which
+// ATen's addmm cannot without a copy of the residual; and 1.0-1.5 us of
+// host time a GEMM against ATen's mm/addmm called without the dispatcher
+// (host_time.py's "GEMMs by" rows; torch.mm through the dispatcher costs
+// 17.5 us, but the Block never went that way). The algorithms match ATen's:
+// the same bits in every gradient of bits_dump.py's cases, and the same
+// split-K kernels at tiny, once the plans may take ATen's workspace
+// (workspace_limit).
 //
 // Everything else goes to ATen's CUDA kernels (at::cuda::mm_out /
 // addmm_out, called without the dispatcher) and keeps PyTorch's semantics:
@@ -163,7 +166,7 @@ uint32_t reduction_schemes(at::ScalarType dtype) {
 // weight gradients (K = B * T, M x N small) want them: at the tiny config
 // (H200, session 13) torch.mm ran split-K kernels for these, while a plan
 // within PyTorch's cuBLASLt workspace got none and took 147 us a step
-// against 118.
+// against 118; with this limit the plans get the same kernels as torch.mm.
 size_t workspace_limit() {
   return std::max(at::cuda::getCUDABlasLtWorkspaceSize(), at::cuda::getChosenWorkspaceSize());
 }
