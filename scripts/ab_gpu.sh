@@ -41,7 +41,7 @@ wait
 echo "=== built ($(date +%T))"
 if [ "${TESTS:-0}" = 1 ]; then
   OUT=$out/check PYTEST_TARGETS=${PYTEST_TARGETS:-tests/test_cuda.py} \
-    PYTEST_FLAGS=${PYTEST_FLAGS:--q -m cuda} SANITIZERS="memcheck racecheck" SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-150} SKIP_LONG_RUN=1 SKIP_BENCH=1 \
+    PYTEST_FLAGS=${PYTEST_FLAGS:--q -m cuda} SANITIZERS="memcheck racecheck" SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-150} SKIP_LONG_RUN=1 SKIP_BENCH=1 SKIP_BUILD=1 \
     timeout "${TESTS_TIMEOUT:-330}" bash scripts/gpu_check.sh >"$out/gpu_check.txt" 2>&1
   grep -E "passed|failed|SUMMARY|FAILED" "$out/gpu_check.txt"
 fi

@@ -13,6 +13,8 @@
 #   PYTEST_TARGETS         what pytest runs (default: tests/)
 #   PYTEST_FLAGS           default: -x -q
 #   SKIP_SANITIZER=1, SKIP_LONG_RUN=1, SKIP_BENCH=1   leave those steps out
+#   SKIP_BUILD=1           the caller has built and installed this tree (its own
+#                          pip install can rebuild it all: 3 minutes, session 13)
 #   NCU=1                  also Nsight Compute's counters of every kernel of one
 #                          Block step (scripts/ncu_block.py -> $OUT/ncu_block.txt)
 #   SANITIZERS             which compute-sanitizer tools run (default:
@@ -45,7 +47,9 @@ nvidia-smi || echo "nvidia-smi failed"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
 
 step "build"
-if TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+if [ "${SKIP_BUILD:-0}" = "1" ]; then
+  echo "skipped (SKIP_BUILD=1: the caller built and installed this tree)"
+elif TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
     $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
   grep -E "nanoblock: building" "$OUT/build.log" || true
   echo "build OK"
