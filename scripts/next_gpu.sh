@@ -5,9 +5,12 @@
 # mma.sync kernels serve head dims 32/48/80/96 on Hopper and every head dim
 # before it; NANOBLOCK_ATTENTION_KERNELS=mma forces them); the Block with
 # its peers, forward+backward launched and replayed from a CUDA graph (the
-# kernels' time without the host's). Session 13's must come first: 04cceb3
-# (the GELU backward's sweep with four rows in flight) ran the gelu/block/
-# bias tests only (47), the full CUDA tests ran on its two-row parent.
+# kernels' time without the host's). Session 14's should come first: main
+# (1d3978e's GEMMs by cuBLASLt plans with the last residual add, session
+# 12-13's LayerNorm forward and mma mask split) ran all CUDA tests only on a
+# tree that also held a LayerNorm backward change since dropped, and its
+# Block figures (1.80 ms from a graph at gpt2-small, floor 1.61) include
+# that change's 17 us loss.
 #   OUT=$OUT/n PACK=$OUT/next.tgz bash scripts/next_gpu.sh
 # ($OUT/... : the GPU tool returns only what lies under its $OUT, at most 8
 # files, hence the one archive.) memcheck's subset needs about 240 s beside
