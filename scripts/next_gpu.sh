@@ -42,7 +42,7 @@ done
 # Issue 3's LayerNorm target: (16384, 768) forward+backward against the copy
 # ceiling (not rerun since session 10's 57%; the forward is faster since).
 echo "=== bench_ops layer_norm ($(date +%T))"
-timeout 90 python3 benchmarks/bench_ops.py --op layer_norm,add_layer_norm --device cuda 2>&1 \
+timeout 90 python3 benchmarks/bench_ops.py --op layer_norm,add_layer_norm --device cuda --out "$out" 2>&1 \
   | grep -vE "Warn|run_backward" | tee "$out/layer_norm.txt"
 echo "=== bench_block ($(date +%T))"
 timeout 120 python3 benchmarks/bench_block.py --device cuda --config tiny --config gpt2-small \
