@@ -3,9 +3,10 @@
 //   x1  = x  + c_proj(attn(ln_1(x)))
 //   out = x1 + mlp_c_proj(gelu(c_fc(ln_2(x1))))
 //
-// The four Linear layers are GEMMs (k.matmul, k.matmul_bias: ATen's, which
-// run MKL/OpenBLAS on the CPU, cuBLAS on CUDA); everything between them is
-// nanoblock's kernels. The forward keeps qkv, the attention output and its
+// The four Linear layers are GEMMs (k.matmul, k.matmul_bias,
+// k.matmul_bias_add: ATen's on the CPU, which run MKL/OpenBLAS; on CUDA
+// cuBLASLt plans for float16/bfloat16, ATen's cuBLAS otherwise, gemm.cu);
+// everything between them is nanoblock's kernels. The forward keeps qkv, the attention output and its
 // log-sum-exp, x1 and the c_fc output (10 C + n_head values per token, with
 // x); the LayerNorm outputs and the GELU output are recomputed in the
 // backward, one cheap pass each.
