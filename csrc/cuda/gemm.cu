@@ -60,8 +60,8 @@
 // except that an algorithm wanting more workspace than that one has
 // (workspace_limit) gets its own from the caching allocator; c comes from
 // the caching allocator; alpha and beta are host values that go into the
-// launch. A shape first seen under capture runs the heuristic
-// there, which is host work only.
+// launch. A shape first seen under capture runs the heuristic there, which
+// is host work only.
 #include <ATen/Context.h>
 #include <ATen/cuda/CUDAContextLight.h>
 #include <ATen/cuda/EmptyTensor.h>
