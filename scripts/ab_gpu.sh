@@ -66,28 +66,31 @@ for round in $(seq "${ROUNDS:-2}"); do
     done
   done
 done 2>&1 | tee "$out/attention_ab.txt"
+# profile_block.py and host_time.py put their own repository first on
+# sys.path, so each tree's copy runs from inside it (PYTHONPATH alone does
+# not select the tree):
+#   in_tree ROUND TREE LABEL SCRIPT [ARGS...]
+in_tree() {
+  local round=$1 tree=$2 label=$3 dir=$PWD
+  shift 3
+  [ "$tree" = base ] && dir=/tmp/base
+  echo "=== round $round, $tree, $label ($(date +%T))"
+  (cd "$dir" && timeout 90 python3 "$@" 2>&1 | grep -vE "Warn|run_backward|_warn_once")
+}
 if [ "${PROFILE:-0}" = 1 ]; then
-  # profile_block.py puts its own repository first on sys.path, so each
-  # tree's copy runs from inside it (PYTHONPATH alone does not select the tree).
   for round in $(seq "${ROUNDS:-2}"); do
     for tree in base new; do
-      if [ "$tree" = base ]; then dir=/tmp/base; else dir=$PWD; fi
       for config in 16,1024,768,12 64,256,384,6; do
-        echo "=== round $round, $tree, profile_block $config ($(date +%T))"
-        (cd "$dir" && timeout 90 python3 benchmarks/profile_block.py --config "$config" \
-          --steps 20 2>&1 | grep -vE "Warn|run_backward|_warn_once")
+        in_tree "$round" "$tree" "profile_block $config" benchmarks/profile_block.py \
+          --config "$config" --steps 20
       done
     done
   done 2>&1 | tee "$out/profile_ab.txt"
 fi
 if [ "${HOST:-0}" = 1 ]; then
-  # host_time.py, like profile_block.py, imports its own tree: run from inside it.
   for round in $(seq "${HOST_ROUNDS:-1}"); do
     for tree in base new; do
-      if [ "$tree" = base ]; then dir=/tmp/base; else dir=$PWD; fi
-      echo "=== round $round, $tree, host_time tiny ($(date +%T))"
-      (cd "$dir" && timeout 90 python3 benchmarks/host_time.py --device cuda 2>&1 \
-        | grep -vE "Warn|run_backward|_warn_once")
+      in_tree "$round" "$tree" "host_time tiny" benchmarks/host_time.py --device cuda
     done
   done 2>&1 | tee "$out/host_ab.txt"
 fi
