@@ -392,11 +392,16 @@ Tensor matmul_bias_add(const Tensor& bias, const Tensor& a, const Tensor& b,
                        const Tensor& residual) {
   Tensor c = empty_result(a, b);
   if (cublaslt_matmul(c, a, b, bias, residual)) return c;
-  // Else as the two ops would: the GEMM's result rounded, then the add.
-  if (bias.defined()) {
-    at::cuda::addmm_out(c, bias, a, b);
-  } else {
-    at::cuda::mm_out(c, a, b);
+  // Else the two ops, as matmul_bias / matmul and dropout_add run them: the
+  // GEMM's result rounded (by a plan without the residual where cuBLASLt
+  // turned down only the residual, a misaligned x1 say; else by ATen), then
+  // the add.
+  if (!cublaslt_matmul(c, a, b, bias, Tensor())) {
+    if (bias.defined()) {
+      at::cuda::addmm_out(c, bias, a, b);
+    } else {
+      at::cuda::mm_out(c, a, b);
+    }
   }
   return cuda::dropout_add(c, residual, Dropout{});
 }
