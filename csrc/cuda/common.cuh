@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -169,6 +170,23 @@ __device__ __forceinline__ Vec<scalar_t, VEC> load_vec(const scalar_t* p) {
 template <typename scalar_t, int VEC>
 __device__ __forceinline__ void store_vec(scalar_t* p, const Vec<scalar_t, VEC>& v) {
   *reinterpret_cast<Vec<scalar_t, VEC>*>(p) = v;
+}
+
+// Element k of v in acc_t. A bfloat16 is the upper half of the float it
+// widens to, so from the 32-bit word that holds elements 2i and 2i + 1 the
+// even one is the word shifted up and the odd one the word masked: one
+// instruction each, where widening a 16-bit value took two for the odd one
+// (a PRMT to extract it, then the shift). The same bits either way.
+template <typename acc_t, typename scalar_t, int VEC>
+__device__ __forceinline__ acc_t acc_element(const Vec<scalar_t, VEC>& v, int k) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float> &&
+                VEC % 2 == 0) {
+    uint32_t word;  // (memcpy: no aliasing question; it compiles to nothing)
+    memcpy(&word, &v.v[k - k % 2], sizeof(word));
+    return __uint_as_float(k % 2 == 0 ? word << 16 : word & 0xffff0000u);
+  } else {
+    return static_cast<acc_t>(v.v[k]);
+  }
 }
 
 // The widest vector (16 bytes) that divides the row length `cols` and whose

@@ -126,8 +126,8 @@ __global__ void gelu_forward_kernel(const scalar_t* __restrict__ x,
     V y;
 #pragma unroll
     for (int k = 0; k < VEC; k++) {
-      acc_t u = static_cast<acc_t>(a.v[k]);
-      if (bias != nullptr) u += static_cast<acc_t>(b.v[k]);
+      acc_t u = acc_element<acc_t>(a, k);
+      if (bias != nullptr) u += acc_element<acc_t>(b, k);
       y.v[k] = static_cast<scalar_t>(TANH ? Math::tanh(u) : Math::exact(u));
     }
     store_vec<scalar_t, VEC>(out + offset, y);
