@@ -5,12 +5,11 @@
 # mma.sync kernels serve head dims 32/48/80/96 on Hopper and every head dim
 # before it; NANOBLOCK_ATTENTION_KERNELS=mma forces them); the Block with
 # its peers, forward+backward launched and replayed from a CUDA graph (the
-# kernels' time without the host's). Session 14's should come first: main
-# (1d3978e's GEMMs by cuBLASLt plans with the last residual add, session
-# 12-13's LayerNorm forward and mma mask split) ran all CUDA tests only on a
-# tree that also held a LayerNorm backward change since dropped, and its
-# Block figures (1.80 ms from a graph at gpt2-small, floor 1.61) include
-# that change's 17 us loss.
+# kernels' time without the host's). Session 15's should come first: main's
+# LayerNorm backward row loop and acc_element (ad3180c) ran only through
+# bits_dump.py (1020 of 1020 tensors equal to the tree before) and
+# profile_block, not the CUDA tests or the sanitizers (session 14's device
+# time ran out).
 #   OUT=$OUT/n PACK=$OUT/next.tgz bash scripts/next_gpu.sh
 # ($OUT/... : the GPU tool returns only what lies under its $OUT, at most 8
 # files, hence the one archive.) memcheck's subset needs about 240 s beside
