@@ -122,27 +122,39 @@ def time_ms(fns, device, rounds=3, rep_ms=100, min_run_time=0.3):
     return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
 
 
-def host_us(fn, device, calls=10, rounds=20, sleep_cycles=100_000_000):
-    """Best over rounds of the mean host time per call of fn, in us: the
-    host's time to issue it, the GPU held busy by a sleep kernel of
-    sleep_cycles (10^8: ~50 ms) so that no launch waits for it. Few
-    calls a round: a stream holds about a thousand pending launches, and a
-    host that fills it waits for the GPU (a first version with 200 calls a
-    round measured 2.6 ms for a forward: the GPU's time, not the host's)."""
-    for _ in range(3):
-        fn()
-    best = float("inf")
+def best_round(run_round, device, rounds=20, sleep_cycles=100_000_000):
+    """The least over rounds of run_round()'s result (a tuple, so its first
+    element decides), each round timed with the GPU held busy by a sleep
+    kernel of sleep_cycles (10^8: ~50 ms) so that no launch waits for it,
+    and the GPU drained after it."""
+    best = None
     for _ in range(rounds):
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda._sleep(sleep_cycles)
+        result = run_round()
+        best = result if best is None else min(best, result)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return best
+
+
+def host_us(fn, device, calls=10, rounds=20, sleep_cycles=100_000_000):
+    """Best over rounds of the mean host time per call of fn, in us: the
+    host's time to issue it (best_round). Few calls a round: a stream holds
+    about a thousand pending launches, and a host that fills it waits for the
+    GPU (a first version with 200 calls a round measured 2.6 ms for a
+    forward: the GPU's time, not the host's)."""
+    for _ in range(3):
+        fn()
+
+    def run_round():
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return 1e6 * best
+        return ((time.perf_counter() - t0) / calls,)
+
+    return 1e6 * best_round(run_round, device, rounds, sleep_cycles)[0]
 
 
 def capture_graph(fn):

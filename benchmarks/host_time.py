@@ -141,11 +141,8 @@ def split_host_us(forward, backward, device, calls=10, rounds=20):
     best in their sum."""
     for _ in range(3):
         backward(forward())
-    best = (float("inf"), 0.0, 0.0)
-    for _ in range(rounds):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda._sleep(100_000_000)
+
+    def run_round():
         fwd = bwd = 0.0
         for _ in range(calls):
             t0 = time.perf_counter()
@@ -155,10 +152,10 @@ def split_host_us(forward, backward, device, calls=10, rounds=20):
             del y
             t2 = time.perf_counter()
             fwd, bwd = fwd + t1 - t0, bwd + t2 - t1
-        best = min(best, (fwd + bwd, fwd, bwd))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return 1e6 * best[1] / calls, 1e6 * best[2] / calls
+        return fwd + bwd, fwd, bwd
+
+    _, fwd, bwd = common.best_round(run_round, device, rounds)
+    return 1e6 * fwd / calls, 1e6 * bwd / calls
 
 
 def gemm_paths(nb, ops):
