@@ -188,8 +188,7 @@ struct PlanKey {
   auto fields() const {
     return std::tie(device, dtype, M, N, K, a_transposed, b_transposed, lda, ldb, bias,
                     residual, a_alignment, b_alignment, c_alignment, bias_alignment,
-                    residual_alignment, reductions,
-                    workspace_size);
+                    residual_alignment, reductions, workspace_size);
   }
   bool operator<(const PlanKey& other) const { return fields() < other.fields(); }
 };
@@ -369,6 +368,16 @@ Tensor empty_result(const Tensor& a, const Tensor& b) {
   return at::detail::empty_cuda({a.size(0), b.size(1)}, a.options());
 }
 
+// c = a @ b (+ bias): by a cuBLASLt plan where one applies, else ATen's.
+void matmul_into(Tensor& c, const Tensor& a, const Tensor& b, const Tensor& bias) {
+  if (cublaslt_matmul(c, a, b, bias, Tensor())) return;
+  if (bias.defined()) {
+    at::cuda::addmm_out(c, bias, a, b);
+  } else {
+    at::cuda::mm_out(c, a, b);
+  }
+}
+
 }  // namespace
 
 bool cublaslt_gemm_allowed() { return cublaslt_allowed.load(std::memory_order_relaxed); }
@@ -378,13 +387,13 @@ void allow_cublaslt_gemm(bool allowed) {
 
 Tensor matmul(const Tensor& a, const Tensor& b) {
   Tensor c = empty_result(a, b);
-  if (!cublaslt_matmul(c, a, b, Tensor(), Tensor())) at::cuda::mm_out(c, a, b);
+  matmul_into(c, a, b, Tensor());
   return c;
 }
 
 Tensor matmul_bias(const Tensor& bias, const Tensor& a, const Tensor& b) {
   Tensor c = empty_result(a, b);
-  if (!cublaslt_matmul(c, a, b, bias, Tensor())) at::cuda::addmm_out(c, bias, a, b);
+  matmul_into(c, a, b, bias);
   return c;
 }
 
@@ -396,13 +405,7 @@ Tensor matmul_bias_add(const Tensor& bias, const Tensor& a, const Tensor& b,
   // GEMM's result rounded (by a plan without the residual where cuBLASLt
   // turned down only the residual, a misaligned x1 say; else by ATen), then
   // the add.
-  if (!cublaslt_matmul(c, a, b, bias, Tensor())) {
-    if (bias.defined()) {
-      at::cuda::addmm_out(c, bias, a, b);
-    } else {
-      at::cuda::mm_out(c, a, b);
-    }
-  }
+  matmul_into(c, a, b, bias);
   return cuda::dropout_add(c, residual, Dropout{});
 }
 
